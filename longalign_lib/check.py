@@ -1,0 +1,62 @@
+"""Setup check: the model loads, a record is formatted with its chat template, and the model replies.
+
+Run as: longalign check --preset cpu-demo   (or: python -m longalign_lib.check)
+Notebook 00 walks through the same steps.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .formatting import format_file, label_segments
+from .io import read_jsonl, write_json
+
+SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample_longalign.jsonl"
+
+
+def sample_path() -> Path:
+    """The bundled LongAlign-10k-format sample (data/sample_longalign.jsonl)."""
+    if SAMPLE.exists():
+        return SAMPLE
+    import importlib.resources
+
+    return Path(str(importlib.resources.files("longalign_lib"))) / "data" / "sample_longalign.jsonl"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--prompt", default="In one sentence, what is long-context alignment of a language model?",
+                   help="the question the check asks the model")
+
+
+def run_stage(cfg, run_dir: Path, args) -> dict:
+    from . import plots
+    from .generate import generate_reply
+    from .models import load_model_and_tokenizer, model_info
+
+    t0 = time.time()
+    model, tok = load_model_and_tokenizer(cfg=cfg.model)
+    load_s = time.time() - t0
+    data = Path(cfg.data_file) if cfg.data_file else sample_path()
+    examples, stats = format_file(data, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+    ex = min(examples, key=lambda e: e.length)
+    fig = plots.label_mask_figure(label_segments(tok, ex))
+    fig_path = plots.save(fig, run_dir / "figures" / "label_mask.png", close=True)
+    t1 = time.time()
+    reply = generate_reply(model, tok, [{"role": "user", "content": args.prompt}], max_new_tokens=48)
+    info = model_info(model, cfg.model.name)
+    metrics = {"model": cfg.model.name, "device": info.device, "dtype": info.dtype, "n_params": info.n_params,
+               "load_s": round(load_s, 2), "generate_s": round(time.time() - t1, 2), "records": stats.kept,
+               "rejected": sum(stats.rejected.values()), "reply_chars": len(reply)}
+    write_json(run_dir / "check.json", {**metrics, "prompt": args.prompt, "reply": reply, "format": stats.to_dict()})
+    report = (f"Model `{cfg.model.name}` ({info.n_params/1e6:.0f}M parameters, {info.dtype} on {info.device}) loaded in "
+              f"{load_s:.1f}s. {stats.kept}/{stats.total} sample records formatted.\n\n"
+              f"> **Q:** {args.prompt}\n>\n> **A:** {reply}\n\n![label mask]({fig_path.relative_to(run_dir)})")
+    return {"metrics": metrics, "outputs": ["check.json", str(fig_path.relative_to(run_dir))], "report": report}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["check", *sys.argv[1:]]))

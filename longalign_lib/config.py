@@ -1,0 +1,259 @@
+"""Configuration: one dataclass per recipe stage, presets in YAML, `--set key=value` overrides.
+
+Usage:
+    from longalign_lib.config import load_config
+    cfg = load_config("cpu-demo", overrides=["train.lr=1e-5", "model.name=./my-model"])
+Presets live in longalign_lib/presets/*.yaml (cpu-demo, gpu-small, paper); a preset may also be a path to a YAML file.
+Each stage owns one section; stages add their own fields to their own dataclass.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .io import LongAlignError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+@dataclass
+class ModelConfig:
+    """Which model to load (models.py). `name`: HF id, local path, `smollm2-135m-instruct`, or `random:<config>`."""
+
+    name: str = DEFAULT_MODEL
+    dtype: str = "auto"  # auto | bf16 | fp16 | fp32
+    device: str = "auto"  # auto | cuda | mps | cpu
+    attn_implementation: str = "auto"  # auto | varlen | flex | flash | sdpa | eager (see attention.py)
+    rope_base_factor: float = 1.0  # context extension: multiply rope_theta (the paper: 200)
+    max_position_embeddings: int | None = None  # raise the window together with the RoPE base
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    trust_remote_code: bool = False
+
+
+@dataclass
+class CorpusConfig:
+    """Stage 1a — long documents (corpus.py)."""
+
+    sources: list[str] = field(default_factory=lambda: ["stdlib", "pydoc_topics", "debian_docs", "data"])
+    dirs: list[str] = field(default_factory=list)  # extra directories of .txt/.md/.rst/.py files
+    hf_datasets: list[dict] = field(default_factory=list)  # [{path, split, text_column, name?}]
+    n_docs: int = 8
+    min_tokens: int = 1000
+    max_tokens: int = 6000
+    upsample_long: float = 1.0  # weight of long documents when sampling (the paper upsamples long ones)
+    seed: int = 0
+
+
+@dataclass
+class SynthConfig:
+    """Stage 1b — Self-Instruct long tasks and short chat data (llm.py, synth.py)."""
+
+    backend: str = "local"  # local | openai | anthropic
+    model: str = DEFAULT_MODEL
+    base_url: str | None = None  # any OpenAI-compatible server (vLLM, llama.cpp, Ollama)
+    api_key_env: str | None = None  # name of the environment variable holding the key
+    task_types: list[str] = field(default_factory=lambda: ["general", "summary", "reasoning", "extraction"])
+    n_questions: int = 5
+    temperature: float = 0.7
+    max_new_tokens: int = 256
+    concurrency: int = 4
+    max_retries: int = 5
+    timeout_s: float = 120.0
+    n_short: int = 4
+    short_files: list[str] = field(default_factory=list)  # ShareGPT-style JSON/JSONL to import
+    prices: dict = field(
+        default_factory=lambda: {
+            # USD per 1M tokens (input, output); edit to your provider's current prices.
+            "gpt-4o-mini": [0.15, 0.60],
+            "claude-3-5-haiku": [0.80, 4.00],
+        }
+    )
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Stage 2 — tokenized, mixed training set (formatting.py, lengths.py)."""
+
+    long_file: str | None = None  # default: <run_dir>/long.jsonl
+    short_file: str | None = None  # default: <run_dir>/short.jsonl
+    extra_files: list[str] = field(default_factory=list)  # any LongAlign-10k-format JSONL
+    max_length: int = 2048
+    truncation: str = "middle"  # middle | right | skip
+    long_ratio: float | None = None  # share of long records in the mix; None keeps all
+    num_proc: int = 1
+    seed: int = 0
+
+
+@dataclass
+class BatchConfig:
+    """Stage 3 — batch plans and loss weighting (batching.py)."""
+
+    strategy: str = "packed"  # naive | sorted | packed
+    packer: str = "bfd"  # bfd | next_fit
+    max_pack_tokens: int = 2048
+    batch_size: int = 1  # sequences per micro-batch (naive/sorted) or packs per micro-batch (packed)
+    grad_accum: int = 1
+    world_size: int = 1
+    loss_reduction: str = "sequence"  # token | pack_mean | sequence
+    overlong: str = "truncate"  # truncate | skip | split
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """Stage 4 — supervised fine-tuning (train.py, loss.py, attention.py)."""
+
+    lr: float = 2e-5
+    lr_scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    epochs: float = 2.0
+    max_steps: int = -1
+    bf16: bool = True
+    gradient_checkpointing: bool = True
+    loss_chunk_tokens: int = 4096
+    save_steps: int = 50
+    logging_steps: int = 1
+    seed: int = 42
+
+
+@dataclass
+class EvalConfig:
+    """Stage 5 — generation, judge and needle test (generate.py, judge.py, needle.py)."""
+
+    bench_file: str | None = None  # JSONL: idx, query, context, answer, few_shots
+    max_input_tokens: int | None = None  # default: the model's window
+    max_new_tokens: int = 128
+    judge_backend: str = "local"
+    judge_model: str = DEFAULT_MODEL
+    judge_base_url: str | None = None
+    judge_runs: int = 2
+    judge_prompt_file: str | None = None
+    needle_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
+    needle_haystack_dir: str | None = None
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    preset: str = "cpu-demo"
+    run_dir: str = "runs/demo"
+    data_file: str | None = None  # records for the foundation `check`/`format` stages (default: bundled sample)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    synth: SynthConfig = field(default_factory=SynthConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    batching: BatchConfig = field(default_factory=BatchConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _apply(obj: Any, data: dict, where: str) -> None:
+    """Set fields of dataclass `obj` from `data`, recursing into nested sections; unknown keys are errors."""
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        if key not in names:
+            raise LongAlignError(f"{where}: unknown setting '{key}'; valid: {', '.join(sorted(names))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise LongAlignError(f"{where}.{key}: expected a mapping of settings, got {value!r}")
+            _apply(current, value, f"{where}.{key}")
+        else:
+            setattr(obj, key, _coerce(value, current, f"{where}.{key}"))
+
+
+def _coerce(value: Any, current: Any, where: str) -> Any:
+    if current is None or value is None:
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        raise LongAlignError(f"{where}: expected true/false, got {value!r}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise LongAlignError(f"{where}: expected an integer, got {value!r}")
+    if isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise LongAlignError(f"{where}: expected a number, got {value!r}")
+    if isinstance(current, list) and not isinstance(value, list):
+        return [value]
+    return value
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark else ""
+        raise LongAlignError(f"{path}{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    if not isinstance(data, dict):
+        raise LongAlignError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-5` → (['train', 'lr'], 1e-5); the value is parsed as YAML (numbers, lists, true/false)."""
+    if "=" not in item:
+        raise LongAlignError(f"--set {item!r}: expected key=value, e.g. --set train.lr=1e-5")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and value.lower() in ("none", "null"):
+        value = None
+    return key.strip().split("."), value
+
+
+def load_config(preset: str | None = "cpu-demo", overrides: list[str] | None = None, **top: Any) -> Config:
+    """Build a Config from defaults ← preset YAML ← `overrides` (`section.key=value`) ← keyword settings."""
+    cfg = Config()
+    if preset:
+        path = Path(preset)
+        if not (path.suffix in (".yaml", ".yml") and path.exists()):
+            path = PRESET_DIR / f"{preset}.yaml"
+            if not path.exists():
+                raise LongAlignError(f"unknown preset '{preset}'; choose one of {', '.join(list_presets())} or a YAML path")
+        _apply(cfg, _read_yaml(path), str(path))
+        cfg.preset = preset
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        _apply(cfg, nested, "--set")
+    if top:
+        _apply(cfg, top, "settings")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    from .io import write_text
+
+    return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,272 @@
+"""Chat-template tokenisation: LongAlign-10k `messages` records → `input_ids` + `labels` (assistant tokens only).
+
+Usage:
+    from longalign_lib.formatting import format_record, format_file
+    ex = format_record(record, tokenizer, max_length=8192, truncation="middle")
+    ex.input_ids, ex.labels            # labels == -100 outside every assistant turn
+    examples, stats = format_file("data/sample_longalign.jsonl", tokenizer)
+Run as: python -m longalign_lib.formatting FILE.jsonl [--model smollm2-135m-instruct] [--max-length N]
+
+How labels are found: the tokenizer's own chat template renders the conversation; for each assistant turn the
+template is rendered again up to that turn with the generation prompt (where the answer starts) and through it
+(where it ends). Those character offsets, mapped through the tokenizer's offset mapping, give the assistant
+spans. Each span covers the answer and the template's end-of-turn marker (e.g. `<|im_end|>`, `<|eot_id|>`,
+`</s>`), but not the whitespace after it: the model learns to stop exactly as the template defines.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import LongAlignError, iter_jsonl
+
+IGNORE = -100
+ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
+ROLES = ("system", "user", "assistant")
+
+
+class RecordError(ValueError):
+    """A record that cannot be trained on; `reason` is a short counter key (e.g. 'empty_answer')."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass
+class Example:
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def n_target(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE)
+
+
+@dataclass
+class FormatStats:
+    total: int = 0
+    kept: int = 0
+    truncated: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    dropped_trailing_user: int = 0
+    errors: list = field(default_factory=list)  # "file:line: reason" for the first rejected records
+
+    def to_dict(self) -> dict:
+        return {"total": self.total, "kept": self.kept, "truncated": self.truncated,
+                "dropped_trailing_user": self.dropped_trailing_user, "rejected": dict(self.rejected),
+                "errors": list(self.errors)}
+
+    def merge(self, other: FormatStats) -> None:
+        self.total += other.total
+        self.kept += other.kept
+        self.truncated += other.truncated
+        self.dropped_trailing_user += other.dropped_trailing_user
+        self.rejected.update(other.rejected)
+        self.errors.extend(other.errors[: max(0, 20 - len(self.errors))])
+
+
+def clean_messages(record: dict) -> tuple[list[dict], bool]:
+    """Validate and normalise a record's messages. Returns (messages, dropped_trailing_user).
+
+    Rules: `messages` is a non-empty list; roles alternate user/assistant after an optional leading system
+    message; content is a string; a trailing user turn with no answer is dropped; an empty or None assistant
+    answer rejects the record; zero-width characters are stripped from answers (as LongAlign does).
+    """
+    msgs = record.get("messages") if isinstance(record, dict) else None
+    if msgs is None and isinstance(record, dict) and "conversations" in record:
+        raise RecordError("bad_schema", "field 'messages' missing (ShareGPT 'conversations' found: convert it with "
+                                        "synth.import_sharegpt)")
+    if not isinstance(msgs, list) or not msgs:
+        raise RecordError("bad_schema", "field 'messages' must be a non-empty list of {role, content}")
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or "role" not in m:
+            raise RecordError("bad_schema", f"messages[{i}] must be an object with 'role' and 'content'")
+        role, content = m["role"], m.get("content")
+        if role not in ROLES:
+            raise RecordError("bad_role", f"messages[{i}].role={role!r}: must be one of {', '.join(ROLES)}")
+        if role == "assistant":
+            if content is None or not isinstance(content, str) or not ZERO_WIDTH.sub("", content).strip():
+                raise RecordError("empty_answer", f"messages[{i}].content: assistant answer is empty or null")
+            content = ZERO_WIDTH.sub("", content)
+        elif not isinstance(content, str):
+            raise RecordError("bad_schema", f"messages[{i}].content: expected a string, got {type(content).__name__}")
+        out.append({"role": role, "content": content})
+    start = 1 if out[0]["role"] == "system" else 0
+    for j, m in enumerate(out[start:]):
+        want = "user" if j % 2 == 0 else "assistant"
+        if m["role"] != want:
+            raise RecordError("bad_order", f"messages[{start + j}].role={m['role']!r}: expected {want!r} "
+                                           "(roles alternate user/assistant after an optional system message)")
+    dropped = False
+    if out[-1]["role"] == "user":
+        out = out[:-1]
+        dropped = True
+    if not any(m["role"] == "assistant" for m in out):
+        raise RecordError("no_answer", "the record has no assistant answer to train on")
+    return out, dropped
+
+
+def _render(tokenizer, messages, add_generation_prompt=False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Render `messages` with the chat template; return (text, [(start, end) char span of each assistant turn])."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise LongAlignError(f"tokenizer {tokenizer.name_or_path!r} has no chat template; set one "
+                             "(tokenizer.chat_template = '...') or use an instruct model")
+    text = _render(tokenizer, messages)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = _render(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1])
+        if not text.startswith(before) or not text.startswith(through):
+            raise LongAlignError(
+                f"the chat template of {tokenizer.name_or_path!r} renders earlier turns differently once later "
+                "turns exist, so assistant spans cannot be located; use a template without history rewriting"
+            )
+        start, end = len(before), len(through)
+        while end > start and text[end - 1].isspace():  # whitespace after the end-of-turn marker
+            end -= 1
+        spans.append((start, end))
+    return text, spans
+
+
+def tokenize_with_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    text, spans = assistant_char_spans(tokenizer, messages)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    labels = [IGNORE] * len(ids)
+    si = 0
+    for t, (a, b) in enumerate(offsets):
+        while si < len(spans) and a >= spans[si][1]:
+            si += 1
+        if si == len(spans):
+            break
+        s, e = spans[si]
+        if a >= s and a < e and b > a:
+            labels[t] = ids[t]
+    return ids, labels
+
+
+def _truncate(ids: list[int], labels: list[int], max_length: int, mode: str) -> tuple[list[int], list[int]]:
+    excess = len(ids) - max_length
+    if mode == "right":
+        return ids[:max_length], labels[:max_length]
+    # middle: cut the middle of the longest prompt (non-target) run, keeping its head and tail
+    best, run_start = (0, 0), None
+    for i, y in enumerate(labels + [0]):
+        if y == IGNORE and run_start is None:
+            run_start = i
+        elif y != IGNORE and run_start is not None:
+            if i - run_start > best[1] - best[0]:
+                best = (run_start, i)
+            run_start = None
+    a, b = best
+    if b - a <= excess + 16:  # not enough prompt to cut from: fall back to right truncation
+        return ids[:max_length], labels[:max_length]
+    keep = (b - a) - excess
+    head = keep // 2
+    cut_from, cut_to = a + head, a + head + excess
+    return ids[:cut_from] + ids[cut_to:], labels[:cut_from] + labels[cut_to:]
+
+
+def format_record(record: dict, tokenizer, max_length: int | None = None, truncation: str = "middle") -> Example:
+    """One record → Example; raises RecordError (with a counter reason) when the record must be rejected."""
+    if truncation not in ("middle", "right", "skip"):
+        raise LongAlignError(f"data.truncation={truncation!r}: choose middle, right or skip")
+    messages, dropped = clean_messages(record)
+    ids, labels = tokenize_with_labels(tokenizer, messages)
+    truncated = False
+    if max_length and len(ids) > max_length:
+        if truncation == "skip":
+            raise RecordError("too_long", f"{len(ids)} tokens > data.max_length={max_length} (truncation=skip)")
+        ids, labels = _truncate(ids, labels, max_length, truncation)
+        truncated = True
+        if all(y == IGNORE for y in labels):
+            raise RecordError("no_target_after_truncation", "truncation removed every answer token")
+    meta = dict(record.get("meta") or {})
+    meta["dropped_trailing_user"] = dropped
+    return Example(ids, labels, truncated, meta)
+
+
+def format_records(records, tokenizer, max_length=None, truncation="middle", source: str = "<records>",
+                   first_line: int = 1):
+    """Format many records; returns (examples, FormatStats). Rejections are counted by reason, never trained on."""
+    stats, examples = FormatStats(), []
+    for k, rec in enumerate(records):
+        stats.total += 1
+        try:
+            ex = format_record(rec, tokenizer, max_length, truncation)
+        except RecordError as e:
+            stats.rejected[e.reason] += 1
+            if len(stats.errors) < 20:
+                stats.errors.append(f"{source}:{first_line + k}: {e}")
+            continue
+        stats.kept += 1
+        stats.truncated += ex.truncated
+        stats.dropped_trailing_user += ex.meta["dropped_trailing_user"]
+        examples.append(ex)
+    return examples, stats
+
+
+def format_file(path: str | Path, tokenizer, max_length=None, truncation="middle", strict: bool = False):
+    """Format a LongAlign-10k-format JSONL file. With `strict`, the first bad record raises file:line: reason."""
+    stats, examples = FormatStats(), []
+    for line, rec in iter_jsonl(path):
+        stats.total += 1
+        try:
+            ex = format_record(rec, tokenizer, max_length, truncation)
+        except RecordError as e:
+            if strict:
+                raise LongAlignError(f"{path}:{line}: {e}") from None
+            stats.rejected[e.reason] += 1
+            if len(stats.errors) < 20:
+                stats.errors.append(f"{path}:{line}: {e}")
+            continue
+        stats.kept += 1
+        stats.truncated += ex.truncated
+        stats.dropped_trailing_user += ex.meta["dropped_trailing_user"]
+        ex.meta.setdefault("line", line)
+        examples.append(ex)
+    return examples, stats
+
+
+def label_segments(tokenizer, ex: Example) -> list[tuple[str, bool]]:
+    """[(decoded text, is_target)] runs — for showing the label mask (notebook 00, plots.label_mask_figure)."""
+    runs: list[tuple[list[int], bool]] = []
+    for tid, y in zip(ex.input_ids, ex.labels):
+        tgt = y != IGNORE
+        if runs and runs[-1][1] == tgt:
+            runs[-1][0].append(tid)
+        else:
+            runs.append(([tid], tgt))
+    return [(tokenizer.decode(ids), tgt) for ids, tgt in runs]
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    from .models import load_tokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("file")
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--max-length", type=int, default=None)
+    ap.add_argument("--truncation", default="middle")
+    a = ap.parse_args()
+    exs, st = format_file(a.file, load_tokenizer(a.model), a.max_length, a.truncation)
+    print(json.dumps({**st.to_dict(), "lengths": [e.length for e in exs], "n_target": [e.n_target for e in exs]}))
