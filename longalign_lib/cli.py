@@ -2,9 +2,10 @@
 
 Run as: longalign --help | longalign <stage> --preset cpu-demo [--set section.key=value ...] [--run-dir DIR]
 
-A stage is a module of longalign_lib with `run_stage(cfg, run_dir, args) -> dict` (keys: `metrics`, `outputs`,
-`report` (markdown)) and, optionally, `add_arguments(parser)` for its own flags. STAGES lists them in recipe
-order; `longalign run` chains every stage that is built (pipeline.py).
+A stage is a function of a longalign_lib module: `run_<stage>(cfg, run_dir, args) -> dict` (or `run_stage` when the
+module holds one stage) returning keys `metrics`, `outputs`, `report` (markdown); optionally
+`add_<stage>_arguments(parser)` (or `add_arguments`) for its own flags. STAGES lists them in recipe order;
+`longalign run` chains every stage that is built (pipeline.py).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "corpus": ("corpus", "stage 1a: collect long documents into corpus.jsonl"),
     "synth": ("synth", "stage 1b: Self-Instruct long tasks + short chat data → long.jsonl, short.jsonl"),
     "tokenize": ("lengths", "stage 2: mix and tokenize records into a datasets Dataset"),
-    "analyze": ("lengths_report", "stage 2: length-distribution statistics and figures → lengths.json"),
+    "analyze": ("lengths", "stage 2: length-distribution statistics and figures → lengths.json"),
     "pack": ("batching", "stage 3: naive / sorted / packed batch plans and loss weights → batching.json"),
     "train": ("train", "stage 4: long-context SFT with packing and loss weighting"),
     "eval": ("generate", "stage 5: generate answers on a long-context benchmark → predictions.jsonl"),
@@ -32,16 +33,30 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def stage_module(name: str):
-    """Import the module behind stage `name`; None if it is not built yet (no run_stage)."""
+def _module(name: str):
     mod_name = STAGES[name][0]
     try:
-        mod = importlib.import_module(f"longalign_lib.{mod_name}")
+        return importlib.import_module(f"longalign_lib.{mod_name}")
     except ModuleNotFoundError as e:
         if e.name == f"longalign_lib.{mod_name}":
             return None
         raise
-    return mod if hasattr(mod, "run_stage") else None
+
+
+def stage_runner(name: str):
+    """The function that runs stage `name` (`run_<name>` or `run_stage`); None if it is not built yet."""
+    mod = _module(name)
+    if mod is None:
+        return None
+    return getattr(mod, f"run_{name}", None) or getattr(mod, "run_stage", None)
+
+
+def stage_arguments(name: str):
+    """The function that adds stage `name`'s own flags to a parser, or None."""
+    mod = _module(name)
+    if mod is None:
+        return None
+    return getattr(mod, f"add_{name}_arguments", None) or getattr(mod, "add_arguments", None)
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -58,18 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_) in STAGES.items():
         p = sub.add_parser(name, help=help_, description=help_)
         _common(p)
-        mod = stage_module(name)
-        if mod is not None and hasattr(mod, "add_arguments"):
-            mod.add_arguments(p)
+        if stage_arguments(name):
+            stage_arguments(name)(p)
     p = sub.add_parser("run", help="chain every built stage over one run directory (resumable) and write report.md")
     _common(p)
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. check,corpus")
     for name in STAGES:  # `run` accepts every stage's own flags too
-        mod = stage_module(name)
-        if mod is not None and hasattr(mod, "add_arguments"):
+        if stage_arguments(name):
             try:
-                mod.add_arguments(p)
+                stage_arguments(name)(p)
             except argparse.ArgumentError:
                 pass
     p = sub.add_parser("config", help="print the resolved configuration as YAML")
@@ -99,8 +112,7 @@ def main(argv: list[str] | None = None) -> int:
             stages = args.stages.split(",") if args.stages else None
             result = pipeline.run_all(cfg, run_dir, args, stages=stages, force=args.force)
         else:
-            mod = stage_module(args.stage)
-            if mod is None:
+            if stage_runner(args.stage) is None:
                 raise LongAlignError(f"stage '{args.stage}' is not built yet in this version of the cookbook")
             result = pipeline.run_one(args.stage, cfg, run_dir, args)
         print(json.dumps(result.get("metrics", {}), indent=2, default=str))

@@ -16,20 +16,19 @@ from .io import LongAlignError, read_json, write_json, write_text
 
 def _defaults(name: str) -> argparse.Namespace:
     """The stage's own flags at their defaults (for stages chained by `run` or called from notebooks)."""
-    from .cli import stage_module
+    from .cli import stage_arguments
 
     p = argparse.ArgumentParser()
-    mod = stage_module(name)
-    if mod is not None and hasattr(mod, "add_arguments"):
-        mod.add_arguments(p)
+    if stage_arguments(name):
+        stage_arguments(name)(p)
     return p.parse_args([])
 
 
 def run_one(name: str, cfg: Config, run_dir: Path, args: argparse.Namespace | None = None) -> dict:
-    from .cli import stage_module
+    from .cli import stage_runner
 
-    mod = stage_module(name)
-    if mod is None:
+    runner = stage_runner(name)
+    if runner is None:
         raise LongAlignError(f"stage '{name}' is not built yet")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -39,7 +38,7 @@ def run_one(name: str, cfg: Config, run_dir: Path, args: argparse.Namespace | No
         for k, v in vars(args).items():
             setattr(merged, k, v)
     t0 = time.time()
-    result = mod.run_stage(cfg, run_dir, merged) or {}
+    result = runner(cfg, run_dir, merged) or {}
     result.setdefault("metrics", {})
     result["stage"] = name
     result["seconds"] = round(time.time() - t0, 2)
@@ -48,9 +47,9 @@ def run_one(name: str, cfg: Config, run_dir: Path, args: argparse.Namespace | No
 
 
 def run_all(cfg: Config, run_dir: Path, args=None, stages: list[str] | None = None, force: bool = False) -> dict:
-    from .cli import STAGES, stage_module
+    from .cli import STAGES, stage_runner
 
-    names = stages or [n for n in STAGES if stage_module(n) is not None]
+    names = stages or [n for n in STAGES if stage_runner(n) is not None]
     unknown = [n for n in names if n not in STAGES]
     if unknown:
         raise LongAlignError(f"--stages: unknown stage(s) {unknown}; known: {', '.join(STAGES)}")

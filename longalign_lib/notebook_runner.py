@@ -1,0 +1,73 @@
+"""Pair jupytext py:percent notebooks to .ipynb and execute them headless with papermill.
+
+Run as: python -m longalign_lib.notebook_runner [--mode smoke|full] [--out-dir runs/notebooks] notebooks/*.py
+(`make notebooks MODE=full` does this.) Each notebook's first code cell is tagged `parameters`; the runner
+injects SMOKE and OUT_DIR, the executed .ipynb is written next to the source, and the notebook's last cell
+writes OUT_DIR/metrics.json (tests read it).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .io import LongAlignError, read_json
+
+
+def to_ipynb(py_path: str | Path) -> Path:
+    """Convert a py:percent notebook to .ipynb beside it (the .py stays the source of truth)."""
+    import jupytext
+
+    py_path = Path(py_path)
+    nb = jupytext.read(py_path, fmt="py:percent")
+    nb.metadata["jupytext"] = {"formats": "ipynb,py:percent"}
+    nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
+    if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells if c.cell_type == "code"):
+        raise LongAlignError(f"{py_path}: no code cell is tagged 'parameters' (add `# %% tags=[\"parameters\"]`)")
+    out = py_path.with_suffix(".ipynb")
+    jupytext.write(nb, out, fmt="ipynb")
+    return out
+
+
+def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None = None,
+            parameters: dict | None = None, timeout: int = 1800) -> dict:
+    """Execute one notebook headless; returns its metrics.json (plus `seconds`)."""
+    import papermill as pm
+
+    py_path = Path(py_path)
+    ipynb = to_ipynb(py_path)
+    out_dir = Path(out_dir or Path("runs") / "notebooks" / py_path.stem).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"SMOKE": smoke, "OUT_DIR": str(out_dir), **(parameters or {})}
+    t0 = time.time()
+    pm.execute_notebook(str(ipynb), str(out_dir / ipynb.name), parameters=params, kernel_name="python3",
+                        cwd=str(py_path.parent.resolve()), progress_bar=False, execution_timeout=timeout)
+    metrics_path = out_dir / "metrics.json"
+    if not metrics_path.exists():
+        raise LongAlignError(f"{py_path}: ran, but its last cell wrote no {metrics_path}")
+    metrics = read_json(metrics_path)
+    metrics["seconds"] = round(time.time() - t0, 1)
+    return metrics
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("notebooks", nargs="+")
+    ap.add_argument("--mode", choices=["smoke", "full"], default="smoke")
+    ap.add_argument("--out-dir", default="runs/notebooks")
+    a = ap.parse_args(argv)
+    failed = 0
+    for nb in a.notebooks:
+        name = Path(nb).stem
+        try:
+            m = execute(nb, smoke=a.mode == "smoke", out_dir=Path(a.out_dir) / name)
+            print(f"{name}: ok in {m['seconds']}s -> {Path(a.out_dir) / name}")
+        except Exception as e:  # report every notebook, then fail
+            failed += 1
+            print(f"{name}: FAILED: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared fixtures: the offline SmolLM2 tokenizer/model (converted once per machine), small temp run dirs."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("LONGALIGN_HOME", str(ROOT / ".longalign_home"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+SAMPLE = ROOT / "data" / "sample_longalign.jsonl"
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    from longalign_lib.models import load_tokenizer
+
+    return load_tokenizer("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol_model_and_tokenizer():
+    from longalign_lib.models import load_model_and_tokenizer
+
+    return load_model_and_tokenizer("smollm2-135m-instruct", dtype="fp32", device="cpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,26 @@
+"""Every notebook in notebooks/ runs headless with papermill in SMOKE mode and writes a sensible metrics.json."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from longalign_lib.notebook_runner import execute
+
+NB_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
+
+# What each notebook's metrics.json must show (keys it must hold; a check over the values).
+CHECKS = {
+    "00_setup_check": lambda m: m["records"] == 5 and m["reply_chars"] > 0 and m["n_params"] > 1e8
+    and Path(m["label_mask_png"]).stat().st_size > 10_000,
+}
+
+
+@pytest.mark.notebook
+@pytest.mark.parametrize("nb", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_notebook_smoke(nb, tmp_path):
+    metrics = execute(nb, smoke=True, out_dir=tmp_path / nb.stem)
+    check = CHECKS.get(nb.stem)
+    assert check is not None, f"add a metrics check for {nb.stem} to tests/test_notebooks.py"
+    assert check(metrics), metrics
