@@ -23,7 +23,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "check": ("check", "setup check: load the model, format a record, generate a reply"),
     "corpus": ("corpus", "stage 1a: collect long documents into corpus.jsonl"),
     "synth": ("synth", "stage 1b: Self-Instruct long tasks + short chat data → long.jsonl, short.jsonl"),
-    "tokenize": ("lengths", "stage 2: mix and tokenize records into a datasets Dataset"),
+    "tokenize": ("dataset", "stage 2: mix and tokenize records into a datasets Dataset"),
     "analyze": ("lengths", "stage 2: length-distribution statistics and figures → lengths.json"),
     "pack": ("batching", "stage 3: naive / sorted / packed batch plans and loss weights → batching.json"),
     "train": ("train", "stage 4: long-context SFT with packing and loss weighting"),
