@@ -181,7 +181,9 @@ def _apply(obj: Any, data: dict, where: str) -> None:
 
 def _coerce(value: Any, current: Any, where: str) -> Any:
     if current is None or value is None:
-        return value
+        return _number(value) if isinstance(value, str) else value
+    if isinstance(value, str) and isinstance(current, (int, float)) and not isinstance(current, bool):
+        value = _number(value)  # YAML 1.1 reads "1e-5" as a string
     if isinstance(current, bool):
         if isinstance(value, bool):
             return value
@@ -199,6 +201,15 @@ def _coerce(value: Any, current: Any, where: str) -> Any:
     if isinstance(current, list) and not isinstance(value, list):
         return [value]
     return value
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
 
 
 def list_presets() -> list[str]:

@@ -1,0 +1,44 @@
+"""cli.py / pipeline.py: `longalign --help` lists the stages, errors are one clear line, runs resume."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from longalign_lib.cli import STAGES, main
+
+
+def test_help_lists_every_stage():
+    out = subprocess.run([sys.executable, "-m", "longalign_lib.cli", "--help"], capture_output=True, text=True,
+                         check=True).stdout
+    for name in [*STAGES, "run", "config"]:
+        assert f"    {name}" in out
+
+
+def test_bad_setting_is_one_clear_line(capsys):
+    assert main(["config", "--set", "train.nope=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown setting 'nope'" in err[0]
+
+
+def test_config_prints_resolved_settings(capsys):
+    assert main(["config", "--preset", "paper", "--set", "train.lr=1e-6"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 1.0e-06" in out and "max_length: 65536" in out
+
+
+def test_check_stage_and_resumable_run(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    assert main(["run", "--stages", "check", "--run-dir", str(run_dir), "--prompt", "Say hello."]) == 0
+    check = json.loads((run_dir / "check.json").read_text())
+    assert check["records"] == 5 and check["reply"] and (run_dir / "figures" / "label_mask.png").stat().st_size > 10_000
+    report = (run_dir / "report.md").read_text()
+    assert "## check" in report and "label_mask.png" in report and (run_dir / "config.yaml").exists()
+    capsys.readouterr()
+    assert main(["run", "--stages", "check", "--run-dir", str(run_dir)]) == 0
+    assert "done earlier, skipped" in capsys.readouterr().out
+
+
+def test_unknown_stage_in_run(tmp_path, capsys):
+    assert main(["run", "--stages", "check,bogus", "--run-dir", str(tmp_path)]) == 2
+    assert "unknown stage" in capsys.readouterr().err
