@@ -7,7 +7,7 @@ MODE    ?= smoke
 PRESET  ?= cpu-demo
 export LONGALIGN_HOME ?= $(CURDIR)/.longalign_home
 
-.PHONY: help setup demo test lint notebooks bench clean corpus-extras
+.PHONY: help setup demo test lint notebooks bench clean corpus-extras docs
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -43,3 +43,6 @@ corpus-extras:  ## optional: install Debian documentation packages used as extra
 
 clean:  ## remove generated notebooks, runs and caches (keeps .venv)
 	rm -rf runs notebooks/*.ipynb .pytest_cache
+
+docs: setup  ## regenerate docs/reference.md from the code (CLI + config)
+	COLUMNS=100 $(BIN)/python -m longalign_lib.docs_reference > docs/reference.md
