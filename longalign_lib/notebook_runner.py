@@ -30,6 +30,26 @@ def to_ipynb(py_path: str | Path) -> Path:
     return out
 
 
+def _kernel_for_this_python() -> str:
+    """Register (in a private folder on JUPYTER_PATH) a kernel that runs *this* interpreter, so notebooks import
+    the same longalign_lib whatever kernels the machine has; returns its name."""
+    import json
+    import os
+    import tempfile
+
+    name = "longalign-runner"
+    root = Path(tempfile.gettempdir()) / f"longalign-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    spec_dir = root / "kernels" / name
+    spec_dir.mkdir(parents=True, exist_ok=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "LongAlign (runner)", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    paths = os.environ.get("JUPYTER_PATH", "")
+    if str(root) not in paths.split(os.pathsep):
+        os.environ["JUPYTER_PATH"] = os.pathsep.join([str(root), *([paths] if paths else [])])
+    return name
+
+
 def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None = None,
             parameters: dict | None = None, timeout: int = 1800) -> dict:
     """Execute one notebook headless; returns its metrics.json (plus `seconds`)."""
@@ -41,7 +61,7 @@ def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"SMOKE": smoke, "OUT_DIR": str(out_dir), **(parameters or {})}
     t0 = time.time()
-    pm.execute_notebook(str(ipynb), str(out_dir / ipynb.name), parameters=params, kernel_name="python3",
+    pm.execute_notebook(str(ipynb), str(out_dir / ipynb.name), parameters=params, kernel_name=_kernel_for_this_python(),
                         cwd=str(py_path.parent.resolve()), progress_bar=False, execution_timeout=timeout)
     metrics_path = out_dir / "metrics.json"
     if not metrics_path.exists():
