@@ -15,6 +15,8 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 
 SAMPLE = ROOT / "data" / "sample_longalign.jsonl"
 
+from tests.llm_server import llm_server  # noqa: E402,F401  (real HTTP chat server fixture)
+
 
 @pytest.fixture(scope="session")
 def smol_tokenizer():

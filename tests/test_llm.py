@@ -1,0 +1,198 @@
+"""llm.py over real HTTP (OpenAI and Anthropic wire formats on 127.0.0.1), retries, cache, concurrency, cost."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from longalign_lib.io import LongAlignError
+from longalign_lib.llm import Reply, approx_tokens, client_from_config, make_client, price_for
+
+KEY = "sk-test-SECRET-0123456789"
+MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers in Europe."}]
+
+
+@pytest.fixture
+def env_key(monkeypatch):
+    monkeypatch.setenv("TEST_LLM_KEY", KEY)
+    return "TEST_LLM_KEY"
+
+
+def client(server, backend, tmp_path, env_key=None, **kw):
+    url = server.openai_url if backend == "openai" else server.anthropic_url
+    kw.setdefault("retry_base_s", 0.01)
+    kw.setdefault("retry_max_s", 0.05)
+    return make_client(backend, "test-model", base_url=url, api_key_env=env_key, cache_dir=tmp_path / "cache", **kw)
+
+
+def test_openai_wire_format(llm_server, tmp_path, env_key):
+    llm_server.push(text="Danube, Rhine, Seine.")
+    c = client(llm_server, "openai", tmp_path, env_key)
+    r = c.chat(MSGS, max_new_tokens=32, temperature=0.0)
+    assert isinstance(r, Reply) and r.text == "Danube, Rhine, Seine." and not r.cached
+    assert r.usage == {"input_tokens": 7, "output_tokens": 3}
+    assert llm_server.by_path == {"/v1/chat/completions": 1}
+    body, headers = llm_server.bodies[0], llm_server.headers[0]
+    assert body["model"] == "test-model" and body["messages"] == MSGS
+    assert body["max_tokens"] == 32 and body["temperature"] == 0.0
+    assert headers["authorization"] == f"Bearer {KEY}"
+    # the key is never written to the cache
+    for f in (tmp_path / "cache").rglob("*.json"):
+        assert KEY not in f.read_text()
+
+
+def test_anthropic_wire_format(llm_server, tmp_path, env_key):
+    llm_server.push(text="Danube, Rhine, Seine.")
+    c = client(llm_server, "anthropic", tmp_path, env_key)
+    r = c.chat(MSGS, max_new_tokens=32, temperature=0.2, stop="\n\n")
+    assert r.text == "Danube, Rhine, Seine." and r.usage == {"input_tokens": 7, "output_tokens": 3}
+    assert llm_server.by_path == {"/v1/messages": 1}
+    body, headers = llm_server.bodies[0], llm_server.headers[0]
+    assert body["system"] == "Be brief." and body["messages"] == [MSGS[1]]
+    assert body["max_tokens"] == 32 and body["stop_sequences"] == ["\n\n"]
+    assert headers["x-api-key"] == KEY and headers["anthropic-version"]
+
+
+@pytest.mark.parametrize("backend", ["openai", "anthropic"])
+def test_retries_on_429_and_500(llm_server, tmp_path, backend):
+    llm_server.push(status=429).push(status=500).push(status=503).push(text="finally")
+    c = client(llm_server, backend, tmp_path)
+    r = c.chat(MSGS, max_new_tokens=8)
+    assert r.text == "finally"
+    assert llm_server.count == 4
+    assert c.stats["requests"] == 4 and c.stats["retries"] == 3
+    assert c.stats["retry_reasons"] == {"429": 1, "500": 1, "503": 1}
+
+
+@pytest.mark.parametrize("backend", ["openai", "anthropic"])
+def test_slow_reply_times_out_and_is_retried(llm_server, tmp_path, backend):
+    llm_server.push(text="too late", delay=1.5).push(text="on time")
+    c = client(llm_server, backend, tmp_path, timeout_s=0.4)
+    t0 = time.time()
+    r = c.chat(MSGS, max_new_tokens=8)
+    assert r.text == "on time"
+    assert c.stats["retry_reasons"] == {"timeout": 1}
+    assert time.time() - t0 < 1.4  # gave up on the slow answer instead of waiting for it
+
+
+def test_retry_after_is_honoured(llm_server, tmp_path):
+    llm_server.push(status=429, headers={"retry-after": "0.5"}).push(text="ok")
+    c = client(llm_server, "openai", tmp_path, retry_max_s=2.0)
+    t0 = time.time()
+    assert c.chat(MSGS).text == "ok"
+    assert time.time() - t0 >= 0.5
+
+
+def test_gives_up_after_max_retries(llm_server, tmp_path):
+    llm_server.push(status=500, times=10)
+    c = client(llm_server, "openai", tmp_path, max_retries=2)
+    with pytest.raises(LongAlignError, match="failed after 3 attempts.*500"):
+        c.chat(MSGS)
+    assert llm_server.count == 3
+
+
+def test_auth_error_fails_at_once_without_leaking_the_key(llm_server, tmp_path, env_key):
+    llm_server.push(status=401, error="invalid x-api-key")
+    c = client(llm_server, "anthropic", tmp_path, env_key)
+    with pytest.raises(LongAlignError) as e:
+        c.chat(MSGS)
+    assert "401" in str(e.value) and "TEST_LLM_KEY" in str(e.value) and KEY not in str(e.value)
+    assert llm_server.count == 1
+
+
+def test_unreachable_server_is_a_clear_error(tmp_path):
+    c = make_client("openai", "m", base_url="http://127.0.0.1:9/v1", cache_dir=tmp_path, max_retries=1,
+                    retry_base_s=0.01, timeout_s=2)
+    with pytest.raises(LongAlignError, match="connection.*base_url"):
+        c.chat(MSGS)
+
+
+def test_missing_key_names_the_variable(monkeypatch, tmp_path):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with pytest.raises(LongAlignError, match="OPENAI_API_KEY"):
+        make_client("openai", "gpt-4o-mini", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["openai", "anthropic"])
+def test_cache_second_run_makes_zero_requests(llm_server, tmp_path, backend):
+    batch = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
+    c1 = client(llm_server, backend, tmp_path, concurrency=3)
+    first = c1.chat_many(batch, desc="first", max_new_tokens=16)
+    assert llm_server.count == 6 and [r.text for r in first] == [f"echo: question {i}" for i in range(6)]
+    c2 = client(llm_server, backend, tmp_path, concurrency=3)  # a new process would see the same files
+    second = c2.chat_many(batch, desc="second", max_new_tokens=16)
+    assert llm_server.count == 6, "the rerun must not send any request"
+    assert c2.stats["requests"] == 0 and c2.stats["cache_hits"] == 6 and c2.stats["cost_usd"] == 0
+    assert [r.text for r in second] == [r.text for r in first] and all(r.cached for r in second)
+    c2.chat(batch[0], max_new_tokens=17)  # other params → another key → one new request
+    assert llm_server.count == 7
+
+
+def test_concurrency_is_bounded(llm_server, tmp_path):
+    llm_server.push(delay=0.25, times=8)
+    c = client(llm_server, "openai", tmp_path, concurrency=3)
+    t0 = time.time()
+    replies = c.chat_many([[{"role": "user", "content": f"q{i}"}] for i in range(8)])
+    assert len(replies) == 8 and [r.text for r in replies] == [f"echo: q{i}" for i in range(8)]
+    assert llm_server.max_inflight == 3
+    assert time.time() - t0 < 8 * 0.25  # really concurrent
+
+
+def test_cost_accounting_and_estimate(llm_server, tmp_path):
+    prices = {"test-model": [1.0, 2.0], "other": [5.0, 5.0]}
+    c = client(llm_server, "openai", tmp_path, prices=prices)
+    batch = [[{"role": "user", "content": "word " * 400}], [{"role": "user", "content": "x " * 40}]]
+    est = c.estimate(batch, max_new_tokens=100)
+    assert est["calls"] == 2 and est["cached"] == 0 and est["output_tokens"] == 200
+    assert 200 < est["input_tokens"] < 700
+    assert est["cost_usd"] == pytest.approx((est["input_tokens"] * 1.0 + 200 * 2.0) / 1e6)
+    assert llm_server.count == 0, "estimating spends nothing"
+    r = c.chat(batch[1], max_new_tokens=100)
+    assert r.cost_usd == pytest.approx((r.usage["input_tokens"] * 1 + r.usage["output_tokens"] * 2) / 1e6)
+    assert c.stats["cost_usd"] == pytest.approx(r.cost_usd)
+    est2 = c.estimate(batch, max_new_tokens=100)
+    assert est2["calls"] == 1 and est2["cached"] == 1
+
+
+def test_price_lookup_and_token_estimate():
+    prices = {"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10.0]}
+    assert price_for("gpt-4o-mini-2024-07-18", prices) == (0.15, 0.6)
+    assert price_for("gpt-4o-2024-08-06", prices) == (2.5, 10.0)
+    assert price_for("llama", prices) is None
+    assert approx_tokens("a" * 400) == 100 and approx_tokens("长文本对齐") == 5
+
+
+def test_client_from_config_and_chat_inside_a_running_loop(llm_server, tmp_path):
+    from longalign_lib.config import load_config
+
+    cfg = load_config("cpu-demo", ["synth.backend=openai", f"synth.base_url={llm_server.openai_url}",
+                                   "synth.model=served-model"])
+    c = client_from_config(cfg.synth, cache_dir=tmp_path)
+    assert c.backend_name == "openai" and c.model == "served-model"
+
+    async def notebook_cell():  # Jupyter runs cells inside an event loop: chat() must still work
+        return c.chat([{"role": "user", "content": "hello there"}])
+
+    assert asyncio.run(notebook_cell()).text == "echo: hello there"
+    assert json.loads(json.dumps(c.stats))["requests"] == 1
+
+
+def test_openai_raw_completion(llm_server, tmp_path):
+    llm_server.push(text=" How do tides work?")
+    c = client(llm_server, "openai", tmp_path)
+    r = c.complete("<|im_start|>user\n", max_new_tokens=20, stop=["<|im_end|>"])
+    assert r.text == " How do tides work?" and llm_server.by_path == {"/v1/completions": 1}
+    assert llm_server.bodies[0]["prompt"] == "<|im_start|>user\n" and llm_server.bodies[0]["max_tokens"] == 20
+
+
+def test_local_backend_real_model(smol_model_and_tokenizer, tmp_path):
+    model, tok = smol_model_and_tokenizer
+    c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path, model_obj=model, tokenizer=tok)
+    msgs = [{"role": "user", "content": "What is the capital of France?"}]
+    r = c.chat(msgs, max_new_tokens=8, temperature=0.0)
+    assert r.text and 0 < r.usage["output_tokens"] <= 8 and r.usage["input_tokens"] == c.count_tokens(msgs)
+    assert r.cost_usd == 0.0 and c.estimate([msgs], max_new_tokens=8, temperature=0.0)["calls"] == 0  # cached
+    again = c.chat(msgs, max_new_tokens=8, temperature=0.0)
+    assert again.cached and again.text == r.text and c.stats["requests"] == 1
