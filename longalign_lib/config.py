@@ -90,7 +90,11 @@ class DataConfig:
     max_length: int = 2048
     truncation: str = "middle"  # middle | right | skip
     long_ratio: float | None = None  # share of long records in the mix; None keeps all
+    n_long: int | None = None  # exact counts instead of a ratio (more than available = repeat records)
+    n_short: int | None = None
     num_proc: int = 1
+    tokenized_dir: str | None = None  # default: <run_dir>/tokenized
+    buckets: list[int] | None = None  # length-bucket edges for `analyze`; default: max_length × 1/8, 1/4, 1/2, 1
     seed: int = 0
 
 
@@ -105,7 +109,19 @@ class BatchConfig:
     grad_accum: int = 1
     world_size: int = 1
     loss_reduction: str = "sequence"  # token | pack_mean | sequence
-    overlong: str = "truncate"  # truncate | skip | split
+    overlong: str = "truncate"  # truncate | skip | split (sequences longer than max_pack_tokens)
+    truncate_side: str = "middle"  # right | middle (keep the start and the end)
+    sorted_mode: str = "fixed"  # fixed: groups of batch_size | token_budget: groups fill sort_token_budget
+    sort_token_budget: int | None = None  # padded tokens per sorted group; default batch_size * max_pack_tokens
+    balance: str = "none"  # none | tokens | cost: group micro-batches into steps/ranks by token count or modelled cost
+    balance_window: int = 8  # steps per window regrouped by the balancer
+    drop_last: bool = False  # drop a last, incomplete optimizer step
+    cost_a: float = 1.0e-4  # cost model: seconds per token (linear layers), 7B-class model on one H100, bf16
+    cost_b: float = 2.0e-9  # cost model: seconds per token^2 (attention)
+    cost_c: float = 0.0  # cost model: fixed seconds per micro-batch
+    sim_world_size: int = 8  # K devices in the idle-time simulation of `longalign pack`
+    plan_epochs: int = 1  # epoch plans written by `longalign pack`
+    dataset_dir: str | None = None  # tokenized dataset; default: the stage-2 output in the run directory
     seed: int = 0
 
 
@@ -133,17 +149,35 @@ class TrainConfig:
 class EvalConfig:
     """Stage 5 — generation, judge and needle test (generate.py, judge.py, needle.py)."""
 
-    bench_file: str | None = None  # JSONL: idx, query, context, answer, few_shots
-    max_input_tokens: int | None = None  # default: the model's window
+    bench_file: str | None = None  # JSONL: idx, query, context, answer, few_shots (benchmarks.py documents it)
+    bench_limit: int | None = None  # evaluate only the first N cases
+    bench_context_tokens: int = 1500  # offline set (no bench_file): context length of each built case
+    bench_n_per_task: int = 1  # offline set: cases per task type (retrieve, count, order, multihop, quote)
+    max_input_tokens: int | None = None  # default: the model's window; longer prompts lose their middle
     max_new_tokens: int = 128
-    judge_backend: str = "local"
+    batch_size: int = 4  # prompts generated together (grouped by length)
+    max_batch_tokens: int = 16384  # padded prompt+answer tokens per generation batch
+    judge_mode: str = "llm"  # llm (LongBench-Chat judge + proxy scores) | proxy (reference overlap only, offline)
+    judge_backend: str = "local"  # local | openai (any OpenAI-compatible server: vLLM, llama.cpp) | anthropic
     judge_model: str = DEFAULT_MODEL
-    judge_base_url: str | None = None
-    judge_runs: int = 2
-    judge_prompt_file: str | None = None
+    judge_base_url: str | None = None  # set it (e.g. http://localhost:8000/v1) and local switches to openai
+    judge_api_key_env: str | None = None  # env variable holding the key (default OPENAI_/ANTHROPIC_API_KEY)
+    judge_runs: int = 2  # each case judged this many times (few-shots reshuffled), scores averaged
+    judge_prompt_file: str | None = None  # a template path, or a bundled name: default | rating_first
+    judge_temperature: float = 0.0
+    judge_max_new_tokens: int = 256
+    judge_max_attempts: int = 3  # tries per run when the reply has no parseable [[rating]]
+    judge_concurrency: int = 4
+    judge_prices: dict = field(default_factory=lambda: {"gpt-4o": [2.50, 10.00], "gpt-4o-mini": [0.15, 0.60],
+                                                         "claude-3-5-sonnet": [3.00, 15.00]})  # USD / 1M tokens
     needle_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
-    needle_haystack_dir: str | None = None
+    needle_haystack_dir: str | None = None  # folder of .txt files; default: the bundled data/kjv_*.txt
+    needle_text: str = "The secret ingredient in Grandmother Odile's plum cake is a spoonful of smoked cardamom."
+    needle_question: str = "What is the secret ingredient in Grandmother Odile's plum cake?"
+    needle_key_fact: str = "smoked cardamom"  # an answer scores 1 when it contains these words
+    needle_scorer: str = "contains"  # contains | judge
+    needle_max_new_tokens: int = 32
     seed: int = 0
 
 

@@ -1,0 +1,708 @@
+"""Stage 3 — batch plans (naive, sorted, packed) and exact per-token loss weights for one optimizer step.
+
+Run as: longalign pack --preset cpu-demo      (writes <run_dir>/batching.json, plans/, figures/)
+Usage:
+    from longalign_lib.batching import plan_epoch, step_token_weights, materialize, collate_packed
+    plan = plan_epoch(lengths, n_target, cfg.batching, epoch=0)      # deterministic from (cfg.seed, epoch)
+    for step in plan.steps:                                           # one optimizer step
+        w = step_token_weights(step, plan.n_target, "sequence")      # {item id: weight per target token}
+        for mb in step.ranks[rank]:                                    # this rank's accumulation micro-steps
+            batch = collate_packed(materialize(plan, mb, dataset), w)  # [1, T] + cu_seq_lens + loss_weights
+            loss = (batch["loss_weights"][:, 1:] * ce(logits[:, :-1], labels[:, 1:])).sum()  # then backward
+
+The three strategies of the LongAlign paper (section 3.2):
+- naive: shuffle, then micro-batches of `batch_size` sequences padded to the longest;
+- sorted: sort by length, cut consecutive groups (fixed `batch_size`, or filling a padded-token budget), shuffle
+  the groups — little padding, but a step holds only long or only short sequences;
+- packed: concatenate sequences into rows of at most `max_pack_tokens` — next-fit in shuffled order (what LongAlign
+  does) or global best-fit-decreasing over all sequences (O(n log n), no windows).
+Every plan says, per optimizer step, which micro-batches each data-parallel rank runs ([rank][micro_step]).
+
+Loss weights (`step_token_weights`): per-token weights w_i for every sequence i of the step such that
+Σ_i w_i · Σ_j loss_ij, summed over ALL micro-batches and ALL ranks of the step, is the chosen reduction:
+  token     — w = 1 / Σ_step N_i: mean over every target token of the step (what HF/TRL do);
+  pack_mean — w_i = 1 / (P · N_pack(i)): mean within each pack row, then over the step's P rows (the paper's L′,
+              Eq. 3 — biased towards sequences that share a pack with few target tokens);
+  sequence  — w_i = 1 / (M · N_i): each sequence's mean loss, averaged over the step's M sequences (Eq. 2/4).
+The trainer SUMS micro-batch losses over accumulation and ranks (undoing DDP's gradient averaging).
+
+Over-long sequences (longer than `max_pack_tokens`) are truncated (right or middle), skipped or split into
+pieces, and counted. A plan item is a dataset index, or — for split pieces — an id ≥ len(dataset) that
+`plan.source` maps back; `plan.views` holds the kept token ranges of truncated items and pieces.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from .io import LongAlignError
+
+IGNORE = -100
+STRATEGIES = ("naive", "sorted", "packed")
+PACKERS = ("bfd", "next_fit")
+REDUCTIONS = ("token", "pack_mean", "sequence")
+OVERLONG = ("truncate", "skip", "split")
+
+
+# ----------------------------------------------------------------------------------------------------- plan types
+@dataclass
+class MicroBatch:
+    """One forward/backward pass on one rank: `packs[row]` = item ids in that row (one id per row when padded)."""
+
+    packs: list[list[int]]
+    lengths: list[list[int]]  # tokens of each item, parallel to packs
+    n_target: list[list[int]]  # target tokens of each item (labels != -100, first position excluded)
+    padded: bool = False  # True: rows padded to the longest (naive/sorted); False: packed rows
+    capacity: int = 0  # packed: the row budget (max_pack_tokens)
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(len(p) for p in self.packs)
+
+    @property
+    def tokens(self) -> int:
+        """Real (non-pad) tokens."""
+        return sum(sum(l) for l in self.lengths)
+
+    @property
+    def row_lengths(self) -> list[int]:
+        return [sum(l) for l in self.lengths]
+
+    @property
+    def slots(self) -> int:
+        """Token slots reserved: rows × longest row (padded) or rows × capacity (packed)."""
+        if not self.packs:
+            return 0
+        return len(self.packs) * (max(self.row_lengths) if self.padded else max(self.capacity, max(self.row_lengths)))
+
+    @property
+    def computed_tokens(self) -> int:
+        """Tokens the model actually runs over: padding included for padded rows."""
+        if not self.packs:
+            return 0
+        return len(self.packs) * max(self.row_lengths) if self.padded else self.tokens
+
+    def to_dict(self) -> dict:
+        return {"packs": self.packs, "lengths": self.lengths, "n_target": self.n_target}
+
+
+@dataclass
+class Step:
+    """One optimizer step: `ranks[r]` = the micro-batches rank r runs, in accumulation order."""
+
+    index: int
+    ranks: list[list[MicroBatch]]
+
+    def micro_batches(self):
+        for rank in self.ranks:
+            yield from rank
+
+    @property
+    def n_sequences(self) -> int:
+        return sum(mb.n_sequences for mb in self.micro_batches())
+
+    @property
+    def tokens(self) -> int:
+        return sum(mb.tokens for mb in self.micro_batches())
+
+    @property
+    def item_ids(self) -> list[int]:
+        return [i for mb in self.micro_batches() for p in mb.packs for i in p]
+
+
+@dataclass
+class Plan:
+    """One epoch's batch plan plus what it cost (counters) and how to map items back to dataset rows."""
+
+    strategy: str
+    packer: str
+    epoch: int
+    seed: int
+    capacity: int
+    batch_size: int
+    grad_accum: int
+    world_size: int
+    steps: list[Step]
+    source: np.ndarray  # item id → dataset index
+    lengths: np.ndarray  # item id → tokens after truncation/splitting (0: not planned)
+    n_target: np.ndarray  # item id → target tokens after truncation/splitting
+    views: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # item id → kept [start, end) ranges
+    counters: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return f"packed-{self.packer}" if self.strategy == "packed" else self.strategy
+
+    def micro_batches(self):
+        for s in self.steps:
+            yield from s.micro_batches()
+
+    def to_dict(self, steps: bool = True) -> dict:
+        d = {k: getattr(self, k) for k in ("strategy", "packer", "epoch", "seed", "capacity", "batch_size",
+                                            "grad_accum", "world_size")}
+        d["counters"] = self.counters
+        d["views"] = {str(k): v for k, v in self.views.items()}
+        d["pieces"] = {str(i): int(self.source[i]) for i in range(len(self.source)) if self.source[i] != i}
+        if steps:
+            d["steps"] = [[[mb.to_dict() for mb in rank] for rank in s.ranks] for s in self.steps]
+        return d
+
+
+# ---------------------------------------------------------------------------------------------------- validation
+def _check_cfg(cfg) -> None:
+    def bad(key, value, choices):
+        raise LongAlignError(f"batching.{key}={value!r}: choose one of {', '.join(choices)} (--set batching.{key}=...)")
+
+    if cfg.strategy not in STRATEGIES:
+        bad("strategy", cfg.strategy, STRATEGIES)
+    if cfg.packer not in PACKERS:
+        bad("packer", cfg.packer, PACKERS)
+    if cfg.loss_reduction not in REDUCTIONS:
+        bad("loss_reduction", cfg.loss_reduction, REDUCTIONS)
+    if cfg.overlong not in OVERLONG:
+        bad("overlong", cfg.overlong, OVERLONG)
+    if cfg.truncate_side not in ("right", "middle"):
+        bad("truncate_side", cfg.truncate_side, ("right", "middle"))
+    if cfg.sorted_mode not in ("fixed", "token_budget"):
+        bad("sorted_mode", cfg.sorted_mode, ("fixed", "token_budget"))
+    if cfg.balance not in ("none", "tokens", "cost"):
+        bad("balance", cfg.balance, ("none", "tokens", "cost"))
+    for key in ("max_pack_tokens", "batch_size", "grad_accum", "world_size", "balance_window"):
+        if int(getattr(cfg, key)) < 1:
+            raise LongAlignError(f"batching.{key}={getattr(cfg, key)!r}: must be a positive integer")
+
+
+# ------------------------------------------------------------------------------------------ over-long sequences
+def keep_ranges(length: int, limit: int, side: str) -> list[tuple[int, int]]:
+    """Token ranges kept when truncating a `length`-token sequence to `limit`: right, or middle (start + end)."""
+    if length <= limit:
+        return [(0, length)]
+    if side == "right":
+        return [(0, limit)]
+    head = limit // 2
+    return [(0, head), (length - (limit - head), length)]
+
+
+def _count_targets(labels, ranges) -> int:
+    """Target tokens in the concatenation of `ranges` of `labels`, its first position excluded (never predicted)."""
+    lab = np.asarray(labels)
+    cut = np.concatenate([lab[s:e] for s, e in ranges]) if len(ranges) > 1 else lab[ranges[0][0]:ranges[0][1]]
+    return int((cut[1:] != IGNORE).sum())
+
+
+@dataclass
+class _Items:
+    source: np.ndarray
+    lengths: np.ndarray
+    n_target: np.ndarray
+    views: dict
+    counters: dict
+
+
+def prepare_items(lengths, n_target, cfg, labels=None) -> _Items:
+    """Apply the over-long policy; returns per-item arrays (items ≥ n are split pieces) and counters.
+
+    `labels` (optional: a sequence of label lists, e.g. a dataset column) makes target counts of truncated items
+    and pieces exact; without it they are estimated (answers assumed at the end) and counted as estimated.
+    """
+    lens = np.asarray(lengths, dtype=np.int64)
+    n = len(lens)
+    if n_target is None:
+        nt = np.maximum(lens - 1, 0)
+    else:
+        nt = np.asarray(n_target, dtype=np.int64)
+        if len(nt) != n:
+            raise LongAlignError(f"n_target has {len(nt)} entries but lengths has {n}; pass one count per sequence")
+    if n and (lens.min() < 0 or nt.min() < 0):
+        raise LongAlignError("lengths and n_target must be non-negative token counts")
+    cap = int(cfg.max_pack_tokens)
+    src = np.arange(n, dtype=np.int64)
+    out_len, out_nt = lens.copy(), nt.copy()
+    views: dict[int, list[tuple[int, int]]] = {}
+    counters = {"sequences": n, "overlong": 0, "truncated": 0, "skipped_overlong": 0, "split": 0, "pieces": 0,
+                "skipped_no_target": 0, "n_target_estimated": 0}
+    extra_src, extra_len, extra_nt = [], [], []
+    long_idx = np.flatnonzero(lens > cap)
+    counters["overlong"] = int(len(long_idx))
+    for i in long_idx.tolist():
+        L, N = int(lens[i]), int(nt[i])
+        if cfg.overlong == "skip":
+            out_len[i] = out_nt[i] = 0
+            counters["skipped_overlong"] += 1
+        elif cfg.overlong == "truncate":
+            r = keep_ranges(L, cap, cfg.truncate_side)
+            views[i] = r
+            out_len[i] = cap
+            if labels is not None:
+                out_nt[i] = _count_targets(labels[i], r)
+            else:  # answers sit at the end of a chat record: right truncation cuts them first, middle keeps them
+                out_nt[i] = max(0, N - (L - cap)) if cfg.truncate_side == "right" else min(N, cap - cap // 2 - 1)
+                counters["n_target_estimated"] += 1
+            counters["truncated"] += 1
+        else:  # split into consecutive pieces of at most cap tokens; piece 0 keeps the dataset index as its id
+            counters["split"] += 1
+            bounds = list(range(0, L, cap))
+            for k, s in enumerate(bounds):
+                e = min(L, s + cap)
+                if labels is not None:
+                    pn = _count_targets(labels[i], [(s, e)])
+                else:
+                    pn = int(round(N * (e - s) / L))
+                    counters["n_target_estimated"] += 1
+                if k == 0:
+                    views[i] = [(s, e)]
+                    out_len[i], out_nt[i] = e - s, pn
+                else:
+                    views[n + len(extra_src)] = [(s, e)]
+                    extra_src.append(i)
+                    extra_len.append(e - s)
+                    extra_nt.append(pn)
+                counters["pieces"] += 1
+    if extra_src:
+        src = np.concatenate([src, np.asarray(extra_src, np.int64)])
+        out_len = np.concatenate([out_len, np.asarray(extra_len, np.int64)])
+        out_nt = np.concatenate([out_nt, np.asarray(extra_nt, np.int64)])
+    no_target = (out_nt <= 0) & (out_len > 0)
+    counters["skipped_no_target"] = int(no_target.sum())
+    out_len[no_target] = 0  # a sequence without target tokens adds nothing to any reduction: not planned
+    out_nt[out_len == 0] = 0
+    return _Items(src, out_len, out_nt, views, counters)
+
+
+# ------------------------------------------------------------------------------------------------------ packers
+def next_fit(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Next-fit in the given order: keep adding to the current pack; open a new one when the next item does not fit."""
+    packs, cur, used = [], [], 0
+    for i, L in enumerate(np.asarray(lengths).tolist()):
+        if cur and used + L > capacity:
+            packs.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += L
+    if cur:
+        packs.append(cur)
+    return packs
+
+
+class _NextAtLeast:
+    """Set of integers in [0, cap] with 'smallest member ≥ x' in O(1) word operations (two-level 64-bit bitset)."""
+
+    def __init__(self, cap: int):
+        self.words = [0] * (cap // 64 + 1)
+        self.top = 0  # bit w set ⇔ words[w] != 0
+
+    def add(self, v: int) -> None:
+        w = v >> 6
+        if not self.words[w]:
+            self.top |= 1 << w
+        self.words[w] |= 1 << (v & 63)
+
+    def remove(self, v: int) -> None:
+        w = v >> 6
+        self.words[w] &= ~(1 << (v & 63))
+        if not self.words[w]:
+            self.top &= ~(1 << w)
+
+    def at_least(self, v: int) -> int | None:
+        w = v >> 6
+        if w < len(self.words):
+            m = self.words[w] >> (v & 63)
+            if m:
+                return v + ((m & -m).bit_length() - 1)
+        t = self.top >> (w + 1)
+        if not t:
+            return None
+        w2 = w + 1 + ((t & -t).bit_length() - 1)
+        m = self.words[w2]
+        return (w2 << 6) + ((m & -m).bit_length() - 1)
+
+
+def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Global best-fit-decreasing over ALL items (no windows): each item, longest first, goes into the open pack
+    with the least room that still fits it. Exact BFD (ties between packs of equal room broken arbitrarily),
+    O(n log n): packs are bucketed by remaining room; runs of equal sizes are placed bucket by bucket."""
+    lens = np.asarray(lengths, dtype=np.int64)
+    n = len(lens)
+    if n == 0:
+        return []
+    if lens.max() > capacity:
+        raise ValueError(f"item of {int(lens.max())} tokens exceeds the pack capacity {capacity}")
+    order = np.argsort(-lens, kind="stable")
+    sl = lens[order]
+    pack_of = np.empty(n, dtype=np.int64)  # per sorted position
+    # items larger than half the capacity can never share a pack with each other: one new pack each
+    n_big = int((sl > capacity // 2).sum())
+    pack_of[:n_big] = np.arange(n_big)
+    n_packs = n_big
+    room = _NextAtLeast(capacity)
+    buckets: dict[int, list[int]] = {}
+    if n_big:
+        rem = capacity - sl[:n_big]
+        for r, b in zip(rem.tolist(), range(n_big)):
+            lst = buckets.get(r)
+            if lst is None:
+                buckets[r] = [b]
+                room.add(r)
+            else:
+                lst.append(b)
+    rest = sl[n_big:]
+    if len(rest):
+        # runs of equal size: starts and sizes (rest is non-increasing)
+        change = np.flatnonzero(np.diff(rest)) + 1
+        starts = np.concatenate([[0], change]).tolist()
+        ends = np.concatenate([change, [len(rest)]]).tolist()
+        sizes = rest[starts].tolist()
+        pos = n_big
+        out = pack_of
+        for s, a, e in zip(sizes, starts, ends):
+            k = e - a
+            if s == 0:  # empty items never happen in plans; put each in its own pack to stay well defined
+                out[pos:pos + k] = np.arange(n_packs, n_packs + k)
+                n_packs += k
+                pos += k
+                continue
+            while k:
+                r = room.at_least(s)
+                if r is None:  # open new packs, each taking as many items of size s as fit
+                    t = capacity // s
+                    nb = -(-k // t)
+                    ids = np.repeat(np.arange(n_packs, n_packs + nb), t)[:k]
+                    out[pos:pos + k] = ids
+                    pos += k
+                    for j in range(nb):
+                        took = t if j < nb - 1 else k - t * (nb - 1)
+                        nr = capacity - took * s
+                        lst = buckets.get(nr)
+                        if lst is None:
+                            buckets[nr] = [n_packs + j]
+                            room.add(nr)
+                        else:
+                            lst.append(n_packs + j)
+                    n_packs += nb
+                    k = 0
+                    break
+                lst = buckets[r]
+                t = r // s
+                q = min(len(lst), -(-k // t))
+                taken = lst[len(lst) - q:]
+                del lst[len(lst) - q:]
+                if not lst:
+                    del buckets[r]
+                    room.remove(r)
+                for j, b in enumerate(taken):
+                    took = t if (j < q - 1 or k >= q * t) else k - t * (q - 1)
+                    if took == 1:
+                        out[pos] = b
+                    else:
+                        out[pos:pos + took] = b
+                    pos += took
+                    nr = r - took * s
+                    lst2 = buckets.get(nr)
+                    if lst2 is None:
+                        buckets[nr] = [b]
+                        room.add(nr)
+                    else:
+                        lst2.append(b)
+                k -= min(k, q * t)
+    # group sorted positions by pack, map back to original indices
+    by_pack = np.argsort(pack_of, kind="stable")
+    counts = np.bincount(pack_of, minlength=n_packs)
+    items = order[by_pack]
+    return [a.tolist() for a in np.split(items, np.cumsum(counts)[:-1])]
+
+
+# ------------------------------------------------------------------------------------------------------ planning
+def _rows_for(strategy: str, items: _Items, cfg, rng: np.random.Generator) -> list[list[list[int]]]:
+    """Micro-batches as lists of rows of item ids (before grouping into steps)."""
+    live = np.flatnonzero(items.lengths > 0)
+    L = items.lengths
+    B = int(cfg.batch_size)
+    if strategy == "naive":
+        perm = live[rng.permutation(len(live))]
+        return [[[int(i)] for i in perm[j:j + B]] for j in range(0, len(perm), B)]
+    if strategy == "sorted":
+        # tie-break equal lengths randomly so the groups differ between epochs
+        perm = live[rng.permutation(len(live))]
+        srt = perm[np.argsort(L[perm], kind="stable")]
+        groups: list[np.ndarray] = []
+        if cfg.sorted_mode == "fixed":
+            groups = [srt[j:j + B] for j in range(0, len(srt), B)]
+        else:
+            budget = int(cfg.sort_token_budget or cfg.batch_size * cfg.max_pack_tokens)
+            # ascending lengths: a group's padded size is count × its last (longest) length
+            sl = L[srt].tolist()
+            start = 0
+            for j in range(1, len(sl) + 1):
+                if j == len(sl) or (j - start + 1) * sl[j] > budget:
+                    groups.append(srt[start:j])
+                    start = j
+        order = rng.permutation(len(groups))
+        return [[[int(i)] for i in groups[g]] for g in order]
+    # packed
+    cap = int(cfg.max_pack_tokens)
+    if cfg.packer == "next_fit":
+        perm = live[rng.permutation(len(live))]
+        packs = [[int(perm[j]) for j in p] for p in next_fit(L[perm], cap)]
+    else:
+        packs = [[int(live[j]) for j in p] for p in best_fit_decreasing(L[live], cap)]
+        packs = [packs[j] for j in rng.permutation(len(packs))]
+        for p in packs:  # order inside a pack does not change any loss; shuffle it for variety
+            rng.shuffle(p)
+    return [packs[j:j + B] for j in range(0, len(packs), B)]
+
+
+def _micro(rows: list[list[int]], items: _Items, padded: bool, cap: int) -> MicroBatch:
+    return MicroBatch(packs=rows, lengths=[items.lengths[r].tolist() for r in rows],
+                      n_target=[items.n_target[r].tolist() for r in rows], padded=padded, capacity=cap)
+
+
+def _assign_ranks(units: list[MicroBatch], W: int, G: int, key: list[float] | None) -> list[list[MicroBatch]]:
+    """Spread one step's micro-batches over W ranks × G micro-steps: in order (key None) or greedily by cost (LPT)."""
+    ranks: list[list[MicroBatch]] = [[] for _ in range(W)]
+    if key is None:
+        for j, u in enumerate(units):  # micro-step k of rank r is unit k*W + r (DistributedSampler-like)
+            ranks[j % W].append(u)
+        return ranks
+    load = [0.0] * W
+    cap = -(-len(units) // W)
+    for j in sorted(range(len(units)), key=lambda j: -key[j]):
+        r = min((r for r in range(W) if len(ranks[r]) < cap), key=lambda r: load[r])
+        ranks[r].append(units[j])
+        load[r] += key[j]
+    return ranks
+
+
+def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None) -> Plan:
+    """Plan one epoch: which micro-batches each rank runs at each optimizer step. Deterministic in (cfg.seed, epoch).
+
+    `lengths[i]`, `n_target[i]`: tokens and target tokens of dataset row i (`n_target` None: all but the first).
+    `labels` (optional, a sequence of label lists) makes target counts of truncated/split items exact.
+    """
+    _check_cfg(cfg)
+    items = prepare_items(lengths, n_target, cfg, labels)
+    rng = np.random.default_rng([int(cfg.seed), int(epoch)])
+    strategy = cfg.strategy
+    padded = strategy != "packed"
+    cap = int(cfg.max_pack_tokens)
+    units = [_micro(rows, items, padded, cap) for rows in _rows_for(strategy, items, cfg, rng)]
+    W, G = int(cfg.world_size), int(cfg.grad_accum)
+    per_step = W * G
+    n_full = len(units) // per_step
+    dropped = 0
+    if cfg.drop_last and len(units) % per_step:
+        dropped = len(units) - n_full * per_step
+        units = units[:n_full * per_step]
+    key_of = None
+    if cfg.balance != "none":
+        from .simulate import CostModel
+
+        cm = CostModel.from_config(cfg)
+        key_of = (lambda u: float(u.computed_tokens)) if cfg.balance == "tokens" else cm.micro_batch
+        # regroup within windows of `balance_window` steps: similar-cost micro-batches share a step
+        win = per_step * int(cfg.balance_window)
+        regrouped = []
+        for a in range(0, len(units), win):
+            chunk = units[a:a + win]
+            regrouped.extend(sorted(chunk, key=lambda u: -key_of(u)))
+        groups = [regrouped[a:a + per_step] for a in range(0, len(regrouped), per_step)]
+        full = [g for g in groups if len(g) == per_step]
+        tail = [g for g in groups if len(g) < per_step]
+        order = rng.permutation(len(full))
+        groups = [full[j] for j in order] + tail
+    else:
+        groups = [units[a:a + per_step] for a in range(0, len(units), per_step)]
+    steps = []
+    for s, g in enumerate(groups):
+        key = [key_of(u) for u in g] if key_of is not None else None
+        steps.append(Step(index=s, ranks=_assign_ranks(g, W, G, key)))
+    plan = Plan(strategy=strategy, packer=cfg.packer if strategy == "packed" else "", epoch=int(epoch),
+                seed=int(cfg.seed), capacity=cap, batch_size=int(cfg.batch_size), grad_accum=G, world_size=W,
+                steps=steps, source=items.source, lengths=items.lengths, n_target=items.n_target,
+                views=items.views, counters=dict(items.counters))
+    plan.counters.update(efficiency(plan))
+    plan.counters["dropped_micro_batches"] = dropped
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------------- efficiency
+def efficiency(plan: Plan) -> dict:
+    """Fill rate (real tokens / reserved slots), padding fraction (pad / computed tokens), sequences per pack..."""
+    mbs = list(plan.micro_batches())
+    tokens = sum(mb.tokens for mb in mbs)
+    slots = sum(mb.slots for mb in mbs)
+    computed = sum(mb.computed_tokens for mb in mbs)
+    rows = sum(len(mb.packs) for mb in mbs)
+    seqs = sum(mb.n_sequences for mb in mbs)
+    return {"planned_items": seqs, "tokens": tokens, "target_tokens": int(sum(sum(map(sum, mb.n_target)) for mb in mbs)),
+            "rows": rows, "micro_batches": len(mbs), "steps": len(plan.steps),
+            "fill_rate": tokens / slots if slots else 0.0,
+            "padding_fraction": (computed - tokens) / computed if computed else 0.0,
+            "seqs_per_row": seqs / rows if rows else 0.0}
+
+
+def pack_fill(plan: Plan) -> np.ndarray:
+    """Per-row fill: tokens / capacity (packed) or tokens / (longest row of its micro-batch) (padded)."""
+    out = []
+    for mb in plan.micro_batches():
+        rl = mb.row_lengths
+        denom = max(rl) if mb.padded else mb.capacity
+        out.extend(r / denom for r in rl)
+    return np.asarray(out)
+
+
+# ------------------------------------------------------------------------------------------------ loss weighting
+def step_token_weights(step: Step, n_target=None, reduction: str = "sequence") -> dict[int, float]:
+    """Per-target-token weight of every item of `step` so that the weighted loss SUM over all micro-batches and
+    ranks of the step equals `reduction` (token | pack_mean | sequence). `n_target`: item id → target tokens
+    (plan.n_target); None uses the counts recorded in the micro-batches."""
+    if reduction not in REDUCTIONS:
+        raise LongAlignError(f"loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
+    rows: list[tuple[list[int], list[int]]] = []
+    for mb in step.micro_batches():
+        for p, nts in zip(mb.packs, mb.n_target):
+            rows.append((p, [int(n_target[i]) for i in p] if n_target is not None else nts))
+    w: dict[int, float] = {}
+    if reduction == "token":
+        total = sum(sum(nts) for _, nts in rows)
+        for p, nts in rows:
+            for i, n in zip(p, nts):
+                w[i] = 1.0 / total if n > 0 else 0.0
+    elif reduction == "sequence":
+        M = sum(1 for _, nts in rows for n in nts if n > 0)
+        for p, nts in rows:
+            for i, n in zip(p, nts):
+                w[i] = 1.0 / (M * n) if n > 0 else 0.0
+    else:
+        P = sum(1 for _, nts in rows if sum(nts) > 0)
+        for p, nts in rows:
+            tot = sum(nts)
+            for i, n in zip(p, nts):
+                w[i] = 1.0 / (P * tot) if tot > 0 and n > 0 else 0.0
+    return w
+
+
+def effective_sequence_weights(step: Step, reduction: str, n_target=None) -> dict[int, float]:
+    """How much each sequence's MEAN token loss counts in the step loss: w_i · N_i (sums to 1 for every reduction).
+    Under `sequence` every sequence gets 1/M; `token` favours long answers; `pack_mean` favours sequences whose
+    pack has few target tokens."""
+    w = step_token_weights(step, n_target, reduction)
+    nt = {}
+    for mb in step.micro_batches():
+        for p, nts in zip(mb.packs, mb.n_target):
+            for i, n in zip(p, nts):
+                nt[i] = int(n_target[i]) if n_target is not None else n
+    return {i: w[i] * nt[i] for i in w}
+
+
+# ---------------------------------------------------------------------------------------------------- collation
+def item_example(plan: Plan, item: int, row: Mapping[str, Any]) -> dict:
+    """The tokens of plan item `item` (cut to its kept ranges) from its dataset row: input_ids, labels, idx."""
+    ids, labels = row["input_ids"], row["labels"]
+    r = plan.views.get(int(item))
+    if r is not None:
+        ids = [t for s, e in r for t in ids[s:e]]
+        labels = [t for s, e in r for t in labels[s:e]]
+    return {"input_ids": list(ids), "labels": list(labels), "idx": int(item)}
+
+
+def materialize(plan: Plan, mb: MicroBatch, dataset) -> list[dict]:
+    """The examples of micro-batch `mb` in row order (flattened): `dataset[i]` must give input_ids and labels."""
+    return [item_example(plan, i, dataset[int(plan.source[i])]) for p in mb.packs for i in p]
+
+
+def _weights_for(examples: Sequence[Mapping], token_weights) -> list[float]:
+    if token_weights is None:
+        return [1.0] * len(examples)
+    if isinstance(token_weights, (int, float)):
+        return [float(token_weights)] * len(examples)
+    if isinstance(token_weights, Mapping):
+        try:
+            return [float(token_weights[int(ex["idx"])]) for ex in examples]
+        except KeyError as e:
+            raise LongAlignError(f"collate: no loss weight for item {e.args[0]}; pass the weights of this step") from None
+    w = list(token_weights)
+    if len(w) != len(examples):
+        raise LongAlignError(f"collate: {len(w)} weights for {len(examples)} examples")
+    return [float(x) for x in w]
+
+
+def collate_packed(examples: Sequence[Mapping], token_weights=None) -> dict:
+    """Concatenate examples into one packed row [1, T] for document-isolated attention.
+
+    Returns input_ids, labels (-100 at each sequence's first position: nothing is predicted across a boundary),
+    position_ids (restart at 0 per sequence), cu_seq_lens (int32, [n+1]), max_seqlen, loss_weights (float32,
+    w_i on sequence i's target tokens, 0 elsewhere). Loss = Σ_t loss_weights[t] · CE(logits[t-1], labels[t]).
+    `token_weights`: {idx: w} (examples carry "idx"), a list aligned with examples, a float, or None (1.0).
+    """
+    import torch
+
+    if not examples:
+        raise LongAlignError("collate_packed: empty micro-batch")
+    ws = _weights_for(examples, token_weights)
+    ids, labels, pos, lw, cu = [], [], [], [], [0]
+    for ex, w in zip(examples, ws):
+        x, y = list(ex["input_ids"]), list(ex["labels"])
+        if len(x) != len(y) or not x:
+            raise LongAlignError(f"collate: example {ex.get('idx', '?')} has {len(x)} input_ids and {len(y)} labels")
+        y[0] = IGNORE
+        ids.extend(x)
+        labels.extend(y)
+        pos.extend(range(len(x)))
+        lw.extend(0.0 if t == IGNORE else w for t in y)
+        cu.append(cu[-1] + len(x))
+    return {"input_ids": torch.tensor([ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([pos], dtype=torch.long),
+            "cu_seq_lens": torch.tensor(cu, dtype=torch.int32),
+            "max_seqlen": max(cu[j + 1] - cu[j] for j in range(len(cu) - 1)),
+            "loss_weights": torch.tensor([lw], dtype=torch.float32)}
+
+
+def collate_padded(examples: Sequence[Mapping], token_weights=None, pad_id: int = 0) -> dict:
+    """Right-pad examples to the longest: input_ids, attention_mask, labels (-100 on pads and position 0),
+    position_ids, loss_weights [B, L] (same loss convention as collate_packed)."""
+    import torch
+
+    if not examples:
+        raise LongAlignError("collate_padded: empty micro-batch")
+    ws = _weights_for(examples, token_weights)
+    L = max(len(ex["input_ids"]) for ex in examples)
+    B = len(examples)
+    ids = torch.full((B, L), int(pad_id), dtype=torch.long)
+    att = torch.zeros((B, L), dtype=torch.long)
+    lab = torch.full((B, L), IGNORE, dtype=torch.long)
+    lw = torch.zeros((B, L), dtype=torch.float32)
+    for b, (ex, w) in enumerate(zip(examples, ws)):
+        x, y = ex["input_ids"], list(ex["labels"])
+        if len(x) != len(y) or not x:
+            raise LongAlignError(f"collate: example {ex.get('idx', '?')} has {len(x)} input_ids and {len(y)} labels")
+        y[0] = IGNORE
+        n = len(x)
+        ids[b, :n] = torch.as_tensor(list(x), dtype=torch.long)
+        att[b, :n] = 1
+        yt = torch.as_tensor(y, dtype=torch.long)
+        lab[b, :n] = yt
+        lw[b, :n] = (yt != IGNORE).float() * w
+    pos = (att.cumsum(-1) - 1).clamp(min=0)
+    return {"input_ids": ids, "attention_mask": att, "labels": lab, "position_ids": pos, "loss_weights": lw}
+
+
+def collate(plan: Plan, mb: MicroBatch, dataset, token_weights, pad_id: int = 0) -> dict:
+    """collate_packed or collate_padded, whichever the plan's strategy needs."""
+    exs = materialize(plan, mb, dataset)
+    return collate_padded(exs, token_weights, pad_id) if mb.padded else collate_packed(exs, token_weights)
+
+
+def weighted_loss_sum(logits, labels, loss_weights):
+    """Σ_t loss_weights[t] · CE(logits[t-1], labels[t]) — the convention the collators' weights are built for.
+    (Reference implementation for tests and measurements; loss.py holds the memory-efficient one.)"""
+    import torch.nn.functional as F
+
+    lg = logits[:, :-1].float()
+    y = labels[:, 1:]
+    ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1).clamp(min=0), reduction="none")
+    return (ce * loss_weights[:, 1:].reshape(-1) * (y.reshape(-1) != IGNORE)).sum()
