@@ -1,0 +1,337 @@
+"""Batch planners, over-long policy, exact step loss weights and collators (longalign_lib/batching.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from longalign_lib.batching import (
+    IGNORE,
+    best_fit_decreasing,
+    collate,
+    collate_packed,
+    collate_padded,
+    effective_sequence_weights,
+    keep_ranges,
+    materialize,
+    next_fit,
+    plan_epoch,
+    step_token_weights,
+    weighted_loss_sum,
+)
+from longalign_lib.config import BatchConfig
+from longalign_lib.io import LongAlignError
+
+
+def cfg_(**kw) -> BatchConfig:
+    return dataclasses.replace(BatchConfig(), **kw)
+
+
+def reference_bfd(lengths, cap):
+    """Textbook best-fit-decreasing, O(n · packs)."""
+    loads, packs = [], []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        best = None
+        for b, load in enumerate(loads):
+            if load + lengths[i] <= cap and (best is None or load > loads[best]):
+                best = b
+        if best is None:
+            loads.append(0)
+            packs.append([])
+            best = len(loads) - 1
+        loads[best] += lengths[i]
+        packs[best].append(i)
+    return packs
+
+
+def pack_loads(packs, lengths):
+    return sorted(sum(lengths[i] for i in p) for p in packs)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 100), min_size=1, max_size=80), st.integers(100, 160))
+def test_bfd_matches_textbook_bfd(lengths, cap):
+    packs = best_fit_decreasing(np.array(lengths), cap)
+    assert sorted(i for p in packs for i in p) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in p) <= cap for p in packs)
+    # packs with equal room are interchangeable, so any tie-break gives the same multiset of pack loads
+    assert pack_loads(packs, lengths) == pack_loads(reference_bfd(lengths, cap), lengths)
+
+
+def test_next_fit_keeps_order_and_capacity():
+    packs = next_fit(np.array([5, 4, 3, 8, 1, 1]), 10)
+    assert packs == [[0, 1], [2], [3, 4, 5]]
+
+
+def longalign_mix(n, seed=0, cap=65536):
+    """70 % of sequences 0.2k–8k tokens, 30 % spread 8k–64k (LongAlign-like)."""
+    rng = np.random.default_rng(seed)
+    short = rng.random(n) < 0.7
+    lens = np.where(short, rng.integers(200, 8192, n), rng.integers(8192, cap + 1, n))
+    nt = np.maximum(1, (lens * rng.uniform(0.02, 0.3, n)).astype(np.int64))
+    return lens, nt
+
+
+def test_bfd_fills_98_percent_at_64k_and_beats_next_fit():
+    lens, nt = longalign_mix(5000)
+    bfd = plan_epoch(lens, nt, cfg_(strategy="packed", packer="bfd", max_pack_tokens=65536))
+    nf = plan_epoch(lens, nt, cfg_(strategy="packed", packer="next_fit", max_pack_tokens=65536))
+    assert bfd.counters["fill_rate"] >= 0.98
+    assert nf.counters["fill_rate"] < bfd.counters["fill_rate"] - 0.05
+    assert bfd.counters["planned_items"] == nf.counters["planned_items"] == 5000
+
+
+@pytest.mark.parametrize("strategy,packer,mode", [("naive", "bfd", "fixed"), ("sorted", "bfd", "fixed"),
+                                                  ("sorted", "bfd", "token_budget"), ("packed", "bfd", "fixed"),
+                                                  ("packed", "next_fit", "fixed")])
+@pytest.mark.parametrize("balance", ["none", "cost"])
+def test_plans_cover_every_sequence_once_and_are_deterministic(strategy, packer, mode, balance):
+    lens, nt = longalign_mix(300, seed=1, cap=8192)
+    c = cfg_(strategy=strategy, packer=packer, sorted_mode=mode, max_pack_tokens=8192, batch_size=3,
+             grad_accum=2, world_size=4, balance=balance, seed=7)
+    p0, p0b, p1 = plan_epoch(lens, nt, c, 0), plan_epoch(lens, nt, c, 0), plan_epoch(lens, nt, c, 1)
+    ids = [i for s in p0.steps for i in s.item_ids]
+    assert sorted(ids) == list(range(300))
+    assert [s.item_ids for s in p0.steps] == [s.item_ids for s in p0b.steps]
+    assert [s.item_ids for s in p0.steps] != [s.item_ids for s in p1.steps]
+    for s in p0.steps[:-1]:
+        assert len(s.ranks) == 4 and all(len(r) == 2 for r in s.ranks)
+    for mb in p0.micro_batches():
+        if strategy == "packed":
+            assert all(sum(r) <= 8192 for r in mb.lengths) and len(mb.packs) <= 3
+        elif mode == "token_budget":
+            assert len(mb.packs) * max(mb.row_lengths) <= 3 * 8192
+        else:
+            assert len(mb.packs) <= 3 and all(len(r) == 1 for r in mb.packs)
+    if strategy == "sorted" and mode == "fixed":  # sorted groups are runs of the sorted order: little padding
+        naive = plan_epoch(lens, nt, dataclasses.replace(c, strategy="naive"))
+        assert p0.counters["padding_fraction"] < naive.counters["padding_fraction"] / 3
+
+
+def test_cost_balance_reduces_modelled_idle_time():
+    from longalign_lib.simulate import CostModel, simulate
+
+    lens, nt = longalign_mix(3000, seed=2)
+    c = cfg_(strategy="packed", max_pack_tokens=65536, world_size=8, grad_accum=2)
+    cm = CostModel.from_config(c)
+    plain = simulate(plan_epoch(lens, nt, c), cm)
+    bal = simulate(plan_epoch(lens, nt, dataclasses.replace(c, balance="cost")), cm)
+    assert bal.idle_fraction < plain.idle_fraction * 0.7
+    assert bal.total_time < plain.total_time
+
+
+# ------------------------------------------------------------------------------------------------- over-long
+def test_keep_ranges():
+    assert keep_ranges(10, 20, "middle") == [(0, 10)]
+    assert keep_ranges(100, 10, "right") == [(0, 10)]
+    assert keep_ranges(100, 10, "middle") == [(0, 5), (95, 100)]
+
+
+@pytest.mark.parametrize("policy,side", [("truncate", "right"), ("truncate", "middle"), ("skip", "right"),
+                                         ("split", "right")])
+def test_overlong_policies_are_counted_and_exact(policy, side):
+    rng = np.random.default_rng(0)
+    rows = []
+    for L in [30, 5, 12, 25, 8]:
+        labels = [IGNORE] * (L // 2) + list(rng.integers(1, 50, L - L // 2))
+        rows.append({"input_ids": list(rng.integers(1, 50, L)), "labels": labels})
+    lens = [len(r["input_ids"]) for r in rows]
+    nt = [sum(x != IGNORE for x in r["labels"]) for r in rows]
+    p = plan_epoch(lens, nt, cfg_(strategy="packed", max_pack_tokens=10, overlong=policy, truncate_side=side),
+                   labels=[r["labels"] for r in rows])
+    c = p.counters
+    assert c["overlong"] == 3
+    if policy == "skip":
+        assert c["skipped_overlong"] == 3 and sorted(i for s in p.steps for i in s.item_ids) == [1, 4]
+    elif policy == "truncate":
+        assert c["truncated"] == 3 and all(p.lengths[i] in (0, 10) for i in (0, 2, 3))
+        # right truncation of row 0 (15 prompt tokens, then the answer) leaves no target: skipped, counted
+        dropped = [i for i in (0, 2, 3) if p.lengths[i] == 0]
+        assert c["skipped_no_target"] == len(dropped) and (0 in dropped) == (side == "right")
+    else:
+        assert c["split"] == 3 and c["pieces"] == 3 + 2 + 3
+        assert len(p.lengths) == 5 + 5 and p.lengths.max() <= 10  # ids 5.. are pieces 2, 3 of the long rows
+        # pieces that hold only prompt tokens have nothing to learn: dropped and counted
+        assert c["skipped_no_target"] == int((p.lengths == 0).sum()) >= 2
+    # recorded target counts equal what the collator actually weights
+    for s in p.steps:
+        for mb in s.micro_batches():
+            exs = materialize(p, mb, rows)
+            assert [len(e["input_ids"]) for e in exs] == [p.lengths[i] for r in mb.packs for i in r]
+            b = collate_packed(exs, 1.0)
+            assert int((b["loss_weights"] > 0).sum()) == sum(p.n_target[i] for r in mb.packs for i in r)
+    if policy == "truncate" and side == "middle":
+        ex = materialize(p, next(mb for mb in p.micro_batches() if 0 in mb.packs[0] or any(0 in r for r in mb.packs)),
+                         rows)
+        ex0 = next(e for e in ex if e["idx"] == 0)
+        assert ex0["input_ids"] == rows[0]["input_ids"][:5] + rows[0]["input_ids"][-5:]
+
+
+def test_bad_settings_raise_clear_errors():
+    with pytest.raises(LongAlignError, match="batching.strategy"):
+        plan_epoch([10], [5], cfg_(strategy="greedy"))
+    with pytest.raises(LongAlignError, match="n_target has 1 entries"):
+        plan_epoch([10, 20], [5], cfg_())
+    with pytest.raises(LongAlignError, match="loss reduction"):
+        step_token_weights(plan_epoch([10], [5], cfg_()).steps[0], None, "mean")
+
+
+# --------------------------------------------------------------------------------------------- loss weighting
+def random_rows(lengths, rng):
+    """Dataset rows whose input_ids encode (row, position), labels with random target spans, per-token losses."""
+    rows, losses = [], []
+    for r, L in enumerate(lengths):
+        labels = [int(x) if rng.random() < 0.6 else IGNORE for x in rng.integers(1, 100, L)]
+        if all(x == IGNORE for x in labels[1:]):
+            labels[-1] = 7
+        labels[0] = IGNORE
+        rows.append({"input_ids": [r * 10_000 + t for t in range(L)], "labels": labels})
+        losses.append(rng.uniform(0, 5, L))
+    return rows, losses
+
+
+def step_loss_through_collators(plan, step, rows, losses, reduction):
+    """Σ over every micro-batch of every rank of Σ_t loss_weights[t] · loss(token t), via the real collators."""
+    w = step_token_weights(step, plan.n_target, reduction)
+    total = 0.0
+    for mb in step.micro_batches():
+        b = collate(plan, mb, rows, w, pad_id=0)
+        ids, lw, att = b["input_ids"], b["loss_weights"].double(), b.get("attention_mask")
+        for row in range(ids.shape[0]):
+            for t in range(ids.shape[1]):
+                if lw[row, t] and (att is None or att[row, t]):
+                    code = int(ids[row, t])
+                    total += float(lw[row, t]) * losses[code // 10_000][code % 10_000]
+    return total
+
+
+def per_sequence_mean(ids, rows, losses):
+    means = []
+    for i in ids:
+        lab = np.array(rows[i]["labels"])
+        m = lab[1:] != IGNORE
+        means.append(losses[i][1:][m].mean())
+    return float(np.mean(means))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(2, 60), min_size=1, max_size=40), st.sampled_from(["naive", "sorted", "nf", "bfd"]),
+       st.integers(1, 4), st.integers(1, 3), st.integers(1, 4), st.integers(60, 150), st.integers(0, 10**6))
+def test_sequence_reduction_is_layout_invariant(lengths, layout, bs, accum, world, cap, seed):
+    rng = np.random.default_rng(seed)
+    rows, losses = random_rows(lengths, rng)
+    strategy = {"nf": "packed", "bfd": "packed"}.get(layout, layout)
+    c = cfg_(strategy=strategy, packer="next_fit" if layout == "nf" else "bfd", batch_size=bs, grad_accum=accum,
+             world_size=world, max_pack_tokens=cap, seed=seed)
+    plan = plan_epoch([len(r["input_ids"]) for r in rows], None if False else
+                      [sum(x != IGNORE for x in r["labels"][1:]) for r in rows], c)
+    for step in plan.steps:
+        ids = step.item_ids
+        got = step_loss_through_collators(plan, step, rows, losses, "sequence")
+        assert got == pytest.approx(per_sequence_mean(ids, rows, losses), abs=1e-6, rel=1e-6)
+        # token: the mean over every target token of the step
+        tok = np.concatenate([losses[i][1:][np.array(rows[i]["labels"][1:]) != IGNORE] for i in ids]).mean()
+        assert step_loss_through_collators(plan, step, rows, losses, "token") == pytest.approx(tok, abs=1e-6)
+        # every reduction gives each sequence's mean a share that sums to one
+        for red in ("token", "pack_mean", "sequence"):
+            assert sum(effective_sequence_weights(step, red, plan.n_target).values()) == pytest.approx(1.0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.integers(3, 50), min_size=2, max_size=30), st.integers(1, 3), st.integers(1, 3),
+       st.integers(0, 10**6))
+def test_pack_mean_is_eq3(lengths, accum, world, seed):
+    """pack_mean = (1/P) Σ_packs (Σ losses in pack / Σ targets in pack) — the paper's Eq. 3 — not Eq. 2."""
+    rng = np.random.default_rng(seed)
+    rows, losses = random_rows(lengths, rng)
+    c = cfg_(strategy="packed", max_pack_tokens=100, grad_accum=accum, world_size=world, seed=seed)
+    plan = plan_epoch([len(r["input_ids"]) for r in rows], [sum(x != IGNORE for x in r["labels"][1:]) for r in rows], c)
+    for step in plan.steps:
+        packs = [p for mb in step.micro_batches() for p in mb.packs]
+        eq3 = np.mean([sum(losses[i][1:][np.array(rows[i]["labels"][1:]) != IGNORE].sum() for i in p)
+                       / sum(plan.n_target[i] for i in p) for p in packs])
+        assert step_loss_through_collators(plan, step, rows, losses, "pack_mean") == pytest.approx(eq3, abs=1e-6)
+
+
+def test_pack_mean_bias_is_visible():
+    """Two packs: a lone sequence, and three sharing one pack. Eq. 3 gives the lone one half the step;
+    Eq. 2 gives every sequence a quarter."""
+    rows = [{"input_ids": list(range(8)), "labels": [IGNORE] + [1] * 7} for _ in range(4)]
+    c = cfg_(strategy="packed", max_pack_tokens=24, world_size=1, grad_accum=2)
+    plan = plan_epoch([8, 8, 8, 8], None, c)
+    (step,) = plan.steps
+    sizes = sorted(len(p) for mb in step.micro_batches() for p in mb.packs)
+    assert sizes == [1, 3]
+    lone = next(p[0] for mb in step.micro_batches() for p in mb.packs if len(p) == 1)
+    pm = effective_sequence_weights(step, "pack_mean", plan.n_target)
+    sq = effective_sequence_weights(step, "sequence", plan.n_target)
+    assert pm[lone] == pytest.approx(0.5) and all(v == pytest.approx(1 / 6) for k, v in pm.items() if k != lone)
+    assert all(v == pytest.approx(0.25) for v in sq.values())
+
+
+def test_collators_shapes_and_boundaries():
+    exs = [{"input_ids": [1, 2, 3], "labels": [5, 2, 3], "idx": 4}, {"input_ids": [7, 8], "labels": [IGNORE, 8], "idx": 9}]
+    b = collate_packed(exs, {4: 0.5, 9: 2.0})
+    assert b["input_ids"].tolist() == [[1, 2, 3, 7, 8]]
+    assert b["labels"].tolist() == [[IGNORE, 2, 3, IGNORE, 8]]
+    assert b["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
+    assert b["cu_seq_lens"].tolist() == [0, 3, 5] and b["cu_seq_lens"].dtype == torch.int32
+    assert b["max_seqlen"] == 3
+    assert b["loss_weights"].tolist() == [[0.0, 0.5, 0.5, 0.0, 2.0]]
+    p = collate_padded(exs, [0.5, 2.0], pad_id=0)
+    assert p["input_ids"].tolist() == [[1, 2, 3], [7, 8, 0]]
+    assert p["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert p["labels"].tolist() == [[IGNORE, 2, 3], [IGNORE, 8, IGNORE]]
+    assert p["loss_weights"].tolist() == [[0.0, 0.5, 0.5], [0.0, 2.0, 0.0]]
+    with pytest.raises(LongAlignError, match="no loss weight for item 9"):
+        collate_packed(exs, {4: 1.0})
+
+
+# --------------------------------------------------------------------------------------------------- gradients
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    conf._attn_implementation = "sdpa"
+    return LlamaForCausalLM(conf).float()
+
+
+def test_packed_sequence_gradients_equal_unpacked_per_sequence_mean():
+    rng = np.random.default_rng(3)
+    lengths = [int(x) for x in rng.integers(5, 40, 11)]
+    rows = []
+    for L in lengths:
+        ids = [int(x) for x in rng.integers(1, 97, L)]
+        start = int(rng.integers(1, L - 1))
+        rows.append({"input_ids": ids, "labels": [IGNORE] * start + ids[start:]})
+    nt = [sum(x != IGNORE for x in r["labels"][1:]) for r in rows]
+    c = cfg_(strategy="packed", packer="bfd", max_pack_tokens=64, grad_accum=2, world_size=3, seed=1)
+    plan = plan_epoch(lengths, nt, c)
+    step = plan.steps[0]
+    assert step.n_sequences >= 4 and max(len(p) for mb in step.micro_batches() for p in mb.packs) > 1
+
+    model = tiny_llama()
+    w = step_token_weights(step, plan.n_target, "sequence")
+    for mb in step.micro_batches():  # all ranks' micro-batches: the trainer's step loss is their SUM
+        b = collate(plan, mb, rows, w)
+        out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
+        weighted_loss_sum(out.logits, b["labels"], b["loss_weights"]).backward()
+    packed = {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    model.zero_grad()
+    ids = step.item_ids
+    ref = 0.0
+    for i in ids:  # unpacked: each sequence alone, its mean target loss, averaged over the step's M sequences
+        x = torch.tensor([rows[i]["input_ids"]])
+        y = torch.tensor([rows[i]["labels"]])
+        logits = model(input_ids=x, use_cache=False).logits
+        ref = ref + torch.nn.functional.cross_entropy(logits[0, :-1], y[0, 1:], ignore_index=IGNORE) / len(ids)
+    ref.backward()
+    for n, p in model.named_parameters():
+        assert torch.allclose(packed[n], p.grad, atol=1e-5, rtol=0), (n, (packed[n] - p.grad).abs().max())
