@@ -32,10 +32,10 @@ pieces, and counted. A plan item is a dataset index, or — for split pieces —
 """
 from __future__ import annotations
 
-import math
+import gc
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -49,7 +49,7 @@ OVERLONG = ("truncate", "skip", "split")
 
 
 # ----------------------------------------------------------------------------------------------------- plan types
-@dataclass
+@dataclass(slots=True)
 class MicroBatch:
     """One forward/backward pass on one rank: `packs[row]` = item ids in that row (one id per row when padded)."""
 
@@ -58,6 +58,11 @@ class MicroBatch:
     n_target: list[list[int]]  # target tokens of each item (labels != -100, first position excluded)
     padded: bool = False  # True: rows padded to the longest (naive/sorted); False: packed rows
     capacity: int = 0  # packed: the row budget (max_pack_tokens)
+    row_lengths: list[int] = field(default=None, repr=False)  # tokens per row (derived)
+
+    def __post_init__(self):
+        if self.row_lengths is None:
+            self.row_lengths = [sum(x) for x in self.lengths]
 
     @property
     def n_sequences(self) -> int:
@@ -66,18 +71,15 @@ class MicroBatch:
     @property
     def tokens(self) -> int:
         """Real (non-pad) tokens."""
-        return sum(sum(l) for l in self.lengths)
-
-    @property
-    def row_lengths(self) -> list[int]:
-        return [sum(l) for l in self.lengths]
+        return sum(self.row_lengths)
 
     @property
     def slots(self) -> int:
         """Token slots reserved: rows × longest row (padded) or rows × capacity (packed)."""
         if not self.packs:
             return 0
-        return len(self.packs) * (max(self.row_lengths) if self.padded else max(self.capacity, max(self.row_lengths)))
+        m = max(self.row_lengths)
+        return len(self.packs) * (m if self.padded else max(self.capacity, m))
 
     @property
     def computed_tokens(self) -> int:
@@ -342,7 +344,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     buckets: dict[int, list[int]] = {}
     if n_big:
         rem = capacity - sl[:n_big]
-        for r, b in zip(rem.tolist(), range(n_big)):
+        for r, b in zip(rem.tolist(), range(n_big), strict=False):
             lst = buckets.get(r)
             if lst is None:
                 buckets[r] = [b]
@@ -358,7 +360,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
         sizes = rest[starts].tolist()
         pos = n_big
         out = pack_of
-        for s, a, e in zip(sizes, starts, ends):
+        for s, a, e in zip(sizes, starts, ends, strict=False):
             k = e - a
             if s == 0:  # empty items never happen in plans; put each in its own pack to stay well defined
                 out[pos:pos + k] = np.arange(n_packs, n_packs + k)
@@ -423,7 +425,8 @@ def _rows_for(strategy: str, items: _Items, cfg, rng: np.random.Generator) -> li
     B = int(cfg.batch_size)
     if strategy == "naive":
         perm = live[rng.permutation(len(live))]
-        return [[[int(i)] for i in perm[j:j + B]] for j in range(0, len(perm), B)]
+        pl = perm.tolist()
+        return [[[i] for i in pl[j:j + B]] for j in range(0, len(pl), B)]
     if strategy == "sorted":
         # tie-break equal lengths randomly so the groups differ between epochs
         perm = live[rng.permutation(len(live))]
@@ -440,24 +443,28 @@ def _rows_for(strategy: str, items: _Items, cfg, rng: np.random.Generator) -> li
                 if j == len(sl) or (j - start + 1) * sl[j] > budget:
                     groups.append(srt[start:j])
                     start = j
-        order = rng.permutation(len(groups))
-        return [[[int(i)] for i in groups[g]] for g in order]
+        order = rng.permutation(len(groups)).tolist()
+        groups = [g.tolist() for g in groups]
+        return [[[i] for i in groups[g]] for g in order]
     # packed
     cap = int(cfg.max_pack_tokens)
     if cfg.packer == "next_fit":
         perm = live[rng.permutation(len(live))]
-        packs = [[int(perm[j]) for j in p] for p in next_fit(L[perm], cap)]
+        pl = perm.tolist()
+        packs = [[pl[j] for j in p] for p in next_fit(L[perm], cap)]
     else:
-        packs = [[int(live[j]) for j in p] for p in best_fit_decreasing(L[live], cap)]
-        packs = [packs[j] for j in rng.permutation(len(packs))]
+        ll = live.tolist()
+        packs = [[ll[j] for j in p] for p in best_fit_decreasing(L[live], cap)]
+        packs = [packs[j] for j in rng.permutation(len(packs)).tolist()]
         for p in packs:  # order inside a pack does not change any loss; shuffle it for variety
             rng.shuffle(p)
     return [packs[j:j + B] for j in range(0, len(packs), B)]
 
 
-def _micro(rows: list[list[int]], items: _Items, padded: bool, cap: int) -> MicroBatch:
-    return MicroBatch(packs=rows, lengths=[items.lengths[r].tolist() for r in rows],
-                      n_target=[items.n_target[r].tolist() for r in rows], padded=padded, capacity=cap)
+def _micro(rows: list[list[int]], lt: list[int], nt: list[int], padded: bool, cap: int) -> MicroBatch:
+    lens = [[lt[i] for i in r] for r in rows]
+    return MicroBatch(packs=rows, lengths=lens, n_target=[[nt[i] for i in r] for r in rows], padded=padded,
+                      capacity=cap, row_lengths=[sum(x) for x in lens])
 
 
 def _assign_ranks(units: list[MicroBatch], W: int, G: int, key: list[float] | None) -> list[list[MicroBatch]]:
@@ -483,12 +490,23 @@ def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None) -> Plan:
     `labels` (optional, a sequence of label lists) makes target counts of truncated/split items exact.
     """
     _check_cfg(cfg)
+    gc_was_on = gc.isenabled()
+    gc.disable()  # millions of small lists and no cycles: the cyclic collector would only rescan them
+    try:
+        return _plan_epoch(lengths, n_target, cfg, epoch, labels)
+    finally:
+        if gc_was_on:
+            gc.enable()
+
+
+def _plan_epoch(lengths, n_target, cfg, epoch, labels) -> Plan:
     items = prepare_items(lengths, n_target, cfg, labels)
     rng = np.random.default_rng([int(cfg.seed), int(epoch)])
     strategy = cfg.strategy
     padded = strategy != "packed"
     cap = int(cfg.max_pack_tokens)
-    units = [_micro(rows, items, padded, cap) for rows in _rows_for(strategy, items, cfg, rng)]
+    lt, nt = items.lengths.tolist(), items.n_target.tolist()
+    units = [_micro(rows, lt, nt, padded, cap) for rows in _rows_for(strategy, items, cfg, rng)]
     W, G = int(cfg.world_size), int(cfg.grad_accum)
     per_step = W * G
     n_full = len(units) // per_step
@@ -531,14 +549,21 @@ def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None) -> Plan:
 # ---------------------------------------------------------------------------------------------------- efficiency
 def efficiency(plan: Plan) -> dict:
     """Fill rate (real tokens / reserved slots), padding fraction (pad / computed tokens), sequences per pack..."""
-    mbs = list(plan.micro_batches())
-    tokens = sum(mb.tokens for mb in mbs)
-    slots = sum(mb.slots for mb in mbs)
-    computed = sum(mb.computed_tokens for mb in mbs)
-    rows = sum(len(mb.packs) for mb in mbs)
-    seqs = sum(mb.n_sequences for mb in mbs)
-    return {"planned_items": seqs, "tokens": tokens, "target_tokens": int(sum(sum(map(sum, mb.n_target)) for mb in mbs)),
-            "rows": rows, "micro_batches": len(mbs), "steps": len(plan.steps),
+    tokens = slots = computed = rows = seqs = targets = n_mb = 0
+    for mb in plan.micro_batches():
+        if not mb.packs:
+            continue
+        rl = mb.row_lengths
+        t, m, r = sum(rl), max(rl), len(rl)
+        tokens += t
+        rows += r
+        n_mb += 1
+        seqs += sum(map(len, mb.packs))
+        targets += sum(map(sum, mb.n_target))
+        slots += r * (m if mb.padded else max(mb.capacity, m))
+        computed += r * m if mb.padded else t
+    return {"planned_items": seqs, "tokens": tokens, "target_tokens": targets,
+            "rows": rows, "micro_batches": n_mb, "steps": len(plan.steps),
             "fill_rate": tokens / slots if slots else 0.0,
             "padding_fraction": (computed - tokens) / computed if computed else 0.0,
             "seqs_per_row": seqs / rows if rows else 0.0}
@@ -563,24 +588,24 @@ def step_token_weights(step: Step, n_target=None, reduction: str = "sequence") -
         raise LongAlignError(f"loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     rows: list[tuple[list[int], list[int]]] = []
     for mb in step.micro_batches():
-        for p, nts in zip(mb.packs, mb.n_target):
+        for p, nts in zip(mb.packs, mb.n_target, strict=False):
             rows.append((p, [int(n_target[i]) for i in p] if n_target is not None else nts))
     w: dict[int, float] = {}
     if reduction == "token":
         total = sum(sum(nts) for _, nts in rows)
         for p, nts in rows:
-            for i, n in zip(p, nts):
+            for i, n in zip(p, nts, strict=False):
                 w[i] = 1.0 / total if n > 0 else 0.0
     elif reduction == "sequence":
         M = sum(1 for _, nts in rows for n in nts if n > 0)
         for p, nts in rows:
-            for i, n in zip(p, nts):
+            for i, n in zip(p, nts, strict=False):
                 w[i] = 1.0 / (M * n) if n > 0 else 0.0
     else:
         P = sum(1 for _, nts in rows if sum(nts) > 0)
         for p, nts in rows:
             tot = sum(nts)
-            for i, n in zip(p, nts):
+            for i, n in zip(p, nts, strict=False):
                 w[i] = 1.0 / (P * tot) if tot > 0 and n > 0 else 0.0
     return w
 
@@ -592,8 +617,8 @@ def effective_sequence_weights(step: Step, reduction: str, n_target=None) -> dic
     w = step_token_weights(step, n_target, reduction)
     nt = {}
     for mb in step.micro_batches():
-        for p, nts in zip(mb.packs, mb.n_target):
-            for i, n in zip(p, nts):
+        for p, nts in zip(mb.packs, mb.n_target, strict=False):
+            for i, n in zip(p, nts, strict=False):
                 nt[i] = int(n_target[i]) if n_target is not None else n
     return {i: w[i] * nt[i] for i in w}
 
@@ -644,7 +669,7 @@ def collate_packed(examples: Sequence[Mapping], token_weights=None) -> dict:
         raise LongAlignError("collate_packed: empty micro-batch")
     ws = _weights_for(examples, token_weights)
     ids, labels, pos, lw, cu = [], [], [], [], [0]
-    for ex, w in zip(examples, ws):
+    for ex, w in zip(examples, ws, strict=False):
         x, y = list(ex["input_ids"]), list(ex["labels"])
         if len(x) != len(y) or not x:
             raise LongAlignError(f"collate: example {ex.get('idx', '?')} has {len(x)} input_ids and {len(y)} labels")
@@ -676,7 +701,7 @@ def collate_padded(examples: Sequence[Mapping], token_weights=None, pad_id: int 
     att = torch.zeros((B, L), dtype=torch.long)
     lab = torch.full((B, L), IGNORE, dtype=torch.long)
     lw = torch.zeros((B, L), dtype=torch.float32)
-    for b, (ex, w) in enumerate(zip(examples, ws)):
+    for b, (ex, w) in enumerate(zip(examples, ws, strict=False)):
         x, y = ex["input_ids"], list(ex["labels"])
         if len(x) != len(y) or not x:
             raise LongAlignError(f"collate: example {ex.get('idx', '?')} has {len(x)} input_ids and {len(y)} labels")

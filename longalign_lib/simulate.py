@@ -30,7 +30,7 @@ class CostModel:
     c: float = 0.0  # seconds per micro-batch
 
     @classmethod
-    def from_config(cls, cfg) -> "CostModel":
+    def from_config(cls, cfg) -> CostModel:
         return cls(float(cfg.cost_a), float(cfg.cost_b), float(getattr(cfg, "cost_c", 0.0)))
 
     def features(self, mb) -> tuple[float, float]:
@@ -109,3 +109,15 @@ def calibrate(samples: list[tuple[float, float, float]], fit_overhead: bool = Tr
     coef, _ = nnls(X / scale, y)
     coef = coef / scale
     return CostModel(float(coef[0]), float(coef[1]), float(coef[2]) if fit_overhead else 0.0)
+
+
+def longalign_like_mix(n: int, seed: int = 0, max_len: int = 65536, short_share: float = 0.7,
+                       short_max: int = 8192, min_len: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """SYNTHETIC lengths shaped like LongAlign's training mix (for benchmarks and figures, not real data):
+    `short_share` of sequences uniform in [min_len, short_max), the rest uniform in [short_max, max_len];
+    target tokens 2–30 % of each sequence (answers are short next to long documents)."""
+    rng = np.random.default_rng(seed)
+    short = rng.random(n) < short_share
+    lens = np.where(short, rng.integers(min_len, short_max, n), rng.integers(short_max, max_len + 1, n))
+    nt = np.maximum(1, (lens * rng.uniform(0.02, 0.3, n)).astype(np.int64))
+    return lens.astype(np.int64), nt

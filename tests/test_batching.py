@@ -260,7 +260,7 @@ def test_pack_mean_is_eq3(lengths, accum, world, seed):
 def test_pack_mean_bias_is_visible():
     """Two packs: a lone sequence, and three sharing one pack. Eq. 3 gives the lone one half the step;
     Eq. 2 gives every sequence a quarter."""
-    rows = [{"input_ids": list(range(8)), "labels": [IGNORE] + [1] * 7} for _ in range(4)]
+    [{"input_ids": list(range(8)), "labels": [IGNORE] + [1] * 7} for _ in range(4)]
     c = cfg_(strategy="packed", max_pack_tokens=24, world_size=1, grad_accum=2)
     plan = plan_epoch([8, 8, 8, 8], None, c)
     (step,) = plan.steps
