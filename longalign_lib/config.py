@@ -50,6 +50,8 @@ class CorpusConfig:
     min_tokens: int = 1000
     max_tokens: int = 6000
     upsample_long: float = 1.0  # weight of long documents when sampling (the paper upsamples long ones)
+    max_chunks_per_doc: int = 2  # documents cut from one long text at most (diversity)
+    tokenizer: str | None = None  # token counting; default: model.name
     seed: int = 0
 
 
@@ -70,6 +72,18 @@ class SynthConfig:
     timeout_s: float = 120.0
     n_short: int = 4
     short_files: list[str] = field(default_factory=list)  # ShareGPT-style JSON/JSONL to import
+    question_max_new_tokens: int | None = None  # budget of the question-list call; default max_new_tokens
+    answer_temperature: float = 0.3
+    min_answer_words: int = 8  # filter: shorter answers are rejected (words, or Han characters)
+    max_repetition: float = 0.5  # filter: share of repeated word 3-grams above which an answer is degenerate
+    min_grounding: float = 0.3  # filter: share of answer content words that must occur in the document
+    corpus_file: str | None = None  # default: <run_dir>/corpus.jsonl (built on the fly when absent)
+    max_docs: int = 0  # 0 = every corpus document
+    cache_dir: str | None = None  # LLM request cache; default $LONGALIGN_HOME/llm_cache
+    short_backend: str = "local"  # Magpie needs raw completions: local, or an OpenAI-compatible server
+    short_model: str = DEFAULT_MODEL
+    short_question_tokens: int = 64
+    short_max_new_tokens: int = 192
     prices: dict = field(
         default_factory=lambda: {
             # USD per 1M tokens (input, output); edit to your provider's current prices.
@@ -143,6 +157,13 @@ class TrainConfig:
     save_steps: int = 50
     logging_steps: int = 1
     seed: int = 42
+    max_grad_norm: float = 1.0
+    master_fp32: bool = True  # full fine-tuning keeps fp32 weights + Adam states and computes in bf16 (autocast)
+    max_pack_tokens: int | None = None  # override batching.max_pack_tokens for training (cpu-demo: short rows)
+    train_file: str | None = None  # records to train on when <run_dir>/tokenized is absent (default: bundled sample)
+    save_total_limit: int = 2
+    tensorboard: bool = True
+    matmul_tflops: float | None = None  # MFU denominator; None: measured once per device and cached
 
 
 @dataclass

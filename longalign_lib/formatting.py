@@ -18,7 +18,10 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
+
+import numpy as np
 
 from .io import LongAlignError, iter_jsonl
 
@@ -131,7 +134,7 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
         if m["role"] != "assistant":
             continue
         before = _render(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1])
+        through = text if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1])
         if not text.startswith(before) or not text.startswith(through):
             raise LongAlignError(
                 f"the chat template of {tokenizer.name_or_path!r} renders earlier turns differently once later "
@@ -144,21 +147,38 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
     return text, spans
 
 
+def labels_from_offsets(ids: list[int], offsets, spans: list[tuple[int, int]]) -> list[int]:
+    """Token t is a target iff its first character lies inside an assistant span (and it covers any text)."""
+    if not ids:
+        return []
+    off = np.fromiter(chain.from_iterable(offsets), dtype=np.int64, count=2 * len(ids))
+    a, b = off[0::2], off[1::2]
+    inside = np.zeros(len(ids), dtype=bool)
+    for s, e in spans:
+        inside |= (a >= s) & (a < e)
+    inside &= b > a
+    return np.where(inside, np.asarray(ids, dtype=np.int64), IGNORE).tolist()
+
+
+def encode_batch(tokenizer, texts: list[str]) -> list[tuple[list[int], list]]:
+    """[(input_ids, offsets)] for many texts, without special tokens, in one call.
+
+    For a fast tokenizer this goes straight to the Rust `encode_batch` (same ids as `tokenizer(text)`, less
+    Python overhead per text); otherwise, or when the backend has padding/truncation switched on, through
+    `tokenizer(...)`.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and backend.padding is None and backend.truncation is None:
+        return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
 def tokenize_with_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     text, spans = assistant_char_spans(tokenizer, messages)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    labels = [IGNORE] * len(ids)
-    si = 0
-    for t, (a, b) in enumerate(offsets):
-        while si < len(spans) and a >= spans[si][1]:
-            si += 1
-        if si == len(spans):
-            break
-        s, e = spans[si]
-        if a >= s and a < e and b > a:
-            labels[t] = ids[t]
-    return ids, labels
+    return ids, labels_from_offsets(ids, offsets, spans)
 
 
 def _truncate(ids: list[int], labels: list[int], max_length: int, mode: str) -> tuple[list[int], list[int]]:
@@ -189,6 +209,10 @@ def format_record(record: dict, tokenizer, max_length: int | None = None, trunca
         raise LongAlignError(f"data.truncation={truncation!r}: choose middle, right or skip")
     messages, dropped = clean_messages(record)
     ids, labels = tokenize_with_labels(tokenizer, messages)
+    return _finish(record, ids, labels, dropped, max_length, truncation)
+
+
+def _finish(record: dict, ids: list[int], labels: list[int], dropped: bool, max_length, truncation) -> Example:
     truncated = False
     if max_length and len(ids) > max_length:
         if truncation == "skip":
@@ -200,6 +224,32 @@ def format_record(record: dict, tokenizer, max_length: int | None = None, trunca
     meta = dict(record.get("meta") or {})
     meta["dropped_trailing_user"] = dropped
     return Example(ids, labels, truncated, meta)
+
+
+def format_batch(records: list, tokenizer, max_length: int | None = None, truncation: str = "middle") -> list:
+    """Same as `[format_record(r, ...) for r in records]`, except that a rejected record gives its RecordError in
+    its place (nothing is raised for it) and the texts go through the tokenizer in one batched call (faster)."""
+    if truncation not in ("middle", "right", "skip"):
+        raise LongAlignError(f"data.truncation={truncation!r}: choose middle, right or skip")
+    out: list = [None] * len(records)
+    todo = []
+    for k, rec in enumerate(records):
+        try:
+            messages, dropped = clean_messages(rec)
+        except RecordError as e:
+            out[k] = e
+            continue
+        text, spans = assistant_char_spans(tokenizer, messages)
+        todo.append((k, spans, dropped, text))
+    encoded = encode_batch(tokenizer, [t[3] for t in todo]) if todo else []
+    for (k, spans, dropped, _), (ids, offsets) in zip(todo, encoded):
+        ids = list(ids)
+        try:
+            out[k] = _finish(records[k], ids, labels_from_offsets(ids, offsets, spans), dropped, max_length,
+                             truncation)
+        except RecordError as e:
+            out[k] = e
+    return out
 
 
 def format_records(records, tokenizer, max_length=None, truncation="middle", source: str = "<records>",
