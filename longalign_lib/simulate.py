@@ -40,7 +40,7 @@ class CostModel:
         if mb.padded:
             L = max(mb.row_lengths)
             return float(len(mb.packs) * L), float(len(mb.packs) * L * L)
-        return float(mb.tokens), float(sum(l * l for row in mb.lengths for l in row))
+        return float(mb.tokens), float(sum(n * n for row in mb.lengths for n in row))
 
     def micro_batch(self, mb) -> float:
         if not mb.packs:
@@ -121,3 +121,164 @@ def longalign_like_mix(n: int, seed: int = 0, max_len: int = 65536, short_share:
     lens = np.where(short, rng.integers(min_len, short_max, n), rng.integers(short_max, max_len + 1, n))
     nt = np.maximum(1, (lens * rng.uniform(0.02, 0.3, n)).astype(np.int64))
     return lens.astype(np.int64), nt
+
+
+# ----------------------------------------------------------------------------------------------------- figures
+def gantt_figure(sims: list[Simulation], title: str | None = None, max_steps: int | None = None):
+    """The paper's Figure 3 as data: per device, each micro-batch as a bar and the wait for the slowest device at
+    each step (synchronous all-reduce) as a red 'idle' bar; one panel per strategy, shared time axis."""
+    from . import plots
+
+    K = max(s.world_size for s in sims)
+    fig, axes = plots.figure(len(sims), 1, figsize=(9, 1.0 + 0.32 * K * len(sims)), sharex=True, squeeze=False)
+    for ax, sim in zip(axes[:, 0], sims, strict=False):
+        color = plots.PALETTE.get(sim.name.split("-")[0].split("+")[0], plots.CYCLE[0])
+        t0 = 0.0
+        steps = sim.timeline if max_steps is None else sim.timeline[:max_steps]
+        for s, row in enumerate(steps):
+            st = sim.step_time[s]
+            for r, durs in enumerate(row):
+                x = t0
+                for d in durs:
+                    ax.broken_barh([(x, d)], (r - 0.4, 0.8), facecolors=color, edgecolors="white", linewidth=0.3)
+                    x += d
+                if st - (x - t0) > 0:
+                    ax.broken_barh([(x, st - (x - t0))], (r - 0.4, 0.8), facecolors=plots.PALETTE["idle"],
+                                   edgecolors="none")
+            t0 += st
+        ax.set_yticks(range(sim.world_size))
+        ax.set_yticklabels([f"dev {r}" for r in range(sim.world_size)], fontsize=7)
+        ax.invert_yaxis()
+        ax.grid(False)
+        ax.set_title(f"{sim.name}: {t0:,.0f} s, idle {sim.idle_fraction:.0%} of device time", fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("modelled time (s)  —  coloured: computing a micro-batch · red: waiting for the slowest device")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def idle_bar_figure(summary: dict[str, dict], title: str | None = None):
+    """Total modelled time and idle share per strategy (bars)."""
+    from . import plots
+
+    names = list(summary)
+    fig, ax = plots.figure(figsize=(7, 3.2))
+    tot = [summary[n]["total_time_s"] for n in names]
+    idle = [summary[n]["total_time_s"] * summary[n]["idle_fraction"] for n in names]
+    colors = [plots.PALETTE.get(n.split("-")[0].split("+")[0], plots.CYCLE[0]) for n in names]
+    ax.barh(names, tot, color=colors, label="busy")
+    ax.barh(names, idle, left=[t - i for t, i in zip(tot, idle, strict=True)], color=plots.PALETTE["idle"],
+            label="idle (waiting for the slowest device)")
+    for y, (t, n) in enumerate(zip(tot, names, strict=True)):
+        ax.text(t, y, f"  {t:,.0f} s, idle {summary[n]['idle_fraction']:.0%}", va="center", fontsize=8)
+    ax.set_xlabel("modelled epoch time (s, summed over steps)")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    ax.set_title(title or "Synchronous data parallel: epoch time and idle share")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------- measurements
+def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, reduction: str = "sequence",
+                       warmup: int = 1, desc: str | None = None) -> dict:
+    """Run the first `n_steps` optimizer steps of `plan` for real on this device (forward + backward of every
+    micro-batch of every rank, one after the other; no optimizer update) and time each micro-batch.
+
+    Returns {"micro": [(linear tokens, quadratic term, seconds), ...], "steps": [seconds per step, ...],
+    "tokens": real tokens, "computed_tokens": ...}. Packed rows go in with position_ids (documents isolated by
+    transformers' packed-sequence masking, use_cache=False); padded rows with an attention mask.
+    """
+    import time
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from .batching import collate, step_token_weights, weighted_loss_sum
+
+    device = next(model.parameters()).device
+    cm = CostModel()
+    model.train()
+    micro, steps, tokens, computed = [], [], 0, 0
+    mbs_all = [(s, mb) for s in plan.steps[:n_steps] for mb in s.micro_batches()]
+    warm = [mb for _, mb in mbs_all[:warmup]]
+    for mb in warm:  # first calls allocate and pick kernels: not timed
+        b = collate(plan, mb, dataset, 1.0, pad_id)
+        _forward_backward(model, b, device, weighted_loss_sum)
+    model.zero_grad(set_to_none=True)
+    for step in tqdm(plan.steps[:n_steps], desc=desc or f"timing {plan.name}", leave=False):
+        w = step_token_weights(step, plan.n_target, reduction)
+        t_step = 0.0
+        for mb in step.micro_batches():
+            b = collate(plan, mb, dataset, w, pad_id)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            _forward_backward(model, b, device, weighted_loss_sum)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            x, x2 = cm.features(mb)
+            micro.append((x, x2, dt))
+            t_step += dt
+            tokens += mb.tokens
+            computed += mb.computed_tokens
+        steps.append(t_step)
+        model.zero_grad(set_to_none=True)
+    return {"micro": micro, "steps": steps, "tokens": tokens, "computed_tokens": computed,
+            "tokens_per_s": tokens / sum(steps) if sum(steps) else 0.0}
+
+
+def _forward_backward(model, batch, device, loss_fn) -> float:
+    inputs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+    if "attention_mask" in batch:
+        inputs["attention_mask"] = batch["attention_mask"].to(device)
+    else:
+        inputs["position_ids"] = batch["position_ids"].to(device)
+    out = model(**inputs)
+    loss = loss_fn(out.logits, batch["labels"].to(device), batch["loss_weights"].to(device))
+    loss.backward()
+    return float(loss.detach())
+
+
+def strategy_variants(cfg) -> dict:
+    """The plans compared in notebook 03 and `longalign pack`, as BatchConfig copies of `cfg`: naive (batch_size
+    sequences per micro-batch), sorted (LongAlign's sort-group-shuffle, groups filling max_pack_tokens padded
+    tokens), packed next-fit, packed BFD, and packed BFD with cost-balanced steps."""
+    import dataclasses
+
+    r = dataclasses.replace
+    return {"naive": r(cfg, strategy="naive", balance="none"),
+            "sorted": r(cfg, strategy="sorted", sorted_mode="token_budget", sort_token_budget=cfg.max_pack_tokens,
+                        balance="none"),
+            "packed-next_fit": r(cfg, strategy="packed", packer="next_fit", balance="none"),
+            "packed-bfd": r(cfg, strategy="packed", packer="bfd", balance="none"),
+            "packed-bfd+balance": r(cfg, strategy="packed", packer="bfd", balance="cost")}
+
+
+def compare_strategies(lengths, n_target, cfg, world_size: int | None = None, epoch: int = 0,
+                       cost: CostModel | None = None) -> dict:
+    """Plan and simulate every strategy variant on the same sequences: {name: (plan, Simulation)}."""
+    import dataclasses
+
+    from .batching import plan_epoch
+
+    cost = cost or CostModel.from_config(cfg)
+    out = {}
+    for name, c in strategy_variants(cfg).items():
+        if world_size:
+            c = dataclasses.replace(c, world_size=int(world_size))
+        plan = plan_epoch(lengths, n_target, c, epoch)
+        out[name] = (plan, simulate(plan, cost, name))
+    return out
+
+
+if __name__ == "__main__":
+    import json
+
+    from .config import BatchConfig
+
+    lens, nt = longalign_like_mix(2000)
+    res = compare_strategies(lens, nt, BatchConfig(max_pack_tokens=65536, world_size=8, grad_accum=1))
+    print(json.dumps({k: {**s.summary(), "fill_rate": p.counters["fill_rate"],
+                          "padding_fraction": p.counters["padding_fraction"]} for k, (p, s) in res.items()}, indent=1))
