@@ -1,0 +1,193 @@
+"""dataset.py: the tokenized set round-trips to the chat-templated text, caches, mixes deterministically, rejects clearly."""
+from __future__ import annotations
+
+import json
+import shutil
+from argparse import Namespace
+
+import numpy as np
+import pytest
+
+from longalign_lib import dataset as D
+from longalign_lib.config import DataConfig, load_config
+from longalign_lib.formatting import IGNORE, RecordError, clean_messages, format_batch, format_record
+from longalign_lib.io import LongAlignError, read_jsonl, write_jsonl
+
+from .conftest import SAMPLE
+
+BIG = 40_000  # no truncation of the sample's long records
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return read_jsonl(SAMPLE)
+
+
+def chats(n: int, seed: int = 0) -> list[dict]:
+    """Small varied chats (1-3 turns, some with a system message)."""
+    rng = np.random.default_rng(seed)
+    words = "the quick brown fox jumps over a lazy dog while naomi and ruth glean barley in the field".split()
+    out = []
+    for i in range(n):
+        msgs = [{"role": "system", "content": "Be brief."}] if i % 4 == 0 else []
+        for t in range(1 + i % 3):
+            msgs.append({"role": "user", "content": " ".join(rng.choice(words, 3 + (i * 7 + t) % 25))})
+            msgs.append({"role": "assistant", "content": " ".join(rng.choice(words, 2 + (i * 5 + t) % 30))})
+        out.append({"messages": msgs, "meta": {"i": i}})
+    return out
+
+
+def test_round_trip_decode_equals_chat_template(tmp_path, smol_tokenizer, sample):
+    ds, summary = D.build_dataset({"sample": SAMPLE}, smol_tokenizer, DataConfig(max_length=BIG), tmp_path / "tok")
+    assert summary["kept"] == len(sample) == len(ds) and not summary["cached"]
+    assert ds.features["input_ids"].feature.dtype == "int32" and ds.features["labels"].feature.dtype == "int32"
+    for row, rec in zip(ds, sample):
+        messages, _ = clean_messages(rec)
+        text = smol_tokenizer.apply_chat_template(messages, tokenize=False)
+        assert smol_tokenizer.decode(row["input_ids"]) == text
+        ex = format_record(rec, smol_tokenizer, BIG)
+        assert row["input_ids"] == ex.input_ids and row["labels"] == ex.labels
+        assert row["length"] == len(row["input_ids"]) == len(row["labels"])  # no padding
+        assert row["n_target"] == sum(y != IGNORE for y in row["labels"]) > 0
+        assert row["source"] == "sample" and row["origin"].startswith(str(SAMPLE))
+        target_text = smol_tokenizer.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != IGNORE])
+        assert target_text == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
+
+
+def test_format_batch_matches_format_record(smol_tokenizer, sample):
+    bad = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]},
+           {"messages": [{"role": "bot", "content": "x"}]}, {"nope": 1},
+           {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                         {"role": "user", "content": "dangling"}]}]
+    records = sample + chats(12) + bad
+    for max_length, mode in ((None, "middle"), (300, "middle"), (300, "right"), (300, "skip")):
+        got = format_batch(records, smol_tokenizer, max_length, mode)
+        for rec, res in zip(records, got):
+            try:
+                want = format_record(rec, smol_tokenizer, max_length, mode)
+            except RecordError as e:
+                assert isinstance(res, RecordError) and res.reason == e.reason
+                continue
+            assert (res.input_ids, res.labels, res.truncated, res.meta) == \
+                   (want.input_ids, want.labels, want.truncated, want.meta)
+
+
+def test_rejections_counted_by_reason_with_file_and_line(tmp_path, smol_tokenizer):
+    good = chats(3)
+    rows = [good[0], {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+            good[1], {"messages": [{"role": "assistant", "content": "a"}]}, {"conversations": []}, good[2]]
+    path = tmp_path / "mixed.jsonl"
+    write_jsonl(path, rows)
+    ds, s = D.build_dataset([path], smol_tokenizer, DataConfig(max_length=BIG), tmp_path / "tok")
+    assert len(ds) == 3 and s["kept"] == 3 and s["total"] == 6
+    assert s["rejected"] == {"empty_answer": 1, "bad_order": 1, "bad_schema": 1}
+    assert s["by_source"]["mixed"]["rejected"] == s["rejected"]
+    assert s["errors"][0].startswith(f"{path}:2: ") and "empty" in s["errors"][0]
+    assert ds["origin"] == [f"{path}:1", f"{path}:3", f"{path}:6"]
+
+
+def test_bad_json_names_the_line_and_writes_nothing(tmp_path, smol_tokenizer):
+    path = tmp_path / "broken.jsonl"
+    path.write_text(json.dumps(chats(1)[0]) + "\n" + '{"messages": [\n')
+    with pytest.raises(LongAlignError, match=rf"{path}:2: invalid JSON"):
+        D.build_dataset([path], smol_tokenizer, DataConfig(), tmp_path / "tok")
+    assert not (tmp_path / "tok").exists() and not list(tmp_path.glob(".tok*"))
+
+
+def test_truncation_and_skip_are_reported(tmp_path, smol_tokenizer, sample):
+    ds, s = D.build_dataset({"sample": SAMPLE}, smol_tokenizer, DataConfig(max_length=512), tmp_path / "a")
+    assert s["truncated"] == {"over_max_length (middle)": 3} and max(ds["length"]) == 512
+    assert sum(ds["truncated"]) == 3
+    ds, s = D.build_dataset({"sample": SAMPLE}, smol_tokenizer, DataConfig(max_length=512, truncation="skip"),
+                            tmp_path / "b")
+    assert s["rejected"] == {"too_long": 3} and len(ds) == 2
+
+
+def test_cache_rebuilds_only_when_inputs_tokenizer_or_settings_change(tmp_path, smol_tokenizer):
+    path = tmp_path / "short.jsonl"
+    write_jsonl(path, chats(6))
+    cfg, out = DataConfig(max_length=BIG), tmp_path / "tok"
+    _, s1 = D.build_dataset({"short": path}, smol_tokenizer, cfg, out)
+    _, s2 = D.build_dataset({"short": path}, smol_tokenizer, cfg, out)
+    assert not s1["cached"] and s2["cached"] and s1["key"] == s2["key"]
+    _, s3 = D.build_dataset({"short": path}, smol_tokenizer, DataConfig(max_length=64), out)
+    assert not s3["cached"]
+    write_jsonl(path, chats(7))
+    ds, s4 = D.build_dataset({"short": path}, smol_tokenizer, DataConfig(max_length=64), out)
+    assert not s4["cached"] and len(ds) == 7
+    tok2 = smol_tokenizer.__class__.from_pretrained(smol_tokenizer.name_or_path)
+    tok2.chat_template = smol_tokenizer.chat_template.replace("<|im_start|>system", "<|im_start|>system ")
+    assert D.tokenizer_fingerprint(tok2) != D.tokenizer_fingerprint(smol_tokenizer)
+    _, s5 = D.build_dataset({"short": path}, tok2, DataConfig(max_length=64), out)
+    assert not s5["cached"]
+    _, s6 = D.build_dataset({"short": path}, tok2, DataConfig(max_length=64), out, rebuild=True)
+    assert not s6["cached"]
+
+
+def test_parallel_build_equals_serial(tmp_path, smol_tokenizer):
+    records = chats(40, seed=3)
+    cfg = DataConfig(max_length=BIG)
+    a, _ = D.build_dataset(records, smol_tokenizer, cfg, tmp_path / "one", num_proc=1, chunk_size=8)
+    b, s = D.build_dataset(records, smol_tokenizer, cfg, tmp_path / "two", num_proc=2, chunk_size=8)
+    assert s["num_proc"] == 2
+    assert a.to_dict() == b.to_dict()
+
+
+def test_mix_ratio_counts_and_determinism():
+    long_, short = [f"L{i}" for i in range(10)], [f"S{i}" for i in range(100)]
+    m = D.mix(long_, short, ratio=0.5, seed=1)
+    assert sum(s == "long" for s, _ in m) == 10 and sum(s == "short" for s, _ in m) == 10
+    assert m == D.mix(long_, short, ratio=0.5, seed=1) and m != D.mix(long_, short, ratio=0.5, seed=2)
+    assert all(r.startswith("L") == (s == "long") for s, r in m)
+    m = D.mix(long_, short, ratio=0.25, seed=0)  # long is scarce: keep all 10, take 30 short
+    assert (sum(s == "long" for s, _ in m), sum(s == "short" for s, _ in m)) == (10, 30)
+    m = D.mix(long_, short, ratio=0.2, seed=0)
+    assert len(set(r for _, r in m)) == len(m)  # without replacement
+    m = D.mix(long_, short, counts=(25, None), seed=0)  # upsampling repeats whole copies first
+    longs = [r for s, r in m if s == "long"]
+    assert len(longs) == 25 and all(longs.count(r) in (2, 3) for r in long_) and len(m) == 125
+    assert len(D.mix(long_, short)) == 110
+    assert [s for s, _ in D.mix(long_, short, ratio=1.0)] == ["long"] * 10
+    with pytest.raises(LongAlignError, match="between 0 and 1"):
+        D.mix(long_, short, ratio=1.5)
+    with pytest.raises(LongAlignError, match="not both"):
+        D.mix(long_, short, ratio=0.5, counts=(1, 1))
+
+
+def test_build_mixes_long_and_short_by_ratio(tmp_path, smol_tokenizer):
+    long_ = [{"messages": [{"role": "user", "content": "long doc " * 50 + str(i)},
+                           {"role": "assistant", "content": "answer"}]} for i in range(4)]
+    cfg = DataConfig(max_length=BIG, long_ratio=0.5, seed=7)
+    ds, s = D.build_dataset({"long": long_, "short": chats(20)}, smol_tokenizer, cfg, tmp_path / "tok")
+    assert s["mix"]["long"] == {"available": 4, "selected": 4} and s["mix"]["short"]["selected"] == 4
+    assert sorted(ds["source"]) == ["long"] * 4 + ["short"] * 4
+    again, _ = D.build_dataset({"long": long_, "short": chats(20)}, smol_tokenizer, cfg, tmp_path / "tok2")
+    assert again["origin"] == ds["origin"]
+
+
+def test_load_tokenized_errors(tmp_path, smol_tokenizer):
+    with pytest.raises(LongAlignError, match="no tokenized dataset"):
+        D.load_tokenized(tmp_path / "missing")
+    ds, _ = D.build_dataset(chats(3), smol_tokenizer, DataConfig(), tmp_path / "tok")
+    ds.remove_columns(["labels"]).save_to_disk(str(tmp_path / "nolabels"))
+    with pytest.raises(LongAlignError, match=r"lacks column\(s\) \['labels'\]"):
+        D.load_tokenized(tmp_path / "nolabels")
+
+
+def test_tokenize_stage_falls_back_to_sample_then_uses_stage1_files(tmp_path, sample):
+    from longalign_lib.pipeline import run_one
+
+    cfg = load_config("cpu-demo", ["data.max_length=4096"])
+    run = tmp_path / "run"
+    r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
+    assert "fell back to the bundled sample" in r["report"] and r["metrics"]["records"] == 5
+    summary = json.loads((run / "tokenize.json").read_text())
+    assert summary["by_source"]["long"]["kept"] == 3 and summary["by_source"]["short"]["kept"] == 2
+    shutil.rmtree(run)
+    write_jsonl(run / "long.jsonl", sample[:3])
+    write_jsonl(run / "short.jsonl", sample[3:] + chats(4))
+    r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
+    assert "long.jsonl" in r["report"] and r["metrics"]["records"] == 9 and not r["metrics"]["cached"]
+    r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
+    assert r["metrics"]["cached"]
+    assert set(D.load_tokenized(run / "tokenized")["source"]) == {"long", "short"}
