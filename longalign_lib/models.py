@@ -217,9 +217,7 @@ def load_model_and_tokenizer(spec: str = "smollm2-135m-instruct", *, dtype: str 
 
 def _resolve_attn(name: str | None, device: str) -> str | None:
     """Our attention names → a registered transformers implementation (attention.py registers them)."""
-    if name in (None, "", "auto") and device != "cuda":
-        return "sdpa"
-    if name in ("sdpa", "eager", "flash_attention_2", "flex_attention"):
+    if name in ("flash_attention_2", "flex_attention"):  # transformers' own names pass through unchanged
         return name
     try:
         from . import attention

@@ -1,0 +1,742 @@
+"""Stage 4 — long-context SFT: LongAlignTrainer (transformers.Trainer) over stage-3 batch plans.
+
+Run as: longalign train --preset cpu-demo [--set batching.strategy=sorted] [--resume] [--run-dir DIR]
+Usage:
+    from longalign_lib.train import build_trainer
+    trainer, info = build_trainer(cfg, run_dir)          # model, data, plans, Trainer, logging
+    trainer.train()
+
+What happens, per optimizer step of a stage-3 plan (batching.plan_epoch):
+- each rank runs its `grad_accum` micro-batches in order; packed ones are one row [1, T] whose documents are
+  isolated by attention.py (cu_seq_lens); naive/sorted ones are right-padded rows (pads cost compute, never loss);
+- every target token carries the weight that batching.step_token_weights gave its sequence, computed over the
+  WHOLE step (all micro-batches, all ranks), so the summed loss is exactly the chosen reduction (token / sequence
+  mean / pack mean). The trainer therefore sums micro-batch losses (no division by grad_accum) and multiplies by
+  the world size before backward (DDP averages gradients over ranks);
+- the loss is loss.weighted_chunked_ce on the final hidden states (only target positions reach the LM head);
+- every step appends to train_log.jsonl (and TensorBoard): loss, lr, tokens/s, MFU, fill, M (sequences),
+  K (packed rows), peak memory. Checkpoints resume bit-exactly (`--resume`).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import batching
+from .io import LongAlignError, append_jsonl, read_jsonl, write_json, write_jsonl
+from .loss import lm_head_of, weighted_chunked_ce
+
+LOG_NAME = "train_log.jsonl"
+
+
+# -------------------------------------------------------------------------------------------------------- data
+def _sample_file() -> Path:
+    from .check import sample_path
+
+    return sample_path()
+
+
+def load_training_data(cfg, run_dir: Path, tok) -> tuple[object, str]:
+    """The tokenized training set: <run_dir>/tokenized (stage 2) or, when absent, records formatted on the fly.
+
+    Returns (dataset with input_ids/labels/length/n_target per row, a sentence saying where it came from).
+    """
+    tok_dir = Path(run_dir) / "tokenized"
+    if tok_dir.exists():
+        from .dataset import load_tokenized
+
+        ds = load_tokenized(tok_dir)
+        return ds, f"stage-2 dataset {tok_dir} ({len(ds)} rows)"
+    from .formatting import format_file
+
+    src = Path(cfg.train.train_file) if cfg.train.train_file else _sample_file()
+    examples, stats = format_file(src, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+    if not examples:
+        raise LongAlignError(f"{src}: no usable training record ({stats.to_dict()})")
+    rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": int(e.length),
+             "n_target": int(e.n_target)} for e in examples]
+    return rows, (f"no stage-2 dataset in {tok_dir}: formatted {len(rows)} records of {src} directly "
+                  f"(run `longalign tokenize` first for the real mix)")
+
+
+def _column(ds, name):
+    if isinstance(ds, list):
+        return [r[name] for r in ds]
+    return ds[name]
+
+
+def batch_config(cfg):
+    """The stage-3 settings used for training (train.max_pack_tokens may shorten rows, e.g. for cpu-demo)."""
+    import dataclasses
+
+    b = dataclasses.replace(cfg.batching)
+    if cfg.train.max_pack_tokens:
+        b.max_pack_tokens = int(cfg.train.max_pack_tokens)
+    return b
+
+
+def make_plans(ds, bcfg, epochs: float) -> list:
+    """One plan per (started) epoch; fractional epochs keep a prefix of the last plan's steps."""
+    lengths = _column(ds, "length")
+    n_target = _column(ds, "n_target")
+    labels = _column(ds, "labels")
+    plans = []
+    for e in range(max(1, math.ceil(epochs))):
+        plan = batching.plan_epoch(lengths, n_target, bcfg, epoch=e, labels=labels)
+        frac = epochs - e
+        if frac < 1:
+            plan.steps = plan.steps[:max(1, int(round(len(plan.steps) * frac)))]
+        plans.append(plan)
+    return plans
+
+
+@dataclass
+class MicroRef:
+    plan: int
+    step: int
+    micro: int  # -1: an empty filler (this rank has fewer micro-batches than grad_accum at this step)
+
+
+class PlanBatches(torch.utils.data.Dataset):
+    """This rank's micro-batches over all plans, grad_accum per optimizer step, collated on access."""
+
+    def __init__(self, plans, dataset, rank: int, reduction: str, pad_id: int, flops_fn=None):
+        self.plans, self.dataset, self.rank, self.reduction, self.pad_id = plans, dataset, rank, reduction, pad_id
+        self.flops_fn = flops_fn
+        self.grad_accum = max(1, max(len(s.ranks[rank]) for p in plans for s in p.steps))
+        self.refs: list[MicroRef] = []
+        self.step_refs: list[tuple[int, int]] = []
+        for pi, p in enumerate(plans):
+            for si, s in enumerate(p.steps):
+                self.step_refs.append((pi, si))
+                mine = s.ranks[rank]
+                for m in range(self.grad_accum):
+                    self.refs.append(MicroRef(pi, si, m if m < len(mine) else -1))
+        self._weights_cache: dict = {}
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.step_refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def weights(self, pi: int, si: int) -> dict:
+        key = (pi, si)
+        if key not in self._weights_cache:
+            plan = self.plans[pi]
+            self._weights_cache = {key: batching.step_token_weights(plan.steps[si], plan.n_target, self.reduction)}
+        return self._weights_cache[key]
+
+    def step_stats(self, pi: int, si: int) -> dict:
+        """What the whole step (all ranks) holds: sequences M, packed rows K, tokens, slots (fill)."""
+        step = self.plans[pi].steps[si]
+        mbs = list(step.micro_batches())
+        tokens = sum(mb.tokens for mb in mbs)
+        slots = sum(mb.slots for mb in mbs)
+        return {"M": step.n_sequences, "K": sum(len(mb.packs) for mb in mbs), "step_tokens": tokens,
+                "computed_tokens": sum(mb.computed_tokens for mb in mbs), "fill": tokens / slots if slots else 0.0,
+                "padded": bool(mbs and mbs[0].padded)}
+
+    def __getitem__(self, i: int) -> dict:
+        ref = self.refs[i]
+        plan = self.plans[ref.plan]
+        if ref.micro < 0:
+            batch = _empty_batch(self.pad_id)
+            docs, n_tgt = [], 0
+        else:
+            mb = plan.steps[ref.step].ranks[self.rank][ref.micro]
+            batch = batching.collate(plan, mb, self.dataset, self.weights(ref.plan, ref.step), self.pad_id)
+            docs = [n for row in mb.lengths for n in row]
+            n_tgt = int((batch["labels"][:, 1:] != -100).sum())
+            if mb.padded:
+                _check_right_padded(batch)
+                batch.pop("attention_mask")  # right padding + causal attention: real tokens never see pads
+                batch.pop("position_ids")  # positions 0..L-1 per row, the model's default
+        batch["meta"] = {"plan": ref.plan, "step": ref.step, "micro": ref.micro, "docs": docs, "n_target": n_tgt,
+                         "computed": int(batch["input_ids"].numel()) if ref.micro >= 0 else 0}
+        return batch
+
+
+def _empty_batch(pad_id: int) -> dict:
+    """A filler micro-batch with no target: keeps every rank in step (DDP) and adds exactly zero to the loss."""
+    return {"input_ids": torch.full((1, 2), int(pad_id), dtype=torch.long),
+            "labels": torch.full((1, 2), -100, dtype=torch.long),
+            "loss_weights": torch.zeros((1, 2), dtype=torch.float32)}
+
+
+def _check_right_padded(batch: dict) -> None:
+    att = batch["attention_mask"]
+    n = att.sum(-1, keepdim=True)
+    expect = torch.arange(att.shape[1])[None] < n
+    if not torch.equal(att.bool(), expect):
+        raise LongAlignError("collate_padded returned left padding; the trainer needs right-padded rows")
+
+
+# ------------------------------------------------------------------------------------------------ model + loss
+class ChunkedLossLM(nn.Module):
+    """A causal LM whose forward returns the weighted chunked loss (no [T, V] logits): what the Trainer trains.
+
+    Wrapping (instead of calling the decoder from the trainer) keeps DDP's and accelerate's forward hooks
+    (gradient sync, autocast) on the path. `self.lm` is the transformers (or peft) model.
+    """
+
+    def __init__(self, lm, chunk_tokens: int = 4096):
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = int(chunk_tokens)
+        self.config = lm.config
+
+    def forward(self, input_ids, labels, loss_weights, position_ids=None, cu_seq_lens=None, max_seqlen=None,
+                attention_mask=None):
+        from .attention import packed_kwargs
+
+        kwargs = {"use_cache": False}
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        if cu_seq_lens is not None:
+            kwargs.update(packed_kwargs(cu_seq_lens, int(max_seqlen)))
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        hidden = self.lm.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
+        weight, bias, softcap = lm_head_of(self.lm)
+        scale = getattr(self.lm.config, "logit_scale", None)
+        if scale:
+            hidden = hidden * scale
+        loss = weighted_chunked_ce(hidden, weight, labels, loss_weights, self.chunk_tokens, bias=bias, softcap=softcap)
+        return {"loss": loss}
+
+
+def flops_counter(lm, trainable_head: bool, full_ft: bool):
+    """Model FLOPs of one micro-batch (forward + backward, no recomputation), from the model's own shapes.
+
+    linear layers: 6·N·tokens (4·N when the weights are frozen, LoRA); attention: 6·L²·d per document and layer
+    (causal half of QKᵀ and PV, backward twice the forward); LM head: 6 (or 4)·V·H per target token only.
+    """
+    cfg = lm.config
+    get_text = getattr(cfg, "get_text_config", None)
+    cfg = get_text() if callable(get_text) else cfg
+    decoder = lm.get_decoder()
+    n_lin = sum(p.numel() for n, p in decoder.named_parameters() if p.dim() == 2 and "embed" not in n and "lora_" not in n)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    d_attn = cfg.num_attention_heads * head_dim
+    layers = cfg.num_hidden_layers
+    w_head = lm.get_output_embeddings().weight
+    v_h = w_head.shape[0] * w_head.shape[1]
+    lin = 6 if full_ft else 4
+    head = 6 if trainable_head else 4
+
+    def flops(docs: list[int], n_target: int) -> float:
+        toks = sum(docs)
+        return float(lin * n_lin * toks + 6 * layers * d_attn * sum(n * n for n in docs) + head * v_h * n_target)
+
+    return flops
+
+
+def matmul_ceiling_tflops(device: str, cache_dir: Path | None = None) -> float:
+    """Measured dense matmul rate (bf16 8192³ on CUDA, fp32 1024³ on CPU), cached per device name."""
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        import platform
+
+        name = f"cpu-{platform.processor() or platform.machine()}-{torch.get_num_threads()}t"
+    if cache_dir is None:
+        from .models import longalign_home
+
+        cache_dir = longalign_home()
+    cache = Path(cache_dir) / "matmul_ceiling.json"
+    table = {}
+    if cache.exists():
+        try:
+            table = json.loads(cache.read_text())
+        except json.JSONDecodeError:
+            table = {}
+    if name in table:
+        return float(table[name])
+    if device == "cuda":
+        n, dtype, reps = 8192, torch.bfloat16, 20
+        a = torch.randn(n, n, device="cuda", dtype=dtype)
+        b = torch.randn(n, n, device="cuda", dtype=dtype)
+        for _ in range(3):
+            a @ b
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            a @ b
+        end.record()
+        torch.cuda.synchronize()
+        secs = start.elapsed_time(end) / 1000
+        del a, b
+    else:
+        n, reps = 1024, 5
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        a @ b
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        secs = time.perf_counter() - t0
+    tflops = 2 * n ** 3 * reps / secs / 1e12
+    table[name] = round(tflops, 2)
+    try:
+        write_json(cache, table)
+    except OSError:
+        pass
+    return tflops
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+def _hf_trainer():
+    from transformers import Trainer, TrainerCallback
+
+    return Trainer, TrainerCallback
+
+
+Trainer, TrainerCallback = _hf_trainer()
+
+
+class LongAlignTrainer(Trainer):
+    """transformers.Trainer driven by stage-3 plans, summing exactly-weighted micro-batch losses.
+
+    Extra arguments: `plan_batches` (PlanBatches for this rank), `log_dir` (train_log.jsonl, TensorBoard),
+    `flops_fn`, `ceiling_tflops`, `tensorboard`.
+    """
+
+    def __init__(self, *args, plan_batches: PlanBatches, log_dir: Path, flops_fn=None, ceiling_tflops: float = 0.0,
+                 tensorboard: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.plan_batches = plan_batches
+        self.log_dir = Path(log_dir)
+        self.flops_fn = flops_fn
+        self.ceiling_tflops = float(ceiling_tflops or 0.0)
+        self.use_tensorboard = tensorboard
+        self._tb = None
+        self._reset_step()
+        self._t_last = None
+        self.add_callback(_StepLogger(self))
+
+    # --- data: the plan is the sampler, batching.collate the collator
+    def get_train_dataloader(self):
+        pb = self.plan_batches
+        return torch.utils.data.DataLoader(pb, batch_sampler=[[i] for i in range(len(pb))],
+                                           collate_fn=_first, num_workers=0)
+
+    # --- loss: exact sums across accumulation and ranks
+    def _reset_step(self):
+        self._acc = {"loss": 0.0, "tokens": 0, "computed": 0, "flops": 0.0, "n_target": 0, "ref": None}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        inputs.pop("meta", None)
+        out = model(**inputs)
+        return (out["loss"], out) if return_outputs else out["loss"]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        meta = inputs.get("meta", {})
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        world = self.args.world_size
+        # the step loss is a SUM over micro-batches and ranks: no /grad_accum, and ×world to undo DDP's mean
+        self.accelerator.backward(loss * world if world > 1 else loss)
+        a = self._acc
+        a["loss"] += float(loss.detach())
+        docs = meta.get("docs", [])
+        a["tokens"] += sum(docs)
+        a["computed"] += meta.get("computed", 0)
+        a["n_target"] += meta.get("n_target", 0)
+        if self.flops_fn is not None and docs:
+            a["flops"] += self.flops_fn(docs, meta.get("n_target", 0))
+        if meta.get("micro", -1) >= 0 or a["ref"] is None:
+            a["ref"] = (meta.get("plan", 0), meta.get("step", 0))
+        return loss.detach()  # HF sums these over the step: its logged "loss" is the step loss too
+
+    # --- checkpoints: the inner transformers/peft model in its own format (loadable by stage 5)
+    def _save(self, output_dir=None, state_dict=None):
+        output_dir = Path(output_dir or self.args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        lm = self.model.lm
+        lm.save_pretrained(output_dir, safe_serialization=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, output_dir / "training_args.bin")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        load_weights(self.model.lm, Path(resume_from_checkpoint))
+
+    def _write_log(self, row: dict):
+        append_jsonl(self.log_dir / LOG_NAME, row)
+        if self.use_tensorboard and self.is_world_process_zero():
+            if self._tb is None:
+                try:
+                    from torch.utils.tensorboard import SummaryWriter
+
+                    self._tb = SummaryWriter(str(self.log_dir / "tensorboard"))
+                except ImportError:
+                    self.use_tensorboard = False
+                    return
+            for k, v in row.items():
+                if isinstance(v, (int, float)) and k != "step":
+                    self._tb.add_scalar(f"train/{k}", v, row["step"])
+            self._tb.flush()
+
+
+def _first(items):
+    return items[0]
+
+
+def load_weights(lm, ckpt: Path) -> None:
+    """Load a checkpoint written by LongAlignTrainer._save into `lm` (full model or peft adapter)."""
+    from safetensors.torch import load_file
+
+    adapter = ckpt / "adapter_model.safetensors"
+    if adapter.exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(lm, load_file(str(adapter)))
+        return
+    files = sorted(ckpt.glob("model*.safetensors"))
+    if not files:
+        raise LongAlignError(f"{ckpt}: no model*.safetensors to resume from")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    missing, unexpected = lm.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(lm.config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise LongAlignError(f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+
+
+class _StepLogger(TrainerCallback):
+    """After each optimizer step: reduce the step's numbers over ranks and write one log row."""
+
+    def __init__(self, trainer: LongAlignTrainer):
+        self.t = trainer
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t._t_last = time.perf_counter()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def on_step_end(self, args, state, control, **kw):
+        t = self.t
+        a = t._acc
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt = now - (t._t_last or now)
+        t._t_last = now
+        vals = torch.tensor([a["loss"], a["tokens"], a["computed"], a["flops"], a["n_target"]], dtype=torch.float64)
+        if args.world_size > 1 and torch.distributed.is_initialized():
+            dev = args.device if torch.cuda.is_available() else "cpu"
+            vals = vals.to(dev)
+            torch.distributed.all_reduce(vals)
+            vals = vals.cpu()
+        loss, tokens, computed, flops, n_target = vals.tolist()
+        stats = t.plan_batches.step_stats(*(a["ref"] or (0, 0)))
+        lr = t.lr_scheduler.get_last_lr()[0] if t.lr_scheduler is not None else args.learning_rate
+        world = max(1, args.world_size)
+        row = {"step": state.global_step, "epoch": (a["ref"] or (0, 0))[0], "loss": loss, "lr": lr,
+               "tokens": int(tokens), "computed_tokens": int(computed), "target_tokens": int(n_target),
+               "step_s": round(dt, 4), "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+               "tflops": flops / dt / 1e12 if dt > 0 else 0.0,
+               "mfu": (flops / dt / 1e12) / (t.ceiling_tflops * world) if dt > 0 and t.ceiling_tflops else 0.0,
+               "fill": stats["fill"], "M": stats["M"], "K": stats["K"]}
+        if torch.cuda.is_available():
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            import resource
+
+            row["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        if t.is_world_process_zero():
+            t._write_log(row)
+        t._reset_step()
+
+
+# --------------------------------------------------------------------------------------------- demo training data
+def verse_lookup_records(n: int, min_tokens: int = 200, max_tokens: int = 4000, long_fraction: float = 0.5,
+                         seed: int = 0, books: tuple[str, ...] = ("kjv_genesis.txt", "kjv_ruth.txt", "kjv_esther.txt")):
+    """LongAlign-format records with a real, checkable long-context task: quote one verse of a KJV passage.
+
+    Each record: user = a run of consecutive verses ("c:v text" lines) + "Quote verse c:v exactly.";
+    assistant = that verse's text. Context sizes are drawn log-uniformly between `min_tokens` and `max_tokens`
+    (≈4 characters per token) for the long share, and 1–6 verses for the short share: a LongAlign-like mix of
+    long and short sequences for training demos and benchmarks (public-domain text shipped in data/).
+    """
+    import random
+
+    data = _sample_file().parent
+    verses = []
+    for b in books:
+        for line in (data / b).read_text(encoding="utf-8").splitlines():
+            m = re.match(r"^(\d+:\d+) (.+)$", line.strip())
+            if m:
+                verses.append((b.removeprefix("kjv_").removesuffix(".txt").title(), m.group(1), m.group(2)))
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        if rng.random() < long_fraction:
+            chars = int(4 * math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens))))
+        else:
+            chars = sum(len(v[2]) + 8 for v in verses[:rng.randint(1, 6)])
+        start = rng.randrange(len(verses))
+        window, used = [], 0
+        j = start
+        while used < chars and j < len(verses) and (not window or verses[j][0] == window[0][0]):
+            window.append(verses[j])
+            used += len(verses[j][2]) + 8
+            j += 1
+        book, ref, text = window[rng.randrange(len(window))]
+        context = "\n".join(f"{r} {t}" for _, r, t in window)
+        out.append({"messages": [
+            {"role": "user", "content": f"Here is a passage of the Book of {book} (KJV).\n\n{context}\n\n"
+                                        f"Quote verse {ref} exactly."},
+            {"role": "assistant", "content": text}], "meta": {"task": "verse_lookup", "ref": f"{book} {ref}",
+                                                                "verses": len(window)}})
+    return out
+
+
+def tiny_model_dir(out_dir: str | Path, base: str = "smollm2-135m-instruct", hidden: int = 64, layers: int = 2,
+                   heads: int = 4, kv_heads: int = 2) -> Path:
+    """A folder with a small random-init config of `base`'s architecture and `base`'s real tokenizer.
+
+    Load it as `random:<folder>`: tests and SMOKE notebooks train it in seconds on CPU.
+    """
+    from transformers import AutoConfig
+
+    from .models import load_tokenizer, resolve
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = load_tokenizer(base)
+    cfg = AutoConfig.from_pretrained(resolve(base))
+    cfg.hidden_size, cfg.num_hidden_layers = hidden, layers
+    cfg.num_attention_heads, cfg.num_key_value_heads = heads, kv_heads
+    cfg.intermediate_size = hidden * 2
+    if hasattr(cfg, "head_dim"):
+        cfg.head_dim = hidden // heads
+    cfg.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- building
+def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("checkpoint-*")
+             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").exists()]
+    return max(found)[1] if found else None
+
+
+def load_model_for_training(cfg, device: str | None = None):
+    """(model, tokenizer, full_ft) with RoPE scaling, LoRA and the precision policy of the config applied."""
+    import dataclasses
+
+    from .models import apply_lora, auto_device, load_model_and_tokenizer
+
+    mcfg = dataclasses.replace(cfg.model)
+    dev = device or auto_device(mcfg.device)
+    mcfg.device = dev
+    use_bf16 = cfg.train.bf16 and dev == "cuda"
+    full_ft = not mcfg.lora
+    if full_ft and use_bf16 and cfg.train.master_fp32:
+        mcfg.dtype = "fp32"  # fp32 master weights, bf16 compute through autocast
+    model, tok = load_model_and_tokenizer(cfg=mcfg)
+    model.config.use_cache = False
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mcfg.lora:
+        model = apply_lora(model, mcfg)
+    return model, tok, full_ft
+
+
+def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, device: str | None = None,
+                  quiet: bool = False):
+    """Everything `longalign train` needs: (LongAlignTrainer, info dict). Pass model/tok/dataset to reuse them."""
+    from transformers import TrainingArguments
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    from .models import auto_device
+
+    dev = device or auto_device(cfg.model.device)
+    full_ft = not cfg.model.lora
+    if model is None:
+        model, tok, full_ft = load_model_for_training(cfg, dev)
+    data_note = "dataset given by the caller"
+    if dataset is None:
+        dataset, data_note = load_training_data(cfg, run_dir, tok)
+    bcfg = batch_config(cfg)
+    plans = make_plans(dataset, bcfg, cfg.train.epochs)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world != bcfg.world_size:
+        if world > 1:
+            raise LongAlignError(f"running on {world} processes but batching.world_size={bcfg.world_size}: "
+                                 f"set --set batching.world_size={world}")
+        # one process simulating a W-rank plan: run every rank's micro-batches here, in rank order
+        plans = [_flatten_ranks(p) for p in plans]
+        rank = 0
+    trainable_head = any(p.requires_grad for p in model.get_output_embeddings().parameters())
+    flops_fn = flops_counter(model, trainable_head, full_ft)
+    pad_id = (tok.pad_token_id or 0) if tok is not None else 0
+    pb = PlanBatches(plans, dataset, rank, bcfg.loss_reduction, pad_id, flops_fn)
+    n_steps = pb.n_steps
+    if cfg.train.max_steps and cfg.train.max_steps > 0:
+        n_steps = min(n_steps, cfg.train.max_steps)
+    use_bf16 = cfg.train.bf16 and dev == "cuda"
+    ceiling = cfg.train.matmul_tflops or matmul_ceiling_tflops("cuda" if dev == "cuda" else "cpu")
+    from .models import longalign_home
+
+    args = TrainingArguments(
+        output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=1,
+        gradient_accumulation_steps=pb.grad_accum, max_steps=n_steps, learning_rate=cfg.train.lr,
+        lr_scheduler_type=cfg.train.lr_scheduler, warmup_steps=int(math.ceil(cfg.train.warmup_ratio * n_steps)),
+        adam_beta1=cfg.train.adam_beta1, adam_beta2=cfg.train.adam_beta2, weight_decay=cfg.train.weight_decay,
+        max_grad_norm=cfg.train.max_grad_norm, bf16=use_bf16,
+        save_strategy="steps" if cfg.train.save_steps > 0 else "no",
+        save_steps=max(1, min(cfg.train.save_steps, n_steps)), save_total_limit=cfg.train.save_total_limit,
+        logging_steps=cfg.train.logging_steps, report_to="none", seed=cfg.train.seed, data_seed=cfg.train.seed,
+        remove_unused_columns=False, dataloader_num_workers=0, use_cpu=dev != "cuda",
+        disable_tqdm=quiet, save_only_model=False, gradient_checkpointing=False,
+    )
+    wrapper = ChunkedLossLM(model, cfg.train.loss_chunk_tokens)
+    trainer = LongAlignTrainer(model=wrapper, args=args, processing_class=tok, plan_batches=pb, log_dir=run_dir,
+                               flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard)
+    info = {"data": data_note, "plans": [p.counters for p in plans], "steps": n_steps, "grad_accum": pb.grad_accum,
+            "strategy": bcfg.strategy, "reduction": bcfg.loss_reduction, "max_pack_tokens": bcfg.max_pack_tokens,
+            "ceiling_tflops": ceiling, "device": dev, "full_ft": full_ft, "bf16": use_bf16,
+            "attn": model.config._attn_implementation, "home": str(longalign_home())}
+    return trainer, info
+
+
+def _flatten_ranks(plan):
+    """A W-rank plan run by one process: rank r's micro-batches for a step run one after another."""
+    import copy
+
+    p = copy.copy(plan)
+    p.steps = [batching.Step(index=s.index, ranks=[[mb for r in s.ranks for mb in r]]) for s in plan.steps]
+    return p
+
+
+def _prune_log(path: Path, upto_step: int) -> None:
+    """On resume, drop log rows past the checkpoint (they will be written again)."""
+    if path.exists():
+        rows = [r for r in read_jsonl(path, allow_partial_last_line=True) if r.get("step", 0) <= upto_step]
+        write_jsonl(path, rows)
+
+
+def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = True, **kw) -> dict:
+    """Build, (resume and) train, save the final model in <run_dir>/model; returns a summary."""
+    run_dir = Path(run_dir)
+    trainer, info = build_trainer(cfg, run_dir, **kw)
+    log = run_dir / LOG_NAME
+    ckpt = _latest_checkpoint(run_dir / "checkpoints") if resume else None
+    if ckpt is not None:
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        _prune_log(log, int(state.get("global_step", 0)))
+        info["resumed_from"] = str(ckpt)
+    elif log.exists():
+        log.unlink()
+    t0 = time.time()
+    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    info["train_s"] = round(time.time() - t0, 2)
+    info["log"] = read_jsonl(log) if log.exists() else []
+    if not save_model:
+        return {"trainer": trainer, **info}
+    final = run_dir / "model"
+    tmp = run_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm = trainer.model.lm
+    if hasattr(lm, "merge_and_unload"):  # LoRA: save the merged model (stage 5 loads it like any model)
+        import copy
+
+        lm = copy.deepcopy(lm).merge_and_unload()
+    lm.save_pretrained(tmp, safe_serialization=True)
+    if trainer.processing_class is not None:
+        trainer.processing_class.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    info["model_dir"] = str(final)
+    info["log"] = read_jsonl(log) if log.exists() else []
+    return {"trainer": trainer, **info}
+
+
+def summarize_log(rows: list[dict]) -> dict:
+    """Headline numbers of a train_log: first/last loss, median tokens/s and MFU (first step excluded: warm-up)."""
+    import statistics
+
+    if not rows:
+        return {}
+    steady = rows[1:] or rows
+    return {"steps": rows[-1]["step"], "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"],
+            "tokens": sum(r["tokens"] for r in rows),
+            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
+            "mfu": statistics.median(r["mfu"] for r in steady),
+            "tflops": statistics.median(r["tflops"] for r in steady),
+            "fill": statistics.mean(r["fill"] for r in rows), "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
+            "wall_s": sum(r["step_s"] for r in rows)}
+
+
+def loss_figure(curves: dict[str, list[dict]], title: str = "Training loss", x: str = "step"):
+    """Loss curves of one or more train logs (name → rows); colours from plots.PALETTE where the name has one."""
+    from . import plots
+
+    fig, ax = plots.figure()
+    for name, rows in curves.items():
+        xs = [r[x] for r in rows]
+        ax.plot(xs, [r["loss"] for r in rows], marker="o", ms=3, label=name, color=plots.PALETTE.get(name))
+    ax.set_xlabel("optimizer step" if x == "step" else x)
+    ax.set_ylabel("step loss (weighted CE)")
+    ax.set_title(title)
+    ax.legend()
+    return fig
+
+
+# -------------------------------------------------------------------------------------------------------- stage
+def add_arguments(p) -> None:
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <run_dir>/checkpoints")
+
+
+def run_stage(cfg, run_dir: Path, args) -> dict:
+    from . import plots
+
+    res = train(cfg, run_dir, resume=bool(getattr(args, "resume", False)))
+    rows = res["log"]
+    summ = summarize_log(rows)
+    fig = loss_figure({f"{res['strategy']} ({res['reduction']})": rows})
+    fig_path = plots.save(fig, Path(run_dir) / "figures" / "train_loss.png", close=True)
+    metrics = {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()},
+               "strategy": res["strategy"], "reduction": res["reduction"], "device": res["device"],
+               "attn": res["attn"], "train_s": res["train_s"]}
+    write_json(Path(run_dir) / "train_summary.json", {**metrics, "info": {k: v for k, v in res.items()
+                                                                           if k not in ("trainer", "log")}})
+    report = (f"Trained `{cfg.model.name}` for {summ.get('steps')} steps ({res['strategy']} batches, "
+              f"{res['reduction']} loss weighting, attention `{res['attn']}`, {res['device']}). Data: {res['data']}.\n\n"
+              f"Loss {summ.get('loss_first', float('nan')):.3f} → {summ.get('loss_last', float('nan')):.3f}; "
+              f"{summ.get('tokens_per_s', 0):,.0f} tokens/s, MFU {100 * summ.get('mfu', 0):.1f}% of a measured "
+              f"{res['ceiling_tflops']:.0f} TFLOP/s matmul ceiling, peak memory {summ.get('peak_mem_gib', 0):.1f} GiB.\n\n"
+              f"![training loss]({fig_path.relative_to(run_dir)})")
+    return {"metrics": metrics, "outputs": [LOG_NAME, "model", "train_summary.json", str(fig_path.relative_to(run_dir))],
+            "report": report}
+
+
+if __name__ == "__main__":
+    import sys
+
+    from .cli import main
+
+    sys.exit(main(["train", *sys.argv[1:]]))
