@@ -291,7 +291,7 @@ def target_vs_length(lengths_by_source: dict, n_target_by_source: dict, title: s
 
     fig, ax = plots.figure()
     rng = np.random.default_rng(seed)
-    top = 1
+    top, bottom = 1, None
     for i, s in enumerate(lengths_by_source):
         a, t = as_lengths(lengths_by_source[s]), as_lengths(n_target_by_source[s], f"n_target[{s}]")
         if a.size == 0:
@@ -303,7 +303,8 @@ def target_vs_length(lengths_by_source: dict, n_target_by_source: dict, title: s
         ax.scatter(a, np.maximum(t, 1), s=10, alpha=0.5, color=_color(s, i),
                    label=f"{s}: {100 * share:.0f}% of tokens are targets")
         top = max(top, int(a.max()))
-    line = np.array([1, top * 1.2])
+        bottom = int(a.min()) if bottom is None else min(bottom, int(a.min()))
+    line = np.array([max(1.0, (bottom or 1) / 3), top * 1.2])
     ax.plot(line, line, color="#555555", linestyle="--", linewidth=0.8, label="every token a target")
     ax.set_xscale("log")
     ax.set_yscale("log")

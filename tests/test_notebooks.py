@@ -14,6 +14,10 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 CHECKS = {
     "00_setup_check": lambda m: m["records"] == 5 and m["reply_chars"] > 0 and m["n_params"] > 1e8
     and Path(m["label_mask_png"]).stat().st_size > 10_000,
+    "02_length_distribution": lambda m: m["records"] == 5 and m["round_trip"] and m["rejected"] == 0
+    and 0.9 < m["real_long_share_of_tokens"] < 1 and m["synthetic_long_attention_share"] > 0.95
+    and 0 < m["synthetic_random_batch_fill"] < 0.6 and len(m["figures"]) == 8
+    and all(Path(p).stat().st_size > 10_000 for p in m["figures"].values()),
 }
 
 

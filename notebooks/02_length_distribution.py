@@ -1,0 +1,185 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · The tokenized training set and its length distribution
+#
+# LongAlign trains on a mix of **long** instruction data (Self-Instruct tasks over 8k–64k-token documents) and
+# **short** chat data (ShareGPT). Before batching anything, look at what that mix is made of:
+#
+# 1. turn the stage-1 records (`long.jsonl`, `short.jsonl`, `{"messages": [...]}`) into a tokenized `datasets`
+#    Dataset: `input_ids`, `labels` (-100 outside the assistant turns), `length`, `n_target`, `source`. Nothing
+#    is padded: LongAlign's released code stores every record padded to 65,536 int64 tokens; here a 300-token chat
+#    takes 300 tokens on disk;
+# 2. measure the length distribution per source, the share of sequences / tokens / attention work per length
+#    bucket, and the target (trained-on) tokens per sequence;
+# 3. see what the long tail means for batching and for the loss — the two problems stage 3 and stage 4 solve.
+#
+# Library code: `longalign_lib.dataset` (tokenize, mix, cache) and `longalign_lib.lengths` (statistics, figures).
+# The same analysis runs as `longalign tokenize` + `longalign analyze` and writes `lengths.json` and the figures.
+
+# %% tags=["parameters"]
+SMOKE = False  # True: the fastest settings (CI, `make test`)
+OUT_DIR = "../runs/notebooks/02_length_distribution"
+MODEL = "smollm2-135m-instruct"  # its tokenizer and chat template are used
+STAGE1_DIR = "../runs/notebooks/01_data_synthesis"  # long.jsonl / short.jsonl from notebook 01 (else the sample)
+SAMPLE_FILE = "../data/sample_longalign.jsonl"
+MAX_LENGTH = 2048  # the cpu-demo window; length buckets scale with it
+LONG_RATIO = None  # e.g. 0.5 for a 50/50 mix of long and short records; None keeps all
+NUM_PROC = 2
+N_SYNTH_LONG = 10_000  # the SYNTHETIC paper-scale illustration in section 3
+N_SYNTH_SHORT = 10_000
+SYNTH_MAX_LENGTH = 65_536
+BATCH_SIZE = 8  # for the naive-padding illustration
+# (parameters, layers, hidden size) of two models, for the attention share of compute
+MODEL_SHAPES = {"SmolLM2-135M": (135e6, 30, 576), "Llama-2-7B": (6.7e9, 32, 4096)}
+
+# %%
+from pathlib import Path
+
+import numpy as np
+
+from longalign_lib import lengths as L
+from longalign_lib.config import DataConfig
+from longalign_lib.dataset import build_dataset, split_sample
+from longalign_lib.formatting import IGNORE, clean_messages
+from longalign_lib.io import read_jsonl, write_metrics
+from longalign_lib.models import load_tokenizer
+
+out = Path(OUT_DIR)
+out.mkdir(parents=True, exist_ok=True)
+if SMOKE:
+    N_SYNTH_LONG, N_SYNTH_SHORT = 2_000, 2_000
+
+# %% [markdown]
+# ## 1. Tokenize the stage-1 records
+# `build_dataset` validates each record (roles alternate, answers non-empty), renders it with the model's own chat
+# template, tokenizes in `NUM_PROC` worker processes, and counts rejected and truncated records by reason. The
+# result is cached next to the dataset: a second call with the same inputs, tokenizer and settings loads it.
+
+# %%
+stage1 = Path(STAGE1_DIR)
+if not SMOKE and (stage1 / "long.jsonl").exists() and (stage1 / "short.jsonl").exists():
+    inputs = {"long": stage1 / "long.jsonl", "short": stage1 / "short.jsonl"}
+    print("stage-1 output:", inputs)
+else:
+    inputs = split_sample(read_jsonl(SAMPLE_FILE))
+    print(f"using the bundled sample {SAMPLE_FILE}: {len(inputs['long'])} long + {len(inputs['short'])} short records")
+
+tok = load_tokenizer(MODEL)
+cfg = DataConfig(max_length=MAX_LENGTH, long_ratio=LONG_RATIO, num_proc=NUM_PROC)
+ds, summary = build_dataset(inputs, tok, cfg, out / "tokenized", num_proc=NUM_PROC)
+print(ds)
+print({k: summary[k] for k in ("total", "kept", "rejected", "truncated", "tokens", "target_tokens", "cached")})
+
+# %% [markdown]
+# **Round trip.** Decoding a row's `input_ids` gives back exactly the chat-templated conversation, and its target
+# tokens decode to the assistant turns (each with the template's end-of-turn token). The shortest record is checked
+# here; `tests/test_dataset.py` checks every record of the sample.
+
+# %%
+row_i = int(np.argmin(ds["length"]))
+row = ds[row_i]
+records = inputs[row["source"]] if isinstance(inputs[row["source"]], list) else read_jsonl(inputs[row["source"]])
+record = records[int(row["origin"].rsplit(":", 1)[1]) - 1]
+messages, _ = clean_messages(record)
+round_trip = tok.decode(row["input_ids"]) == tok.apply_chat_template(messages, tokenize=False)
+print("decode(input_ids) == chat template text:", round_trip)
+print(repr(tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != IGNORE])))
+
+# %% [markdown]
+# ## 2. The length distribution of this set
+# `lengths.analyze` takes plain length lists per source. Buckets follow the paper's 0–8k / 8–16k / 16–32k / 32–64k
+# / >64k, scaled to the maximum length (here 2048 → 0–256 / … / >2k).
+
+# %%
+src = np.array(ds["source"])
+lens = {s: np.array(ds["length"])[src == s] for s in dict.fromkeys(src)}
+tgts = {s: np.array(ds["n_target"])[src == s] for s in dict.fromkeys(src)}
+real = L.analyze(lens, tgts, max_length=MAX_LENGTH)
+for s, e in real["sources"].items():
+    st, tg = e["lengths"], e["targets"]
+    print(f"{s:>6}: n={st['count']:4d}  mean={st['mean']:8.1f}  p50={st['p50']:7.0f}  max={st['max']:6d}  "
+          f"target share={100 * tg['target_share']:.1f}%")
+print("compute share by source:", real["compute_share"])
+real_figs = L.save_figures(lens, tgts, MAX_LENGTH, out, prefix="real", note=f" — {ds.num_rows} records")
+
+# %%
+from IPython.display import Image, display  # noqa: E402
+
+display(Image(str(real_figs["histogram"])), Image(str(real_figs["targets"])))
+
+# %% [markdown]
+# With a handful of records the shape is hard to read: the long records sit at the truncation limit and the
+# short chats are a few hundred tokens. The picture that matters appears at the paper's scale.
+#
+# ## 3. At paper scale (SYNTHETIC lengths, for illustration)
+# `lengths.synthetic_longalign_lengths` draws lengths shaped like a LongAlign mix — long records log-normal around
+# 16k (8k–64k), short chats around 650 tokens. **These numbers are synthetic**, not measured; run the same cells on
+# your own stage-1 output to see its real shape.
+
+# %%
+syn = L.synthetic_longalign_lengths(N_SYNTH_LONG, N_SYNTH_SHORT, max_length=SYNTH_MAX_LENGTH, seed=0)
+syn_lens = {"long": syn["long"], "short": syn["short"]}
+syn_tgts = {"long": syn["long_target"], "short": syn["short_target"]}
+paper = L.analyze(syn_lens, syn_tgts, max_length=SYNTH_MAX_LENGTH)
+syn_figs = L.save_figures(syn_lens, syn_tgts, SYNTH_MAX_LENGTH, out, prefix="synthetic", note=" — SYNTHETIC")
+display(Image(str(syn_figs["histogram"])))
+
+# %% [markdown]
+# The histogram has the shape of the paper's Figure 3 (left): two humps a decade and a half apart on the log axis.
+# Now weigh each sequence by what it costs. Every token passes the linear layers once (work ∝ Σ L), but causal
+# attention compares every token with all earlier ones (work ∝ Σ L²):
+
+# %%
+for r in paper["all"]["buckets"]:
+    print(f"{r['bucket']:>8}: {100 * r['seq_share']:5.1f}% of sequences  {100 * r['token_share']:5.1f}% of tokens  "
+          f"{100 * r['attention_share']:5.1f}% of attention work")
+cs = paper["compute_share"]
+print(f"long records: {100 * cs['long']['sequences']:.0f}% of sequences, {100 * cs['long']['linear']:.0f}% of tokens, "
+      f"{100 * cs['long']['attention']:.1f}% of attention work")
+all_syn = np.concatenate(list(syn_lens.values()))
+attn_share = {name: L.attention_flops_share(all_syn, *shape) for name, shape in MODEL_SHAPES.items()}
+print("share of forward FLOPs in attention:", {k: f"{100 * v:.0f}%" for k, v in attn_share.items()})
+display(Image(str(syn_figs["bucket_share"])), Image(str(syn_figs["cdf"])))
+
+# %% [markdown]
+# **What it means for batching.** Draw `BATCH_SIZE` records at random and pad them to the longest: with this
+# spread of lengths most of the batch is padding, because almost every random batch holds a long record. Sorting
+# by length or packing several sequences into one row (stage 3, `notebooks/03_packing_vs_sorted_batching.py`)
+# removes the padding; and because the long tail dominates step time, how the long records are spread over GPUs
+# and steps decides the idle time of data-parallel workers.
+
+# %%
+fill = L.random_batch_fill(all_syn, BATCH_SIZE, seed=0)
+fill_real = L.random_batch_fill(np.concatenate(list(lens.values())), min(BATCH_SIZE, ds.num_rows), seed=0)
+print(f"random batches of {BATCH_SIZE}, padded to the longest: {100 * fill:.0f}% real tokens "
+      f"({100 * (1 - fill):.0f}% padding); on this notebook's real set: {100 * fill_real:.0f}%")
+
+# %% [markdown]
+# **What it means for the loss.** A long record trains on a few hundred answer tokens out of tens of thousands; a
+# short chat trains on most of its tokens. When packed sequences are averaged token by token, short chats dominate
+# the gradient; the paper's loss weighting (stage 4) rebalances this per sequence.
+
+# %%
+display(Image(str(syn_figs["targets"])))
+for s in ("long", "short"):
+    t = paper["sources"][s]["targets"]
+    print(f"{s:>5}: median {t['p50']:.0f} target tokens per record, {100 * t['target_share']:.1f}% of its tokens")
+
+# %%
+write_metrics(out, {
+    "records": summary["kept"], "rejected": sum(summary["rejected"].values()), "tokens": summary["tokens"],
+    "round_trip": bool(round_trip), "real_long_share_of_tokens": real["compute_share"].get("long", {}).get("linear"),
+    "synthetic_long_attention_share": cs["long"]["attention"], "synthetic_long_seq_share": cs["long"]["sequences"],
+    "synthetic_random_batch_fill": fill, "attention_flops_share": attn_share,
+    "figures": {**{f"real_{k}": str(v) for k, v in real_figs.items()},
+                **{f"synthetic_{k}": str(v) for k, v in syn_figs.items()}},
+})
