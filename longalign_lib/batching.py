@@ -785,8 +785,8 @@ def loss_weight_figure(step: Step, n_target=None, title: str | None = None, max_
     ax.set_xticklabels([str(n) for n in nts], rotation=90, fontsize=7)
     ax.set_xlabel("sequences of one optimizer step, by pack (dotted lines); label = target tokens N_i")
     ax.set_ylabel("share of the step loss")
-    ax.set_ylim(0, max(max(v.values()) for v in eff.values()) * 1.35)
-    ax.legend(loc="upper center", ncol=3, fontsize=7.5)
+    ax.set_ylim(0, max(max(v.values()) for v in eff.values()) * 1.45)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.98), ncol=3, fontsize=7.5)
     ax.set_title(title or f"Effective loss weight per sequence (M = {step.n_sequences} sequences in the step)")
     return fig
 

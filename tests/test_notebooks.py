@@ -14,6 +14,11 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 CHECKS = {
     "00_setup_check": lambda m: m["records"] == 5 and m["reply_chars"] > 0 and m["n_params"] > 1e8
     and Path(m["label_mask_png"]).stat().st_size > 10_000,
+    "03_packing_vs_sorted_batching": lambda m: abs(m["sequence_shares_sum"] - 1) < 1e-9
+    and m["sequence_share_spread"] < 1e-9 and abs(m["demo_pack_mean_max_share"] - 0.5) < 1e-9
+    and m["bfd_fill_64k"] >= 0.98 > m["next_fit_fill_64k"] + 0.05 and m["idle"]["packed-bfd"] < m["idle"]["naive"]
+    and all(t["tokens_per_s"] > 0 for t in m["timing"].values()) and all(Path(f).stat().st_size > 10_000
+                                                                          for f in m["figures"]),
     "02_length_distribution": lambda m: m["records"] == 5 and m["round_trip"] and m["rejected"] == 0
     and 0.9 < m["real_long_share_of_tokens"] < 1 and m["synthetic_long_attention_share"] > 0.95
     and 0 < m["synthetic_random_batch_fill"] < 0.6 and len(m["figures"]) == 8

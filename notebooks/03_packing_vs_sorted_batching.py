@@ -1,0 +1,261 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 03 · Naive, sorted and packed batching — and the loss-weighting bias of packing
+#
+# A long-context SFT set mixes sequences of 200 and of 60,000 tokens. How they are grouped into batches decides
+# two things: **how much of the hardware does useful work**, and **how much each sequence counts in the loss**.
+#
+# 1. *Naive batching* shuffles and pads each batch to its longest sequence. With data parallelism, every step
+#    waits for the device that drew the longest sequence (the paper's Figure 3): the others sit idle.
+# 2. *Sorted batching* (LongAlign) sorts by length, cuts consecutive groups and shuffles the groups: little
+#    padding and little waiting, but a step holds only long or only short sequences — a biased gradient.
+# 3. *Packing* concatenates sequences into rows of at most `max_pack_tokens` tokens; attention is kept inside
+#    each sequence (`position_ids` restart at 0, `cu_seq_lens` bounds). LongAlign packs with next-fit in shuffled
+#    order; global best-fit-decreasing (BFD) fills rows much better.
+#
+# Packing changes the loss: averaging tokens inside a pack, then over packs (the paper's L′, Eq. 3), gives a
+# sequence more weight when its pack holds few target tokens. LongAlign's *loss weighting* fixes that; here it
+# is exact for the whole optimizer step (all accumulation micro-batches and all ranks): each sequence's mean loss
+# counts 1/M (Eq. 2).
+#
+# Library code: `longalign_lib.batching` (planners, weights, collators), `longalign_lib.simulate` (cost model,
+# K-device simulation, timing). `longalign pack` writes the same plans, `batching.json` and figures.
+
+# %% tags=["parameters"]
+SMOKE = False  # True: the fastest settings (CI, `make test`)
+OUT_DIR = "../runs/notebooks/03_packing_vs_sorted_batching"
+MODEL = "smollm2-135m-instruct"
+STAGE2_DIR = "../runs/notebooks/02_length_distribution/tokenized"  # notebook 02's dataset (else: the sample)
+SAMPLE_FILE = "../data/sample_longalign.jsonl"
+MAX_PACK_TOKENS = 2048  # row budget for the plans on the real data
+BATCH_SIZE = 2  # sequences per micro-batch for naive / sorted
+GRAD_ACCUM = 2
+WORLD_SIZE = 2  # data-parallel ranks of the real-data plans
+SIM_DEVICES = 8  # K devices in the simulation
+SYNTH_N = 2000  # SYNTHETIC LongAlign-like mix (70 % 0.2k–8k, 30 % 8k–64k) for the at-scale comparison
+SYNTH_MAX_LEN = 65_536
+TIMED_STEPS = 3  # optimizer steps timed for real per plan
+TIMING_MAX_TOKENS = 1024  # row budget while timing on this device
+SEED = 0
+
+# %%
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from longalign_lib import plots
+from longalign_lib import simulate as sim
+from longalign_lib.batching import (
+    collate,
+    effective_sequence_weights,
+    fill_histogram_figure,
+    loss_weight_figure,
+    plan_epoch,
+    step_token_weights,
+)
+from longalign_lib.config import BatchConfig, DataConfig
+from longalign_lib.dataset import build_dataset, load_tokenized, split_sample
+from longalign_lib.io import read_jsonl, write_metrics
+from longalign_lib.models import load_model_and_tokenizer, load_tokenizer
+
+out = Path(OUT_DIR)
+out.mkdir(parents=True, exist_ok=True)
+TIMING_ACCUM = GRAD_ACCUM
+if SMOKE:  # one micro-batch of at most 64 tokens per plan: SmolLM2 on 2 CPU cores is slow
+    SYNTH_N, TIMED_STEPS, TIMING_MAX_TOKENS, TIMING_ACCUM = 1000, 1, 64, 1
+torch.manual_seed(SEED)
+
+# %% [markdown]
+# ## 1. The stage-2 data
+# The tokenized set from notebook 02 (`input_ids`, `labels`, `length`, `n_target`), or the bundled
+# LongAlign-10k sample tokenized the same way when notebook 02 has not run.
+
+# %%
+tok = load_tokenizer(MODEL)
+if not SMOKE and (Path(STAGE2_DIR) / "state.json").exists():
+    ds = load_tokenized(STAGE2_DIR)
+    data_note = f"stage-2 dataset {STAGE2_DIR}"
+else:
+    ds, _ = build_dataset(split_sample(read_jsonl(SAMPLE_FILE)), tok, DataConfig(max_length=MAX_PACK_TOKENS),
+                          out / "tokenized", num_proc=1)
+    data_note = f"bundled sample {SAMPLE_FILE}"
+lengths, n_target = np.asarray(ds["length"]), np.asarray(ds["n_target"])
+labels = ds["labels"]
+print(f"{data_note}: {len(ds)} sequences, lengths {sorted(lengths.tolist())}, target tokens {n_target.tolist()}")
+
+# %% [markdown]
+# ## 2. Three plans for the same data
+# `plan_epoch` is deterministic in (seed, epoch) and is re-run every epoch. A plan lists, per optimizer step,
+# the micro-batches of every data-parallel rank (`step.ranks[rank][micro_step]`); a micro-batch lists rows of
+# sequence indices (one per row when padded, several when packed).
+
+# %%
+base = BatchConfig(max_pack_tokens=MAX_PACK_TOKENS, batch_size=BATCH_SIZE, grad_accum=GRAD_ACCUM,
+                   world_size=WORLD_SIZE, seed=SEED)
+cfgs = {"naive": dataclasses.replace(base, strategy="naive"),
+        "sorted": dataclasses.replace(base, strategy="sorted"),
+        "packed": dataclasses.replace(base, strategy="packed", packer="bfd", batch_size=1)}
+plans = {k: plan_epoch(lengths, n_target, c, epoch=0, labels=labels) for k, c in cfgs.items()}
+for k, p in plans.items():
+    c = p.counters
+    print(f"{k:7s} steps {c['steps']}, micro-batches {c['micro_batches']}, rows {c['rows']}, "
+          f"fill {c['fill_rate']:.1%}, padding {c['padding_fraction']:.1%}, seq/row {c['seqs_per_row']:.2f}")
+    for s in p.steps[:2]:
+        print("   step", s.index, [[mb.packs for mb in rank] for rank in s.ranks])
+
+# %% [markdown]
+# A packed micro-batch is one row: `position_ids` restart at 0 for every sequence, `cu_seq_lens` marks the
+# boundaries (for varlen attention kernels), and the first label of every sequence is -100 so nothing is predicted
+# across a boundary. `loss_weights` carries each target token's weight.
+
+# %%
+pk = plans["packed"]
+step0 = pk.steps[0]
+w_seq = step_token_weights(step0, pk.n_target, "sequence")
+mb0 = max(step0.micro_batches(), key=lambda m: m.n_sequences)
+batch = collate(pk, mb0, ds, w_seq)
+print({k: (tuple(v.shape), v.dtype) if torch.is_tensor(v) else v for k, v in batch.items()})
+print("cu_seq_lens", batch["cu_seq_lens"].tolist())
+print("restarts of position_ids at", (batch["position_ids"][0] == 0).nonzero().flatten().tolist())
+
+# %% [markdown]
+# ## 3. The weighting bias, on this data
+# For one optimizer step, each reduction gives every sequence a share of the step loss (its per-token weight
+# times its target tokens; shares sum to 1). `sequence` gives each of the M sequences 1/M whatever its length or
+# its pack-mates; `token` favours long answers; `pack_mean` favours sequences whose pack holds few target tokens.
+
+# %%
+wstep = max(pk.steps, key=lambda s: s.n_sequences)
+shares = {r: effective_sequence_weights(wstep, r, pk.n_target) for r in ("token", "pack_mean", "sequence")}
+for i in wstep.item_ids:
+    print(f"seq {i}: N={pk.n_target[i]:4d}  " + "  ".join(f"{r} {shares[r][i]:.3f}" for r in shares))
+fig = loss_weight_figure(wstep, pk.n_target, title=f"Share of the step loss per sequence — {data_note}")
+plots.save(fig, out / "loss_weights.png")
+fig
+
+# %% [markdown]
+# A worked case of Eq. 3: four sequences with equal answers, one alone in a pack and three sharing another.
+# `pack_mean` gives the lone one half of the step (1/2 vs 1/6 each for the others); `sequence` gives all 1/4.
+
+# %%
+demo = plan_epoch([8, 8, 8, 8], None, BatchConfig(strategy="packed", max_pack_tokens=24, grad_accum=2))
+demo_shares = {r: effective_sequence_weights(demo.steps[0], r, demo.n_target) for r in ("pack_mean", "sequence")}
+print("packs:", [mb.packs for mb in demo.steps[0].micro_batches()])
+print({r: {i: round(v, 3) for i, v in s.items()} for r, s in demo_shares.items()})
+max_pack_mean_share = max(demo_shares["pack_mean"].values())
+
+# %% [markdown]
+# ## 4. At scale: a LongAlign-like mix on K devices
+# The real data above is small. To see the efficiency effects, plan a **synthetic** length mix shaped like
+# LongAlign's (70 % of sequences 0.2k–8k tokens, 30 % spread 8k–64k; no text, lengths only) into 64k rows and
+# simulate K devices running each plan step by step with the cost model t = a·Σlen + b·Σlen² (+ c): synchronous
+# data parallel, so each step lasts as long as its slowest device.
+
+# %%
+syn_len, syn_nt = sim.longalign_like_mix(SYNTH_N, seed=SEED, max_len=SYNTH_MAX_LEN)
+syn_cfg = BatchConfig(max_pack_tokens=SYNTH_MAX_LEN, batch_size=1, grad_accum=1, world_size=SIM_DEVICES, seed=SEED)
+cost = sim.CostModel.from_config(syn_cfg)
+res = sim.compare_strategies(syn_len, syn_nt, syn_cfg, cost=cost)
+print(f"cost model (7B-class model on one H100, bf16): {cost}")
+print(f"{'strategy':20s} {'fill':>7s} {'padding':>8s} {'steps':>6s} {'time (s)':>9s} {'idle':>6s}")
+for k, (p, s) in res.items():
+    print(f"{k:20s} {p.counters['fill_rate']:7.1%} {p.counters['padding_fraction']:8.1%} {len(p.steps):6d} "
+          f"{s.total_time:9.0f} {s.idle_fraction:6.1%}")
+bfd_fill, nf_fill = res["packed-bfd"][0].counters["fill_rate"], res["packed-next_fit"][0].counters["fill_rate"]
+
+# %% [markdown]
+# Best-fit-decreasing over the whole set (sorted once, O(n log n), no windows) fills 64k rows almost completely;
+# next-fit in shuffled order, what LongAlign does, leaves about a fifth of every row empty:
+
+# %%
+fig = fill_histogram_figure({k: res[k][0] for k in ("packed-next_fit", "packed-bfd")},
+                            title=f"Row fill at 64k — synthetic LongAlign-like mix, {SYNTH_N} sequences")
+plots.save(fig, out / "pack_fill.png")
+fig
+
+# %% [markdown]
+# The paper's Figure 3, as data: a timeline per device (a smaller synthetic set so the bars stay readable).
+# Red is time a device waits for the slowest one. Packing cuts waiting; grouping packs of similar modelled cost
+# into the same step (`balance=cost`) cuts it further — at the price of less random steps, like sorted batching.
+
+# %%
+g_len, g_nt = sim.longalign_like_mix(16 * SIM_DEVICES, seed=SEED + 1, max_len=SYNTH_MAX_LEN)
+small = sim.compare_strategies(g_len, g_nt, syn_cfg, cost=cost)
+fig = sim.gantt_figure([small[k][1] for k in ("naive", "sorted", "packed-bfd", "packed-bfd+balance")],
+                       title=f"{SIM_DEVICES} devices, synthetic LongAlign-like mix of {len(g_len)} sequences")
+plots.save(fig, out / "gantt.png")
+fig
+
+# %%
+fig = sim.idle_bar_figure({k: s.summary() for k, (_, s) in res.items()},
+                          title=f"Modelled epoch time on {SIM_DEVICES} devices — synthetic mix, {SYNTH_N} sequences")
+plots.save(fig, out / "idle.png")
+fig
+
+# %% [markdown]
+# ## 5. Real step times on this device
+# Now run the three plans for real: forward + backward of SmolLM2 for the first steps of each plan (all ranks'
+# micro-batches one after another, no optimizer update), with the `sequence` loss weights. Packed rows go in
+# with `position_ids` only, and transformers keeps each packed sequence's attention to itself. The measured
+# micro-batch times calibrate the cost model for this device (non-negative least squares).
+
+# %%
+model, _ = load_model_and_tokenizer(MODEL, dtype="fp32" if not torch.cuda.is_available() else "auto")
+device = next(model.parameters()).device
+tcfg = dataclasses.replace(base, max_pack_tokens=TIMING_MAX_TOKENS, world_size=1, grad_accum=TIMING_ACCUM,
+                           overlong="truncate", truncate_side="middle")
+timing = {}
+for k in ("naive", "sorted", "packed"):
+    c = dataclasses.replace(tcfg, strategy=k, batch_size=1 if k == "packed" else BATCH_SIZE)
+    tp = plan_epoch(lengths, n_target, c, epoch=0, labels=labels)
+    timing[k] = sim.measure_step_times(model, tp, ds, n_steps=TIMED_STEPS, pad_id=tok.pad_token_id or 0,
+                                       warmup=1 if k == "naive" else 0)  # first call only: allocation, kernels
+    t = timing[k]
+    print(f"{k:7s} {len(t['steps'])} steps, {len(t['micro'])} micro-batches, {t['tokens']} real tokens "
+          f"({t['computed_tokens']} computed), {sum(t['steps']):.2f} s → {t['tokens_per_s']:.0f} tokens/s on {device}")
+
+# %%
+samples = [m for t in timing.values() for m in t["micro"]]
+fitted = sim.calibrate(samples, fit_overhead=len(samples) >= 4)
+print("calibrated for this device:", fitted)
+fig, ax = plots.figure(figsize=(5.5, 4))
+for k, t in timing.items():
+    ax.scatter([fitted.a * x + fitted.b * x2 + fitted.c for x, x2, _ in t["micro"]], [s for *_, s in t["micro"]],
+               color=plots.PALETTE[k], label=k, s=30)
+lim = max(s for *_, s in samples) * 1.1
+ax.plot([0, lim], [0, lim], color="#888888", lw=0.8, ls="--")
+ax.set_xlabel("modelled micro-batch time (s)")
+ax.set_ylabel("measured micro-batch time (s)")
+ax.set_title(f"Cost model calibrated on {device}")
+ax.legend()
+plots.save(fig, out / "calibration.png")
+fig
+
+# %%
+write_metrics(out, {
+    "data": data_note, "sequences": int(len(lengths)),
+    "plans": {k: {x: p.counters[x] for x in ("steps", "fill_rate", "padding_fraction", "seqs_per_row")}
+              for k, p in plans.items()},
+    "sequence_shares_sum": float(sum(shares["sequence"].values())),
+    "sequence_share_spread": float(max(shares["sequence"].values()) - min(shares["sequence"].values())),
+    "demo_pack_mean_max_share": float(max_pack_mean_share),
+    "synthetic_n": SYNTH_N, "bfd_fill_64k": float(bfd_fill), "next_fit_fill_64k": float(nf_fill),
+    "idle": {k: float(s.idle_fraction) for k, (_, s) in res.items()},
+    "modelled_time_s": {k: float(s.total_time) for k, (_, s) in res.items()},
+    "timing": {k: {"tokens_per_s": t["tokens_per_s"], "step_s": t["steps"], "micro_batches": len(t["micro"])}
+               for k, t in timing.items()},
+    "calibrated": fitted.to_dict(), "device": str(device),
+    "figures": [str(out / f) for f in ("loss_weights.png", "pack_fill.png", "gantt.png", "idle.png",
+                                       "calibration.png")],
+})
