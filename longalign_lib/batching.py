@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -90,7 +90,10 @@ class MicroBatch:
         return len(self.packs) * max(self.row_lengths) if self.padded else self.tokens
 
     def to_dict(self) -> dict:
-        return {"packs": self.packs, "lengths": self.lengths, "n_target": self.n_target}
+        """Rows of item ids with their lengths, target counts and cu_seqlens (boundaries; position_ids restart at
+        each one)."""
+        cu = [[0, *np.cumsum(r).tolist()] for r in self.lengths]
+        return {"packs": self.packs, "lengths": self.lengths, "n_target": self.n_target, "cu_seqlens": cu}
 
 
 @dataclass
@@ -807,15 +810,15 @@ def load_lengths(cfg, run_dir: Path):
     on the fly when there is none (said in `note`)."""
     from .dataset import load_tokenized
 
+    if cfg.batching.dataset_dir and not (Path(cfg.batching.dataset_dir) / "state.json").exists():
+        raise LongAlignError(f"batching.dataset_dir={cfg.batching.dataset_dir}: no tokenized dataset there; run "
+                             "`longalign tokenize` or fix the path")
     cand = [cfg.batching.dataset_dir, cfg.data.tokenized_dir, Path(run_dir) / "tokenized"]
     for c in cand:
         if c and (Path(c) / "state.json").exists():
             ds = load_tokenized(c)
             return (np.asarray(ds["length"]), np.asarray(ds["n_target"]), _LazyLabels(ds), ds,
                     f"stage-2 tokenized dataset `{c}` ({len(ds)} sequences)")
-    if cfg.batching.dataset_dir:
-        raise LongAlignError(f"batching.dataset_dir={cfg.batching.dataset_dir}: no tokenized dataset there; run "
-                             "`longalign tokenize` or fix the path")
     from .check import sample_path
     from .formatting import format_file
     from .models import load_tokenizer
