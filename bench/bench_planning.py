@@ -51,11 +51,11 @@ def main(argv=None) -> dict:
         del plan
     out["load_average"] = list(os.getloadavg())  # wall time grows when other jobs share the cores
     out["bfd_under_10s"] = out["results"]["packed-bfd"]["seconds"] < 10.0
-    print(json.dumps(out, indent=2))
     if args.out:
         from longalign_lib.io import write_json
 
         write_json(args.out, out)
+    print(json.dumps(out, indent=2))
     return out
 
 
