@@ -58,6 +58,8 @@ def main() -> None:
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=8192)
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--user-words", type=float, default=40.0, help="median words per user turn")
+    ap.add_argument("--answer-words", type=float, default=160.0, help="median words per assistant turn")
     ap.add_argument("--out", default=None, help="also write the JSON result here")
     a = ap.parse_args()
 
@@ -71,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_tokenize_") as tmp:
         path = Path(tmp) / "short.jsonl"
         t0 = time.time()
-        write_jsonl(path, short_records(a.n))
+        write_jsonl(path, short_records(a.n, user_words=a.user_words, answer_words=a.answer_words))
         gen_s = time.time() - t0
         load_before = os.getloadavg()[0]
         cpu0 = _cpu_seconds()
@@ -85,7 +87,7 @@ def main() -> None:
         _, again = build_dataset({"short": path}, tok, cfg, Path(tmp) / "tokenized", num_proc=a.num_proc)
         cached_s = time.perf_counter() - t0
         result = {
-            "bench": "tokenize", "records": a.n, "kept": summary["kept"], "num_proc": summary["num_proc"],
+            "bench": "tokenize", "records": a.n, "user_words": a.user_words, "answer_words": a.answer_words, "kept": summary["kept"], "num_proc": summary["num_proc"],
             "cpu_count": os.cpu_count(), "model": a.model, "file_mb": round(path.stat().st_size / 2**20, 1),
             "tokens": summary["tokens"], "mean_len": round(summary["tokens"] / max(1, summary["kept"]), 1),
             "target_share": round(summary["target_tokens"] / max(1, summary["tokens"]), 3),

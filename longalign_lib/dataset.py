@@ -382,7 +382,8 @@ def build_dataset(files_or_records, tokenizer, cfg, out_dir: str | os.PathLike, 
     for g in by_name.values():
         rows += [(g.source, item) for item in g.items]
     if not rows:
-        raise LongAlignError(f"build_dataset: the inputs hold no records ({', '.join(g.described for g in groups)})")
+        why = f"; mixing kept none ({mix_info})" if mix_info else ""
+        raise LongAlignError(f"build_dataset: no records to tokenize ({', '.join(g.described for g in groups)}{why})")
 
     lines = [line for _, (_, line) in rows]
     sources = [src for src, _ in rows]
@@ -429,6 +430,20 @@ def load_tokenized(path: str | os.PathLike):
         raise LongAlignError(f"{path}: dataset lacks column(s) {missing} (has {ds.column_names}); rebuild it with "
                              "`longalign tokenize --rebuild`")
     return ds
+
+
+def find_record(inputs, source: str, origin: str) -> dict:
+    """The input record behind a dataset row, from its `source` and `origin` ("file:line" or "<source>:index")."""
+    from .io import iter_jsonl
+
+    value = dict(inputs)[source] if not isinstance(inputs, (str, os.PathLike)) else inputs
+    pos = int(origin.rsplit(":", 1)[1])
+    if isinstance(value, (str, os.PathLike)):
+        for line, rec in iter_jsonl(value):
+            if line == pos:
+                return rec
+        raise LongAlignError(f"{origin}: no such line in {value}")
+    return list(value)[pos - 1]
 
 
 # ----------------------------------------------------------------------------------------------- stage
@@ -479,10 +494,11 @@ def run_tokenize(cfg, run_dir: Path, args) -> dict:
                                 rebuild=bool(getattr(args, "rebuild", False)))
     summary["where"] = where
     write_json(run_dir / "tokenize.json", summary)
-    lengths = ds["length"]
+    import pyarrow.compute as pc
+
     metrics = {"records": summary["kept"], "rejected": sum(summary["rejected"].values()),
                "truncated": sum(summary["truncated"].values()), "tokens": summary["tokens"],
-               "target_tokens": summary["target_tokens"], "max_len": max(lengths),
+               "target_tokens": summary["target_tokens"], "max_len": pc.max(ds.data.column("length")).as_py(),
                "mean_len": round(summary["tokens"] / max(1, summary["kept"]), 1), "cached": summary["cached"]}
     rows = ["| source | records | kept | truncated | tokens | target tokens | rejected |", "|---|---|---|---|---|---|---|"]
     for src, s in summary["by_source"].items():

@@ -48,7 +48,7 @@ import numpy as np
 
 from longalign_lib import lengths as L
 from longalign_lib.config import DataConfig
-from longalign_lib.dataset import build_dataset, split_sample
+from longalign_lib.dataset import build_dataset, find_record, split_sample
 from longalign_lib.formatting import IGNORE, clean_messages
 from longalign_lib.io import read_jsonl, write_metrics
 from longalign_lib.models import load_tokenizer
@@ -85,10 +85,8 @@ print({k: summary[k] for k in ("total", "kept", "rejected", "truncated", "tokens
 # here; `tests/test_dataset.py` checks every record of the sample.
 
 # %%
-row_i = int(np.argmin(ds["length"]))
-row = ds[row_i]
-records = inputs[row["source"]] if isinstance(inputs[row["source"]], list) else read_jsonl(inputs[row["source"]])
-record = records[int(row["origin"].rsplit(":", 1)[1]) - 1]
+row = ds[int(np.argmin(ds.with_format("numpy")["length"]))]
+record = find_record(inputs, row["source"], row["origin"])  # origin: "file:line" of the input record
 messages, _ = clean_messages(record)
 round_trip = tok.decode(row["input_ids"]) == tok.apply_chat_template(messages, tokenize=False)
 print("decode(input_ids) == chat template text:", round_trip)
@@ -100,9 +98,7 @@ print(repr(tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y !
 # / >64k, scaled to the maximum length (here 2048 → 0–256 / … / >2k).
 
 # %%
-src = np.array(ds["source"])
-lens = {s: np.array(ds["length"])[src == s] for s in dict.fromkeys(src)}
-tgts = {s: np.array(ds["n_target"])[src == s] for s in dict.fromkeys(src)}
+lens, tgts = L.dataset_columns(ds)  # {source: lengths}, {source: target tokens}
 real = L.analyze(lens, tgts, max_length=MAX_LENGTH)
 for s, e in real["sources"].items():
     st, tg = e["lengths"], e["targets"]

@@ -84,6 +84,8 @@ def test_rejections_counted_by_reason_with_file_and_line(tmp_path, smol_tokenize
     assert s["by_source"]["mixed"]["rejected"] == s["rejected"]
     assert s["errors"][0].startswith(f"{path}:2: ") and "empty" in s["errors"][0]
     assert ds["origin"] == [f"{path}:1", f"{path}:3", f"{path}:6"]
+    assert D.find_record({"mixed": path}, "mixed", ds["origin"][2]) == good[2]
+    assert D.find_record({"records": good}, "records", "<records>:2") == good[1]
 
 
 def test_bad_json_names_the_line_and_writes_nothing(tmp_path, smol_tokenizer):
