@@ -404,8 +404,9 @@ def run_analyze(cfg, run_dir: Path, args) -> dict:
     buckets = " · ".join(f"{r['bucket']}: {100 * r['seq_share']:.0f}% of sequences, {100 * r['token_share']:.0f}% "
                          f"of tokens" for r in a["buckets"] if r["sequences"])
     report = (f"{where} Buckets scale with max_length {cfg.data.max_length:,} (edges {edges}).\n\n" + "\n".join(rows)
-              + f"\n\nBy bucket — {buckets}. The longest 10% of sequences carry {100 * a['top10']['tokens']:.0f}% of "
-              f"the tokens and {100 * a['top10']['attention']:.0f}% of the attention work (Σ L²).\n\n"
+              + f"\n\nBy bucket — {buckets}. The longest {a['top10']['sequences']:,} sequence(s) "
+              f"({100 * a['top10']['sequences'] / max(1, a['lengths']['count']):.0f}% of them) carry "
+              f"{100 * a['top10']['tokens']:.0f}% of the tokens and {100 * a['top10']['attention']:.0f}% of the attention work (Σ L²).\n\n"
               + "\n".join(f"![{n}]({p.relative_to(run_dir)})" for n, p in figs.items()))
     outputs = ["lengths.json", *[str(p.relative_to(run_dir)) for p in figs.values()]]
     return {"metrics": metrics, "outputs": outputs, "report": report}
