@@ -189,6 +189,7 @@ class EvalConfig:
     judge_max_new_tokens: int = 256
     judge_max_attempts: int = 3  # tries per run when the reply has no parseable [[rating]]
     judge_concurrency: int = 4
+    judge_cache_dir: str | None = None  # judge replies cache; default $LONGALIGN_HOME/llm_cache
     judge_prices: dict = field(default_factory=lambda: {"gpt-4o": [2.50, 10.00], "gpt-4o-mini": [0.15, 0.60],
                                                          "claude-3-5-sonnet": [3.00, 15.00]})  # USD / 1M tokens
     needle_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])

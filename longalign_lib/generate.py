@@ -1,10 +1,25 @@
-"""Long-context generation with the evaluated model's own chat template.
+"""Long-context generation with the evaluated model's own chat template, middle truncation and batching.
 
-Usage:
-    from longalign_lib.generate import generate_reply
+Run as: longalign eval --preset cpu-demo [--bench FILE] [--eval-limit N] [--eval-fresh]   → <run_dir>/predictions.jsonl
+Library:
+    from longalign_lib.generate import generate_reply, generate_replies, make_generate_fn
     text = generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=64)
+    outs = generate_replies(model, tok, [msgs1, msgs2], max_new_tokens=128, max_input_tokens=8000)
+    gen = make_generate_fn(model, tok, max_new_tokens=32)      # list of message lists -> list of replies
+
+Why the model's own template: LongAlign's evaluation code wraps every prompt in `[INST] ... [/INST]`; for a model
+trained with another template (ChatML, GLM-4, Llama-3) that is an unseen format and costs it points. Here every
+prompt is rendered by `tokenizer.apply_chat_template`. Prompts longer than the window lose their middle (head and
+tail kept, as in the paper's evaluation), so the instruction at the start and the question at the end survive.
+Prompts are grouped by length into batches (left padding) within a token budget; decoding is greedy and seeded.
+Predictions are appended one batch at a time, so an interrupted `longalign eval` resumes where it stopped.
 """
 from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .io import LongAlignError, append_jsonl, read_jsonl
 
 
 def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 64, do_sample: bool = False,
@@ -19,3 +34,232 @@ def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int =
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
                              pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+def model_window(model, tokenizer=None, override: int | None = None) -> int:
+    """The model's context window in tokens (`eval.max_input_tokens` overrides it, but never raises it)."""
+    window = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not window and tokenizer is not None and 0 < getattr(tokenizer, "model_max_length", 0) < 10_000_000:
+        window = tokenizer.model_max_length
+    if not window:
+        window = 2048
+    return int(min(window, override)) if override else int(window)
+
+
+def middle_truncate(ids: list[int], max_len: int) -> list[int]:
+    """Keep the first and last max_len/2 tokens, drop the middle (a no-op when it already fits)."""
+    if max_len <= 0:
+        raise LongAlignError(f"no room for the prompt: {max_len} tokens left after the answer budget")
+    if len(ids) <= max_len:
+        return list(ids)
+    head = max_len // 2
+    return list(ids[:head]) + list(ids[len(ids) - (max_len - head):])
+
+
+def case_messages(query: str, context: str = "", system: str | None = None) -> list[dict]:
+    """The evaluated model's chat: the long context first, then the question, in one user turn."""
+    content = f"{context.strip()}\n\n{query.strip()}" if context and context.strip() else query.strip()
+    msgs = [{"role": "system", "content": system}] if system else []
+    return msgs + [{"role": "user", "content": content}]
+
+
+def encode_prompt(tokenizer, messages: list[dict], max_input_tokens: int | None = None) -> tuple[list[int], int]:
+    """Chat-template token ids (generation prompt on), middle-truncated to `max_input_tokens`; (ids, original length)."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise LongAlignError(f"tokenizer {getattr(tokenizer, 'name_or_path', '?')!r} has no chat template; evaluate "
+                             "an instruct/chat model or set tokenizer.chat_template")
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                        return_dict=True)["input_ids"]
+    ids = list(ids)
+    n = len(ids)
+    return (middle_truncate(ids, max_input_tokens) if max_input_tokens else ids), n
+
+
+def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int, max_new_tokens: int) -> list[list[int]]:
+    """Group prompt indices by length: longest first, each batch ≤ batch_size prompts and ≤ max_batch_tokens
+    padded tokens (prompt + answer) in total. Similar lengths share a batch, so little compute goes to padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batches, cur = [], []
+    for i in order:
+        width = (lengths[cur[0]] if cur else lengths[i]) + max_new_tokens
+        if cur and (len(cur) >= batch_size or width * (len(cur) + 1) > max_batch_tokens):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def _eos_ids(model, tok) -> list[int]:
+    ids = []
+    gen_eos = getattr(model.generation_config, "eos_token_id", None)
+    for e in ([gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])) + [tok.eos_token_id]:
+        if e is not None and e not in ids:
+            ids.append(e)
+    return ids
+
+
+def generate_batch(model, tok, batch_ids: list[list[int]], max_new_tokens: int, seed: int = 0,
+                   do_sample: bool = False, temperature: float = 1.0) -> list[tuple[str, int]]:
+    """Generate for prompts of token ids at once (left padding); returns [(text, n_new_tokens)] in input order."""
+    import torch
+    from transformers import set_seed
+
+    set_seed(seed)
+    width = max(len(x) for x in batch_ids)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in batch_ids], device=model.device)
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids], device=model.device)
+    kw = dict(do_sample=do_sample, temperature=temperature) if do_sample else dict(do_sample=False)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=pad, eos_token_id=_eos_ids(model, tok), **kw)
+    eos = set(_eos_ids(model, tok)) | {pad}
+    results = []
+    for row in out[:, width:].tolist():
+        n = next((k for k, t in enumerate(row) if t in eos), len(row))
+        results.append((tok.decode(row[:n], skip_special_tokens=True).strip(), n))
+    return results
+
+
+def generate_replies(model, tok, messages_list: list[list[dict]], max_new_tokens: int = 128,
+                     max_input_tokens: int | None = None, batch_size: int = 4, max_batch_tokens: int = 16384,
+                     seed: int = 0, progress: bool = True, on_batch=None, desc: str = "generate") -> list[dict]:
+    """Generate a reply for each chat; returns [{prediction, n_input_tokens, n_prompt_tokens, truncated,
+    n_new_tokens, seconds}] in input order. `on_batch(indices, results)` is called after each batch (streaming)."""
+    from tqdm.auto import tqdm
+
+    window = model_window(model, tok)
+    budget = min(max_input_tokens or window, window) - max_new_tokens
+    encoded = [encode_prompt(tok, m, budget) for m in messages_list]
+    lengths = [len(ids) for ids, _ in encoded]
+    out: list[dict | None] = [None] * len(messages_list)
+    bar = tqdm(total=len(messages_list), desc=desc, disable=not progress)
+    for b in plan_batches(lengths, batch_size, max_batch_tokens, max_new_tokens):
+        t0 = time.time()
+        gens = generate_batch(model, tok, [encoded[i][0] for i in b], max_new_tokens, seed=seed)
+        dt = (time.time() - t0) / len(b)
+        res = []
+        for i, (text, n_new) in zip(b, gens, strict=False):
+            out[i] = {"prediction": text, "n_input_tokens": lengths[i], "n_prompt_tokens": encoded[i][1],
+                      "truncated": encoded[i][1] > lengths[i], "n_new_tokens": n_new, "seconds": round(dt, 3)}
+            res.append(out[i])
+        if on_batch:
+            on_batch(b, res)
+        bar.update(len(b))
+    bar.close()
+    return out
+
+
+def make_generate_fn(model, tok, max_new_tokens: int = 64, seed: int = 0, max_input_tokens: int | None = None,
+                     batch_size: int = 4, max_batch_tokens: int = 16384, progress: bool = False):
+    """A `generate_fn(list of message lists) -> list of replies` over a transformers model (for needle.run_grid)."""
+    def fn(messages_list):
+        outs = generate_replies(model, tok, messages_list, max_new_tokens=max_new_tokens,
+                                max_input_tokens=max_input_tokens, batch_size=batch_size,
+                                max_batch_tokens=max_batch_tokens, seed=seed, progress=progress)
+        return [o["prediction"] for o in outs]
+    return fn
+
+
+def client_generate_fn(client, max_new_tokens: int = 64, **params):
+    """The same `generate_fn` over an llm.py client (API model, vLLM server, local backend)."""
+    def fn(messages_list):
+        return [r.text for r in client.chat_many(messages_list, max_new_tokens=max_new_tokens, progress=False,
+                                                 **params)]
+    return fn
+
+
+# ---------------------------------------------------------------- the `eval` stage
+def add_eval_arguments(p) -> None:
+    p.add_argument("--bench", default=None, help="benchmark JSONL (idx, query, context, answer, few_shots); "
+                   "default: eval.bench_file, else the offline set built from data/kjv_*.txt")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N cases")
+    p.add_argument("--eval-fresh", action="store_true", help="discard predictions.jsonl and start over")
+
+
+def load_or_build_bench(cfg, run_dir: Path, bench: str | None = None, tokenizer=None):
+    """The benchmark cases and where they came from: a file, or the offline set (saved as <run_dir>/bench.jsonl)."""
+    from .benchmarks import load_benchmark, make_offline_set, save_benchmark
+
+    ec = cfg.eval
+    path = bench or ec.bench_file
+    if path:
+        return load_benchmark(path, ec.bench_limit), str(path)
+    saved = Path(run_dir) / "bench.jsonl"
+    if saved.exists():
+        return load_benchmark(saved, ec.bench_limit), f"{saved} (offline set, built earlier)"
+    if tokenizer is None:
+        from .models import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.name)
+    cases = make_offline_set(tokenizer, ec.bench_context_tokens, ec.bench_n_per_task, ec.seed, ec.needle_haystack_dir)
+    save_benchmark(saved, cases)
+    cases = cases[: ec.bench_limit] if ec.bench_limit else cases
+    return cases, f"{saved} (offline set built from local text: no eval.bench_file given)"
+
+
+def run_eval(cfg, run_dir: Path, args) -> dict:
+    from .benchmarks import score_exact
+    from .models import load_model_and_tokenizer
+    from .scoring import bootstrap_ci
+
+    ec = cfg.eval
+    run_dir = Path(run_dir)
+    pred_path = run_dir / "predictions.jsonl"
+    if getattr(args, "eval_fresh", False) and pred_path.exists():
+        pred_path.unlink()
+    model, tok = load_model_and_tokenizer(cfg=cfg.model)
+    cases, source = load_or_build_bench(cfg, run_dir, getattr(args, "bench", None), tok)
+    if getattr(args, "eval_limit", None):
+        cases = cases[: args.eval_limit]
+    done = {}
+    if pred_path.exists():
+        for row in read_jsonl(pred_path, allow_partial_last_line=True):
+            if row.get("model") != cfg.model.name:
+                raise LongAlignError(f"{pred_path} holds predictions of model {row.get('model')!r}, not "
+                                     f"{cfg.model.name!r}; use --eval-fresh or another --run-dir")
+            done[str(row["idx"])] = row
+    todo = [c for c in cases if c.idx not in done]
+    resumed = len(cases) - len(todo)
+
+    def stream(indices, results):
+        for i, r in zip(indices, results, strict=False):
+            c = todo[i]
+            meta = {k: v for k, v in c.meta.items()}
+            row = {"idx": c.idx, "task": c.task, "query": c.query, "answer": c.answer, "few_shots": c.few_shots,
+                   "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": cfg.model.name}
+            append_jsonl(pred_path, row)
+            done[c.idx] = row
+
+    t0 = time.time()
+    if todo:
+        generate_replies(model, tok, [case_messages(c.query, c.context) for c in todo],
+                         max_new_tokens=ec.max_new_tokens, max_input_tokens=ec.max_input_tokens,
+                         batch_size=ec.batch_size, max_batch_tokens=ec.max_batch_tokens, seed=ec.seed,
+                         on_batch=stream, desc="eval")
+    gen_s = time.time() - t0
+    rows = [done[c.idx] for c in cases]
+    exact = [r["exact"] for r in rows if r.get("exact") is not None]
+    ci = bootstrap_ci(exact, seed=ec.seed)
+    by_task = {}
+    for r in rows:
+        if r.get("exact") is not None:
+            by_task.setdefault(r["task"], []).append(r["exact"])
+    new_tokens = sum(r["n_new_tokens"] for r in rows if r["idx"] in {c.idx for c in todo})
+    metrics = {"cases": len(rows), "resumed": resumed, "truncated": sum(bool(r["truncated"]) for r in rows),
+               "mean_input_tokens": round(sum(r["n_input_tokens"] for r in rows) / len(rows), 1),
+               "exact_mean": round(ci["mean"], 4) if exact else None, "exact_n": len(exact),
+               **{f"exact_{t}": round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
+               "generate_s": round(gen_s, 2), "new_tokens_per_s": round(new_tokens / gen_s, 2) if gen_s > 0 else None}
+    lines = [f"Model `{cfg.model.name}` answered {len(rows)} cases from {source} "
+             f"({metrics['truncated']} truncated in the middle to the window; {resumed} resumed from an earlier run)."]
+    if exact:
+        lines.append(f"Exact score on the verifiable tasks: **{ci['mean']:.2f}** (95% CI {ci['lo']:.2f}–{ci['hi']:.2f}, "
+                     f"n={len(exact)}).")
+    lines += ["", "| idx | task | input tokens | exact | prediction |", "|---|---|---|---|---|"]
+    for r in rows[:8]:
+        pred = r["prediction"].replace("\n", " ").replace("|", "/")[:90]
+        lines.append(f"| {r['idx']} | {r['task']} | {r['n_input_tokens']} | {r.get('exact')} | {pred} |")
+    return {"metrics": metrics, "outputs": ["predictions.jsonl"], "report": "\n".join(lines)}

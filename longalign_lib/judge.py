@@ -1,0 +1,390 @@
+"""LLM-as-judge after LongBench-Chat: rate each answer 1-10 against the reference, calibrated by rated examples.
+
+Run as: longalign judge --preset cpu-demo [--predictions FILE] [--human-scores FILE] [--judge-proxy-only]
+Library:
+    from longalign_lib.judge import load_template, build_judge_prompt, parse_rating, judge_items
+    client = make_client("openai", "gpt-4o")                  # any llm.py backend; or a vLLM base_url
+    rows = judge_items(client, [{"idx": "1", "query": q, "answer": ref, "prediction": p, "few_shots": shots}])
+
+The protocol (Bai et al., 2024, LongBench-Chat): the judge sees the question, the reference answer and several
+answers with human ratings — never the long document, so a judge with a short window can grade long-context
+answers. The rated examples are shuffled for every run, each case is judged `runs` times (2, as in the paper) and
+the ratings are averaged. The judge must give the rating as [[n]]; parse_rating also accepts a few looser forms
+(each rating records how it was parsed), and a reply with no rating is retried with a reminder, up to
+`max_attempts` tries; runs that never yield a rating are recorded as failures. Alongside, every answer gets the
+reference-overlap proxy scores of scoring.py (offline, labelled as a proxy).
+
+Pointing the judge elsewhere takes two settings: `--set eval.judge_backend=openai --set eval.judge_model=gpt-4o`
+(key in $OPENAI_API_KEY), or `--set eval.judge_base_url=http://localhost:8000/v1 --set eval.judge_model=<served
+name>` for a vLLM / llama.cpp server (a base_url switches the local backend to the OpenAI wire format).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import re
+import time
+from pathlib import Path
+
+from .io import LongAlignError, append_jsonl, read_jsonl
+from .scoring import PROXY_LABEL, agreement, bootstrap_ci, proxy_scores
+
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+FIELDS = ("question", "reference", "answer", "examples")
+REQUIRED = ("question", "reference", "answer")
+REMINDER = ("Your reply did not contain a rating in the required form. Reply with the rating only, as a whole "
+            "number from 1 to 10 in double square brackets, for example [[6]].")
+NO_EXAMPLES = "(no rated examples for this question)"
+
+
+# ---------------------------------------------------------------- prompt assembly
+def load_template(spec: str | None = None) -> str:
+    """A judge prompt template: a bundled name (default, rating_first) or a path to a text file.
+
+    Placeholders: {question}, {reference}, {answer} (required) and {examples} (the rated answers).
+    """
+    spec = spec or "default"
+    path = Path(spec)
+    if not path.exists():
+        bundled = PROMPT_DIR / f"judge_{spec}.txt"
+        if not bundled.exists():
+            names = sorted(p.stem.removeprefix("judge_") for p in PROMPT_DIR.glob("judge_*.txt"))
+            raise LongAlignError(f"eval.judge_prompt_file={spec!r}: no such file, and not a bundled template "
+                                 f"({', '.join(names)})")
+        path = bundled
+    text = path.read_text(encoding="utf-8")
+    missing = [f for f in REQUIRED if "{" + f + "}" not in text]
+    if missing:
+        raise LongAlignError(f"{path}: the judge template lacks the placeholder(s) "
+                             f"{', '.join('{' + m + '}' for m in missing)}; it needs {{question}}, {{reference}}, "
+                             "{answer} and usually {examples}")
+    return text
+
+
+def fill(template: str, **values: str) -> str:
+    """Substitute {question} {reference} {answer} {examples} in one pass (text inside the values is left alone)."""
+    return re.sub(r"\{(" + "|".join(FIELDS) + r")\}", lambda m: values.get(m.group(1), m.group(0)), template)
+
+
+def _fmt_score(s) -> str:
+    return str(int(s)) if float(s).is_integer() else f"{s:g}"
+
+
+def format_examples(few_shots: list[dict], order: list[int]) -> str:
+    """The rated example answers, in the given order, each headed by its rating."""
+    if not few_shots:
+        return NO_EXAMPLES
+    blocks = [f"[Example answer {k + 1}, rated {_fmt_score(few_shots[i]['score'])}/10]\n{few_shots[i]['answer'].strip()}"
+              for k, i in enumerate(order)]
+    return "\n\n".join(blocks)
+
+
+def build_judge_prompt(template: str, question: str, reference: str, answer: str, few_shots: list[dict],
+                       rng: random.Random | None = None) -> tuple[str, list[int]]:
+    """The judge's prompt with the rated examples shuffled by `rng`; returns (prompt, order of the examples)."""
+    order = list(range(len(few_shots)))
+    (rng or random.Random(0)).shuffle(order)
+    text = fill(template, question=question.strip(), reference=reference.strip(),
+                answer=answer.strip() or "(empty answer)", examples=format_examples(few_shots, order))
+    return text, order
+
+
+# ---------------------------------------------------------------- parsing
+_NUM = r"(\d+(?:\.\d+)?)"
+PATTERNS = [
+    ("double_brackets", re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\]\]")),
+    ("single_brackets", re.compile(r"(?<!\[)\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\](?!\])")),
+    ("rating_word", re.compile(r"(?i)\b(?:rating|score|grade)\s*(?:is|:|=|of)?\s*" + _NUM + r"(?!\s*\.\d)")),
+    ("out_of_10", re.compile(_NUM + r"\s*(?:/\s*10|out of 10)\b")),
+]
+
+
+def parse_rating(text: str, strict: bool = False) -> tuple[float | None, str | None]:
+    """The judge's 1-10 rating from its reply and how it was found: (rating, pattern name) or (None, None).
+
+    The last [[n]] wins; without one, the looser forms are tried in order ([n], "rating: n", "n/10").
+    Values outside 1..10 are ignored. `strict`: only [[n]].
+    """
+    for name, pat in PATTERNS[:1] if strict else PATTERNS:
+        vals = [float(m.group(1)) for m in pat.finditer(text or "")]
+        vals = [v for v in vals if 1.0 <= v <= 10.0]
+        if vals:
+            return vals[-1], name
+    return None, None
+
+
+# ---------------------------------------------------------------- judging
+def judge_items(client, items: list[dict], template: str | None = None, runs: int = 2, max_attempts: int = 3,
+                seed: int = 0, temperature: float = 0.0, max_new_tokens: int = 256, progress: bool = True) -> list[dict]:
+    """Judge each item ({idx, query, answer (reference), prediction, few_shots}) `runs` times; returns one row each.
+
+    A row: idx, score (mean of the runs that gave a rating, or None), runs (per run: example order, rating,
+    attempts with raw reply, parse pattern, usage, cost, cached), n_failed_runs, failed, usage, cost_usd.
+    The runs of a case show the rated examples in different orders and use seeds seed, seed+1, ...; each try
+    goes out through client.chat_many (concurrent for HTTP backends); unparseable replies are retried with the
+    reply and a reminder appended.
+    """
+    template = template or load_template()
+    if runs < 1 or max_attempts < 1:
+        raise LongAlignError("eval.judge_runs and eval.judge_max_attempts must be at least 1")
+    jobs = []
+    for i, it in enumerate(items):
+        shots = it.get("few_shots") or []
+        n_orders = math.factorial(len(shots))
+        seen = []
+        for r in range(runs):
+            rng = random.Random(f"{seed}|{it['idx']}|{r}")
+            for _ in range(50):  # runs see different orders of the examples while there are orders left
+                prompt, order = build_judge_prompt(template, it["query"], it["answer"], it.get("prediction") or "",
+                                                   shots, rng)
+                if order not in seen or len(seen) >= n_orders:
+                    break
+            seen.append(order)
+            jobs.append({"item": i, "run": r, "order": order, "rating": None, "parsed_by": None,
+                         "messages": [{"role": "user", "content": prompt}], "attempts": []})
+    pending = jobs
+    for attempt in range(max_attempts):
+        if not pending:
+            break
+        replies = []
+        for r in range(runs):  # one seed per run: identical prompts still count as separate samples
+            batch = [j for j in pending if j["run"] == r]
+            replies += list(zip(batch, client.chat_many(
+                [j["messages"] for j in batch], desc=f"judge run {r + 1} try {attempt + 1}", progress=progress,
+                temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r), strict=False)) if batch else []
+        retry = []
+        for j, rep in replies:
+            rating, how = parse_rating(rep.text)
+            j["attempts"].append({"raw": rep.text, "rating": rating, "parsed_by": how, "usage": dict(rep.usage),
+                                  "cost_usd": rep.cost_usd, "cached": rep.cached})
+            if rating is None:
+                j["messages"] = j["messages"] + [{"role": "assistant", "content": rep.text.strip() or "(no reply)"},
+                                                 {"role": "user", "content": REMINDER}]
+                retry.append(j)
+            else:
+                j["rating"], j["parsed_by"] = rating, how
+        pending = retry
+    rows = []
+    for i, it in enumerate(items):
+        mine = [j for j in jobs if j["item"] == i]
+        ratings = [j["rating"] for j in mine if j["rating"] is not None]
+        usage = {"input_tokens": 0, "output_tokens": 0}
+        for j in mine:
+            for a in j["attempts"]:
+                for k in usage:
+                    usage[k] += int(a["usage"].get(k, 0) or 0)
+        rows.append({"idx": it["idx"], "score": sum(ratings) / len(ratings) if ratings else None,
+                     "runs": [{"run": j["run"], "order": j["order"], "rating": j["rating"], "parsed_by": j["parsed_by"],
+                               "attempts": j["attempts"]} for j in mine],
+                     "n_failed_runs": len(mine) - len(ratings), "failed": not ratings, "usage": usage,
+                     "cost_usd": sum(a["cost_usd"] or 0.0 for j in mine for a in j["attempts"]),
+                     "judge": {"backend": client.backend_name, "model": client.model}})
+    return rows
+
+
+def judge_config(ec):
+    """EvalConfig with a judge_base_url but the `local` backend → the OpenAI wire format (vLLM, llama.cpp...)."""
+    if ec.judge_base_url and ec.judge_backend == "local":
+        return dataclasses.replace(ec, judge_backend="openai")
+    return ec
+
+
+def make_judge_client(ec, model_cfg=None, **overrides):
+    from .llm import client_from_config
+
+    return client_from_config(judge_config(ec), prefix="judge_", model_cfg=model_cfg, **overrides)
+
+
+def needle_judge_scorer(ec, needle: str, question: str, client=None):
+    """A needle.run_grid scorer that asks the judge (reference = the needle sentence); rating/10, 0 on failure."""
+    client = client or make_judge_client(ec)
+    template = load_template(ec.judge_prompt_file)
+
+    def score(prediction: str, cell: dict) -> float:
+        row = judge_items(client, [{"idx": f"needle-{cell['length']}-{cell['depth']}", "query": question,
+                                    "answer": needle, "prediction": prediction, "few_shots": []}], template,
+                          runs=1, max_attempts=ec.judge_max_attempts, seed=ec.seed,
+                          temperature=ec.judge_temperature, max_new_tokens=ec.judge_max_new_tokens, progress=False)[0]
+        return 0.0 if row["score"] is None else row["score"] / 10.0
+    return score
+
+
+# ---------------------------------------------------------------- inputs
+def meta_eval_items(cases) -> list[dict]:
+    """LongBench-Chat's meta-evaluation: judge each rated example answer (its rating held out as the human score)
+    with the case's other examples as the calibration set."""
+    items = []
+    for c in cases:
+        shots = c.few_shots
+        for k, s in enumerate(shots):
+            items.append({"idx": f"{c.idx}#{k}", "task": c.task, "query": c.query, "answer": c.answer,
+                          "prediction": s["answer"], "few_shots": shots[:k] + shots[k + 1:],
+                          "human_score": s["score"], "meta": c.meta})
+    return items
+
+
+def read_human_scores(path) -> dict[str, float]:
+    """A JSONL of {idx, score} human ratings (1-10); errors name file:line."""
+    from .io import iter_jsonl
+
+    out = {}
+    for line, obj in iter_jsonl(path):
+        if not isinstance(obj, dict) or "idx" not in obj or not isinstance(obj.get("score"), (int, float)) \
+                or isinstance(obj.get("score"), bool):
+            raise LongAlignError(f"{path}:{line}: expected {{\"idx\": ..., \"score\": number}}")
+        out[str(obj["idx"])] = float(obj["score"])
+    return out
+
+
+def summarize(rows: list[dict], seed: int = 0) -> dict:
+    """Headline numbers over judgment rows: judge mean + bootstrap CI, proxy means, failures, usage, agreement."""
+    judge = [r["score"] for r in rows if r.get("score") is not None]
+    ci = bootstrap_ci(judge, seed=seed)
+    f1 = bootstrap_ci([r["proxy"]["token_f1"] for r in rows], seed=seed)
+    rl = bootstrap_ci([r["proxy"]["rouge_l"] for r in rows], seed=seed)
+    attempts = [a for r in rows for run in r.get("runs", []) for a in run["attempts"]]
+    out = {"n": len(rows), "judged": len(judge), "judge_mean": ci["mean"], "judge_ci_lo": ci["lo"],
+           "judge_ci_hi": ci["hi"], "failed_cases": sum(bool(r.get("failed")) for r in rows if "runs" in r),
+           "failed_runs": sum(r.get("n_failed_runs", 0) for r in rows),
+           "unparseable_replies": sum(a["rating"] is None for a in attempts), "judge_calls": len(attempts),
+           "proxy_token_f1": f1["mean"], "proxy_token_f1_ci": [f1["lo"], f1["hi"]],
+           "proxy_rouge_l": rl["mean"], "proxy_rouge_l_ci": [rl["lo"], rl["hi"]],
+           "input_tokens": sum(r.get("usage", {}).get("input_tokens", 0) for r in rows),
+           "output_tokens": sum(r.get("usage", {}).get("output_tokens", 0) for r in rows),
+           "cost_usd": round(sum(r.get("cost_usd", 0.0) for r in rows), 6)}
+    human = [r.get("human_score") for r in rows]
+    if any(h is not None for h in human):
+        out["agreement_judge_human"] = agreement([r.get("score") for r in rows], human)
+        out["agreement_proxy_human"] = agreement([r["proxy"]["rouge_l"] for r in rows], human)
+    exact = [r.get("exact") for r in rows]
+    if any(e is not None for e in exact):
+        out["exact_mean"] = bootstrap_ci([e for e in exact if e is not None])["mean"]
+        out["agreement_judge_exact"] = agreement([r.get("score") for r in rows], exact)
+    return out
+
+
+def scores_figure(rows: list[dict], title: str | None = None):
+    """Per case: judge runs (dots) and their mean (bar) beside the proxy ROUGE-L mapped to 1-10 (diamond)."""
+    from . import plots
+
+    fig, ax = plots.figure(figsize=(max(6.0, 0.5 * len(rows) + 2), 4.0))
+    xs = list(range(len(rows)))
+    means = [r["score"] if r.get("score") is not None else 0 for r in rows]
+    ax.bar(xs, means, color=plots.CYCLE[0], alpha=0.55, label="judge (mean of runs)")
+    for x, r in zip(xs, rows, strict=False):
+        runs = [run["rating"] for run in r.get("runs", []) if run["rating"] is not None]
+        ax.scatter([x] * len(runs), runs, color=plots.CYCLE[0], s=14, zorder=3,
+                   label="judge run" if x == 0 and runs else None)
+        if r.get("failed"):
+            ax.text(x, 0.3, "×", ha="center", color=plots.CYCLE[3], fontsize=12)
+    ax.scatter(xs, [r["proxy"]["proxy_10"] for r in rows], marker="D", color=plots.CYCLE[1], s=22, zorder=4,
+               label="proxy: 1 + 9·ROUGE-L")
+    if any(r.get("human_score") is not None for r in rows):
+        ax.scatter(xs, [r.get("human_score") for r in rows], marker="_", color="black", s=140, zorder=5,
+                   label="human / rubric score")
+    ax.set_xticks(xs, [str(r["idx"]) for r in rows], rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 10.5)
+    ax.set_ylabel("score (1-10)")
+    ax.set_title(title or "Judge ratings per case (× = no parseable rating)")
+    ax.legend(loc="upper right", fontsize=7)
+    return fig
+
+
+# ---------------------------------------------------------------- the `judge` stage
+def add_judge_arguments(p) -> None:
+    p.add_argument("--predictions", default=None, help="predictions JSONL to judge (default: <run_dir>/predictions.jsonl;"
+                   " without one, the benchmark's rated example answers are judged: a meta-evaluation)")
+    p.add_argument("--human-scores", default=None, help="JSONL of {idx, score} human ratings: adds Spearman/Kendall")
+    p.add_argument("--judge-proxy-only", action="store_true", help="skip the LLM judge; reference-overlap proxy only")
+    p.add_argument("--judge-fresh", action="store_true", help="discard judgments.jsonl and start over")
+
+
+def run_judge(cfg, run_dir: Path, args) -> dict:
+    from . import plots
+    from .generate import load_or_build_bench
+    from .io import write_json
+
+    ec = cfg.eval
+    run_dir = Path(run_dir)
+    out_path = run_dir / "judgments.jsonl"
+    if getattr(args, "judge_fresh", False) and out_path.exists():
+        out_path.unlink()
+    mode = "proxy" if getattr(args, "judge_proxy_only", False) else ec.judge_mode
+    if mode not in ("llm", "proxy"):
+        raise LongAlignError(f"eval.judge_mode={mode!r}: choose llm or proxy")
+    pred_path = Path(getattr(args, "predictions", None) or run_dir / "predictions.jsonl")
+    if pred_path.exists():
+        items, source = read_jsonl(pred_path, allow_partial_last_line=True), str(pred_path)
+        for k, it in enumerate(items, 1):
+            missing = [f for f in ("idx", "query", "answer", "prediction") if f not in it]
+            if missing:
+                raise LongAlignError(f"{pred_path}:{k}: missing field(s) {missing}; predictions come from `longalign eval`")
+            it["idx"] = str(it["idx"])
+    elif getattr(args, "predictions", None):
+        raise LongAlignError(f"{pred_path}: file not found")
+    else:
+        cases, bench = load_or_build_bench(cfg, run_dir)
+        items = meta_eval_items(cases)
+        source = f"the rated example answers of {bench} (meta-evaluation: no predictions.jsonl in {run_dir})"
+    if getattr(args, "human_scores", None):
+        human = read_human_scores(args.human_scores)
+        for it in items:
+            if it["idx"] in human:
+                it["human_score"] = human[it["idx"]]
+    done = {}
+    if out_path.exists():
+        for r in read_jsonl(out_path, allow_partial_last_line=True):
+            if r.get("mode") == mode:  # switching proxy <-> llm redoes the cases
+                done[str(r["idx"])] = r
+    todo = [it for it in items if it["idx"] not in done]
+    client = make_judge_client(ec, cfg.model) if mode == "llm" and todo else None
+    template = load_template(ec.judge_prompt_file) if mode == "llm" else None
+    t0 = time.time()
+    step = max(8, 2 * ec.judge_concurrency)
+    for s in range(0, len(todo), step):
+        chunk = todo[s:s + step]
+        judged = judge_items(client, chunk, template, runs=ec.judge_runs, max_attempts=ec.judge_max_attempts,
+                             seed=ec.seed, temperature=ec.judge_temperature, max_new_tokens=ec.judge_max_new_tokens
+                             ) if client else [{"idx": it["idx"], "score": None} for it in chunk]
+        for it, j in zip(chunk, judged, strict=False):
+            row = {**j, "task": it.get("task"), "prediction": it.get("prediction", ""), "reference": it["answer"],
+                   "proxy": proxy_scores(it.get("prediction", ""), it["answer"]), "exact": it.get("exact"),
+                   "human_score": it.get("human_score"), "mode": mode}
+            append_jsonl(out_path, row)
+            done[it["idx"]] = row
+    rows = [done[it["idx"]] for it in items]
+    summary = summarize(rows, ec.seed)
+    summary.update(mode=mode, source=source, seconds=round(time.time() - t0, 2), proxy_label=PROXY_LABEL,
+                   judge={"backend": judge_config(ec).judge_backend, "model": ec.judge_model,
+                          "base_url": ec.judge_base_url, "runs": ec.judge_runs,
+                          "template": ec.judge_prompt_file or "default"} if mode == "llm" else None,
+                   client_stats=client.stats if client else None)
+    write_json(run_dir / "judge_summary.json", summary)
+    fig = scores_figure(rows)
+    png = plots.save(fig, run_dir / "figures" / "judge_scores.png", close=True)
+    r3 = lambda v: None if v is None else round(v, 3)  # noqa: E731
+    metrics = {"judge_mean": r3(summary["judge_mean"]), "judge_ci_lo": r3(summary["judge_ci_lo"]),
+               "judge_ci_hi": r3(summary["judge_ci_hi"]), "judged": summary["judged"], "cases": summary["n"],
+               "failed_cases": summary["failed_cases"], "unparseable_replies": summary["unparseable_replies"],
+               "proxy_token_f1": r3(summary["proxy_token_f1"]), "proxy_rouge_l": r3(summary["proxy_rouge_l"]),
+               "cost_usd": summary["cost_usd"], "mode": mode}
+    for k in ("agreement_judge_human", "agreement_judge_exact"):
+        if k in summary:
+            metrics[k.replace("agreement_", "spearman_")] = r3(summary[k]["spearman"])
+    judge_txt = (f"Judge `{ec.judge_model}` ({judge_config(ec).judge_backend}), {ec.judge_runs} runs per case: mean "
+                 f"**{summary['judge_mean']:.2f}**/10 (95% bootstrap CI {summary['judge_ci_lo']:.2f}–"
+                 f"{summary['judge_ci_hi']:.2f}, {summary['judged']}/{summary['n']} cases rated, "
+                 f"{summary['unparseable_replies']} of {summary['judge_calls']} replies unparseable), "
+                 f"{summary['input_tokens']}+{summary['output_tokens']} tokens, ${summary['cost_usd']:.4f}."
+                 if summary["judge_mean"] is not None else
+                 f"No LLM judge ratings (mode `{mode}`{', every judge reply unparseable' if mode == 'llm' else ''}).")
+    report = (f"Judged {summary['n']} answers from {source}.\n\n{judge_txt}\n\n"
+              f"Proxy ({PROXY_LABEL}): token F1 {summary['proxy_token_f1']:.3f}, ROUGE-L {summary['proxy_rouge_l']:.3f}."
+              f"\n\n![judge scores]({png.relative_to(run_dir)})")
+    if "agreement_judge_human" in summary:
+        a = summary["agreement_judge_human"]
+        if a["spearman"] is not None:
+            report += f"\n\nAgreement with human scores (n={a['n']}): Spearman {a['spearman']:.3f}, Kendall {a['kendall']:.3f}."
+    return {"metrics": metrics, "outputs": ["judgments.jsonl", "judge_summary.json", str(png.relative_to(run_dir))],
+            "report": report}

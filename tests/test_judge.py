@@ -1,0 +1,235 @@
+"""Judge: prompt assembly (shuffled rated examples, no document), robust rating parsing, retries and failures,
+the judge over real HTTP (OpenAI wire format on 127.0.0.1), the `judge` stage, proxy scores and statistics."""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+
+from longalign_lib.io import LongAlignError, read_json, read_jsonl
+from longalign_lib.judge import (
+    REMINDER,
+    build_judge_prompt,
+    fill,
+    judge_items,
+    load_template,
+    needle_judge_scorer,
+    parse_rating,
+)
+from longalign_lib.scoring import agreement, bootstrap_ci, proxy_scores, rouge_l, token_f1
+
+SHOTS = [{"answer": "Alpha answer", "score": 10}, {"answer": "Beta answer", "score": 6},
+         {"answer": "Gamma answer", "score": 3}, {"answer": "Delta answer", "score": 1}]
+
+
+# ---------------------------------------------------------------- prompt assembly
+@pytest.mark.parametrize("name", ["default", "rating_first"])
+def test_bundled_templates_assemble_everything_but_the_document(name):
+    tpl = load_template(name)
+    prompt, order = build_judge_prompt(tpl, "Who is Naomi?", "Ruth's mother-in-law.", "Her aunt.", SHOTS,
+                                       random.Random(1))
+    assert "Who is Naomi?" in prompt and "Ruth's mother-in-law." in prompt and "Her aunt." in prompt
+    assert sorted(order) == [0, 1, 2, 3] and "[[" in prompt and "{" not in prompt.replace("[[", "")
+    for s in SHOTS:  # every example keeps its own rating, right above it
+        assert re.search(rf"rated {s['score']}/10\]\n{s['answer']}", prompt)
+    shown = [m.group(1) for m in re.finditer(r"\n(Alpha|Beta|Gamma|Delta) answer", prompt)]
+    assert shown == [SHOTS[i]["answer"].split()[0] for i in order]  # displayed in the shuffled order
+
+
+def test_examples_are_reshuffled_between_runs():
+    tpl = load_template()
+    orders = {tuple(build_judge_prompt(tpl, "q", "r", "a", SHOTS, random.Random(s))[1]) for s in range(30)}
+    assert len(orders) > 5 and all(sorted(o) == [0, 1, 2, 3] for o in orders)
+
+
+def test_fill_is_one_pass_and_no_examples_is_explicit():
+    out = fill("Q={question} R={reference} A={answer} E={examples}", question="{reference}", reference="ref",
+               answer="{question}", examples="ex")
+    assert out == "Q={reference} R=ref A={question} E=ex"
+    prompt, order = build_judge_prompt(load_template(), "q", "r", "", [], random.Random(0))
+    assert order == [] and "(no rated examples" in prompt and "(empty answer)" in prompt
+
+
+def test_template_file_option_and_errors(tmp_path):
+    good = tmp_path / "mine.txt"
+    good.write_text("Q: {question}\nRef: {reference}\nAns: {answer}\n{examples}\nRate as [[n]].", encoding="utf-8")
+    assert load_template(str(good)).startswith("Q: {question}")
+    bad = tmp_path / "bad.txt"
+    bad.write_text("Q: {question}\nRef: {reference}\n", encoding="utf-8")
+    with pytest.raises(LongAlignError, match=r"bad\.txt.*\{answer\}"):
+        load_template(str(bad))
+    with pytest.raises(LongAlignError, match="rating_first"):
+        load_template("no_such_template")
+
+
+# ---------------------------------------------------------------- parsing
+@pytest.mark.parametrize("text, want, how", [
+    ("Good answer.\n[[7]]", 7.0, "double_brackets"),
+    ("Rating: [[ 8 ]]", 8.0, "double_brackets"),
+    ("[[3]] at first, but on reflection [[9]]", 9.0, "double_brackets"),
+    ("[[7.5]]", 7.5, "double_brackets"),
+    ("[[6/10]]", 6.0, "double_brackets"),
+    ("[[11]] is off the scale", None, None),
+    ("[[0]]", None, None),
+    ("I give it [4].", 4.0, "single_brackets"),
+    ("Rating: 6", 6.0, "rating_word"),
+    ("The score is 3.", 3.0, "rating_word"),
+    ("Overall 8/10, solid.", 8.0, "out_of_10"),
+    ("It is 9 out of 10", 9.0, "out_of_10"),
+    ("I cannot judge this without the document.", None, None),
+    ("", None, None),
+])
+def test_parse_rating(text, want, how):
+    assert parse_rating(text) == (want, how)
+
+
+def test_parse_rating_strict_and_precedence():
+    assert parse_rating("[7] and Rating: 2", strict=True) == (None, None)
+    assert parse_rating("Rating: 2 ... final [[7]]")[0] == 7.0  # [[n]] beats looser forms anywhere
+
+
+# ---------------------------------------------------------------- judging over real HTTP
+def _judge_responder(body, path):
+    """A scripted judge: reads the answer under grading out of the prompt it was sent."""
+    msgs = body["messages"]
+    answer = msgs[0]["content"].split("[Answer to grade]\n", 1)[1].split("\n", 1)[0]
+    if answer.startswith("good"):
+        return "Matches the reference.\n[[8]]"
+    if answer.startswith("bad"):
+        return "Contradicts the reference. Rating: [[2]]"
+    if answer.startswith("late"):  # no rating at first; complies after the reminder
+        return "[[5]]" if len(msgs) == 3 and msgs[2]["content"] == REMINDER else "Hmm, hard to say."
+    return "I would rather not grade this."
+
+
+def _items():
+    return [{"idx": i, "query": f"Question {i}?", "answer": f"Reference {i}.", "prediction": p,
+             "few_shots": SHOTS, "context": "SECRET-DOCUMENT " * 50}
+            for i, p in [("1", "good answer"), ("2", "bad answer"), ("3", "late answer"), ("4", "hopeless answer")]]
+
+
+def test_judge_over_http_protocol_retries_failures_cost(llm_server, tmp_path):
+    from longalign_lib.llm import make_client
+
+    llm_server.responder = _judge_responder
+    llm_server.push(status=429)  # one rate-limit answer on the way: llm.py retries it
+    client = make_client("openai", "judge-m", base_url=llm_server.openai_url, cache_dir=tmp_path / "cache",
+                         prices={"judge-m": [1.0, 2.0]}, retry_base_s=0.01, api_key_env="NO_SUCH_KEY_VAR")
+    rows = judge_items(client, _items(), load_template(), runs=2, max_attempts=3, progress=False)
+    by = {r["idx"]: r for r in rows}
+    assert by["1"]["score"] == 8.0 and by["2"]["score"] == 2.0 and by["3"]["score"] == 5.0
+    assert by["4"]["score"] is None and by["4"]["failed"] and by["4"]["n_failed_runs"] == 2
+    assert all(len(run["attempts"]) == 3 for run in by["4"]["runs"])  # every try recorded
+    assert [len(run["attempts"]) for run in by["3"]["runs"]] == [2, 2]
+    # 2 + 2 + 4 + 6 judge calls, plus the 429
+    assert llm_server.count == 15 and client.stats["retries"] == 1, (llm_server.count, client.stats, [[len(r["attempts"]) for r in x["runs"]] for x in rows])
+    assert not any("SECRET-DOCUMENT" in json.dumps(b) for b in llm_server.bodies)  # never the document
+    retry = next(b for b in llm_server.bodies if len(b.get("messages", [])) == 3)
+    assert retry["messages"][1]["role"] == "assistant" and retry["messages"][2]["content"] == REMINDER
+    u = by["1"]["usage"]
+    assert u["input_tokens"] > 50 and by["1"]["cost_usd"] == pytest.approx((u["input_tokens"] + 2 * u["output_tokens"]) / 1e6)
+    # the two runs of a case see their examples in different orders (for at least one case)
+    assert any(r["runs"][0]["order"] != r["runs"][1]["order"] for r in rows)
+
+
+def _stage_cfg(llm_server, tmp_path, *extra):
+    from longalign_lib.config import load_config
+
+    return load_config("cpu-demo", [f"eval.judge_base_url={llm_server.openai_url}", "eval.judge_model=judge-m",
+                                    f"eval.judge_cache_dir={tmp_path / 'cache'}", "eval.judge_max_attempts=2",
+                                    "eval.judge_prompt_file=default", *extra])
+
+
+def test_judge_stage_over_http_with_human_scores_and_resume(llm_server, tmp_path):
+    from longalign_lib.pipeline import run_one
+
+    llm_server.responder = _judge_responder
+    preds = tmp_path / "predictions.jsonl"
+    rows = [{**it, "exact": None} for it in _items()[:3]]
+    preds.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    human = tmp_path / "human.jsonl"
+    human.write_text("".join(json.dumps({"idx": i, "score": s}) + "\n" for i, s in [("1", 9), ("2", 1), ("3", 6)]))
+    cfg = _stage_cfg(llm_server, tmp_path)
+    res = run_one("judge", cfg, tmp_path, _args(human_scores=str(human)))
+    out = read_jsonl(tmp_path / "judgments.jsonl")
+    assert [r["score"] for r in out] == [8.0, 2.0, 5.0] and all(r["judge"]["backend"] == "openai" for r in out)
+    assert all(0 <= r["proxy"]["rouge_l"] <= 1 for r in out)
+    m = res["metrics"]
+    assert m["judge_mean"] == 5.0 and m["judge_ci_lo"] <= 5.0 <= m["judge_ci_hi"] and m["spearman_judge_human"] == 1.0
+    summary = read_json(tmp_path / "judge_summary.json")
+    assert summary["agreement_judge_human"]["kendall"] == pytest.approx(1.0) and summary["unparseable_replies"] == 2
+    assert (tmp_path / "figures" / "judge_scores.png").stat().st_size > 10_000
+    calls = llm_server.count
+    run_one("judge", cfg, tmp_path)  # finished cases are not judged again
+    assert llm_server.count == calls
+
+
+def test_judge_stage_without_predictions_runs_the_meta_evaluation(llm_server, tmp_path):
+    from longalign_lib.pipeline import run_one
+
+    bench = tmp_path / "bench.jsonl"
+    shots = [{"answer": "good one", "score": 9}, {"answer": "bad one", "score": 2}, {"answer": "good two", "score": 8}]
+    bench.write_text(json.dumps({"idx": "q1", "query": "Q?", "context": "doc", "answer": "A.", "few_shots": shots}) + "\n")
+    llm_server.responder = _judge_responder
+    res = run_one("judge", _stage_cfg(llm_server, tmp_path, f"eval.bench_file={bench}"), tmp_path)
+    out = read_jsonl(tmp_path / "judgments.jsonl")
+    assert [r["idx"] for r in out] == ["q1#0", "q1#1", "q1#2"] and [r["human_score"] for r in out] == [9, 2, 8]
+    assert "meta-evaluation" in res["report"]
+    held_out = [b for b in llm_server.bodies if "[Answer to grade]\nbad one" in b["messages"][0]["content"]]
+    assert held_out and all("rated 2/10]\nbad one" not in b["messages"][0]["content"] for b in held_out)
+
+
+def test_proxy_only_mode_needs_no_server(tmp_path):
+    from longalign_lib.config import load_config
+    from longalign_lib.pipeline import run_one
+
+    (tmp_path / "predictions.jsonl").write_text(json.dumps(
+        {"idx": 1, "query": "Q", "answer": "Ruth is the great-grandmother of David", "prediction": "Ruth is David's great-grandmother"}) + "\n")
+    res = run_one("judge", load_config("cpu-demo", ["eval.judge_mode=proxy"]), tmp_path)
+    assert res["metrics"]["mode"] == "proxy" and res["metrics"]["judge_mean"] is None
+    assert 0.5 < res["metrics"]["proxy_token_f1"] < 1.0
+
+
+def test_needle_judge_scorer_over_http(llm_server, tmp_path):
+    llm_server.responder = lambda body, path: "Correct. [[9]]"
+    cfg = _stage_cfg(llm_server, tmp_path)
+    score = needle_judge_scorer(cfg.eval, "The cake has cardamom.", "What does the cake have?")
+    assert score("cardamom", {"length": 100, "depth": 0.5}) == pytest.approx(0.9)
+
+
+def _args(**kw):
+    from longalign_lib.pipeline import _defaults
+
+    a = _defaults("judge")
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+# ---------------------------------------------------------------- proxy scores and statistics
+def test_proxy_scores():
+    assert token_f1("the cat sat", "the cat sat") == 1.0 and token_f1("dog", "cat") == 0.0
+    assert token_f1("cat cat", "cat") == pytest.approx(2 * 0.5 * 1.0 / 1.5)
+    assert rouge_l("Ruth married Boaz", "Ruth married Boaz") == 1.0 and rouge_l("", "x") == 0.0
+    assert rouge_l("Boaz married Ruth", "Ruth married Boaz") < 1.0  # order matters for ROUGE-L, not for F1
+    p = proxy_scores("Ruth married Boaz", "Ruth married Boaz")
+    assert p == {"token_f1": 1.0, "rouge_l": 1.0, "proxy_10": 10.0}
+
+
+def test_bootstrap_ci():
+    ci = bootstrap_ci([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], seed=1)
+    assert ci["mean"] == 5.5 and ci["lo"] < 5.5 < ci["hi"] and ci == bootstrap_ci(list(range(1, 11)), seed=1)
+    wide = bootstrap_ci([1, 10] * 5, seed=0)
+    narrow = bootstrap_ci([1, 10] * 200, seed=0)
+    assert narrow["hi"] - narrow["lo"] < wide["hi"] - wide["lo"]
+    assert bootstrap_ci([None, 4])["n"] == 1 and bootstrap_ci([])["mean"] is None
+
+
+def test_agreement():
+    a = agreement([1, 2, 3, 4], [10, 20, 30, 40])
+    assert a["spearman"] == pytest.approx(1.0) and a["kendall"] == pytest.approx(1.0) and a["n"] == 4
+    b = agreement([1, 2, 3, None], [3, 2, 1, 5])
+    assert b["spearman"] == pytest.approx(-1.0) and b["n"] == 3
+    assert agreement([5, 5, 5], [1, 2, 3])["spearman"] is None
