@@ -894,8 +894,9 @@ def run_stage(cfg, run_dir: Path, args) -> dict:
                "sequences": int(len(lengths)), "steps": plan0_counters["steps"],
                "fill_rate": round(plan0_counters["fill_rate"], 4),
                "padding_fraction": round(plan0_counters["padding_fraction"], 4),
-               "truncated": plan0_counters["truncated"], "skipped": plan0_counters["skipped_overlong"]
-               + plan0_counters["skipped_no_target"], "split": plan0_counters["split"],
+               "truncated": plan0_counters["truncated"], "skipped_overlong": plan0_counters["skipped_overlong"],
+               "skipped_no_target": plan0_counters["skipped_no_target"], "split": plan0_counters["split"],
+               "pieces": plan0_counters["pieces"],
                "syn_fill_bfd": round(sy["packed-bfd"]["fill_rate"], 4),
                "syn_fill_next_fit": round(sy["packed-next_fit"]["fill_rate"], 4),
                **{f"syn_idle_{k}": round(v["idle_fraction"], 4) for k, v in sy.items()}}
@@ -906,8 +907,9 @@ def run_stage(cfg, run_dir: Path, args) -> dict:
     report = (f"Data: {note}. Plan ({b.strategy}{'/' + b.packer if b.strategy == 'packed' else ''}, rows of "
               f"{b.max_pack_tokens} tokens, {b.world_size} rank(s) × {b.grad_accum} micro-step(s), loss "
               f"`{b.loss_reduction}`): {plan0_counters['steps']} steps, fill {plan0_counters['fill_rate']:.1%}, "
-              f"padding {plan0_counters['padding_fraction']:.1%}, {plan0_counters['truncated']} truncated, "
-              f"{metrics['skipped']} skipped, {plan0_counters['split']} split. On this data with {K} simulated "
+              f"padding {plan0_counters['padding_fraction']:.1%}; over-long: {plan0_counters['truncated']} truncated, "
+              f"{metrics['skipped_overlong']} skipped, {plan0_counters['split']} split into {metrics['pieces']} "
+              f"pieces; {metrics['skipped_no_target']} without target tokens left out. On this data with {K} simulated "
               f"devices: " + ", ".join(f"{k} idle {v['idle_fraction']:.0%}" for k, v in sd.items()) + ".\n\n"
               f"Synthetic LongAlign-like mix ({len(sl)} sequences: 70 % 0.2k–8k, 30 % 8k–64k; not real data), "
               f"{K} devices, cost model t = {cost.a:g}·Σlen + {cost.b:g}·Σlen²:\n\n" + "\n".join(rows) +

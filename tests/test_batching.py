@@ -335,3 +335,18 @@ def test_packed_sequence_gradients_equal_unpacked_per_sequence_mean():
     ref.backward()
     for n, p in model.named_parameters():
         assert torch.allclose(packed[n], p.grad, atol=1e-5, rtol=0), (n, (packed[n] - p.grad).abs().max())
+
+
+def test_token_balance_and_drop_last():
+    lens, nt = longalign_mix(203, seed=5, cap=16384)
+    c = cfg_(strategy="naive", max_pack_tokens=16384, world_size=4, grad_accum=2, balance="tokens")
+    p = plan_epoch(lens, nt, c)
+    assert sorted(i for s in p.steps for i in s.item_ids) == list(range(203))
+    # within a step, the heaviest rank carries at most the heaviest micro-batch more than the lightest one
+    for s in p.steps[:-1]:
+        loads = [sum(mb.computed_tokens for mb in r) for r in s.ranks]
+        assert max(loads) - min(loads) <= max(mb.computed_tokens for mb in s.micro_batches())
+        assert all(len(r) == 2 for r in s.ranks)
+    d = plan_epoch(lens, nt, dataclasses.replace(c, drop_last=True, balance="none"))
+    assert d.counters["dropped_micro_batches"] == 203 % 8 and len(d.steps) == 203 // 8
+    assert all(len(r) == 2 for s in d.steps for r in s.ranks)
