@@ -554,6 +554,9 @@ def load_model_for_training(cfg, device: str | None = None):
     full_ft = not mcfg.lora
     if full_ft and use_bf16 and cfg.train.master_fp32:
         mcfg.dtype = "fp32"  # fp32 master weights, bf16 compute through autocast
+    from transformers import set_seed
+
+    set_seed(cfg.train.seed)  # random-init models (random:<config>) and LoRA adapters start the same every run
     model, tok = load_model_and_tokenizer(cfg=mcfg)
     model.config.use_cache = False
     if cfg.train.gradient_checkpointing:
@@ -639,10 +642,12 @@ def _prune_log(path: Path, upto_step: int) -> None:
         write_jsonl(path, rows)
 
 
-def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = True, **kw) -> dict:
+def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = True, callbacks=(), **kw) -> dict:
     """Build, (resume and) train, save the final model in <run_dir>/model; returns a summary."""
     run_dir = Path(run_dir)
     trainer, info = build_trainer(cfg, run_dir, **kw)
+    for cb in callbacks:
+        trainer.add_callback(cb)
     log = run_dir / LOG_NAME
     ckpt = _latest_checkpoint(run_dir / "checkpoints") if resume else None
     if ckpt is not None:
@@ -692,17 +697,68 @@ def summarize_log(rows: list[dict]) -> dict:
 
 
 def loss_figure(curves: dict[str, list[dict]], title: str = "Training loss", x: str = "step"):
-    """Loss curves of one or more train logs (name → rows); colours from plots.PALETTE where the name has one."""
+    """Loss curves of one or more train logs (name → rows); colours from plots.PALETTE where the name has one.
+
+    x="step" or "tokens" (cumulative training tokens: compares strategies whose steps hold different amounts)."""
+    import numpy as np
+
     from . import plots
 
     fig, ax = plots.figure()
     for name, rows in curves.items():
-        xs = [r[x] for r in rows]
+        xs = np.cumsum([r["tokens"] for r in rows]) if x == "tokens" else [r[x] for r in rows]
         ax.plot(xs, [r["loss"] for r in rows], marker="o", ms=3, label=name, color=plots.PALETTE.get(name))
-    ax.set_xlabel("optimizer step" if x == "step" else x)
+    ax.set_xlabel({"step": "optimizer step", "tokens": "training tokens seen"}.get(x, x))
     ax.set_ylabel("step loss (weighted CE)")
     ax.set_title(title)
     ax.legend()
+    return fig
+
+
+def packed_batch_figure(batch: dict, title: str = "One packed row: documents, positions, loss weights"):
+    """Three aligned panels of a collated packed batch: which document each token belongs to, position_ids
+    (restarting per document), and the per-token loss weight (0 on prompts; 1/(M·N_i) on answers)."""
+    import numpy as np
+
+    from . import plots
+
+    cu = batch["cu_seq_lens"].tolist()
+    pos = batch["position_ids"][0].numpy()
+    w = batch["loss_weights"][0].numpy()
+    T = len(pos)
+    fig, axes = plots.figure(3, 1, figsize=(9, 5), sharex=True)
+    for d in range(len(cu) - 1):
+        axes[0].axvspan(cu[d], cu[d + 1], color=plots.CYCLE[d % len(plots.CYCLE)], alpha=0.8)
+        axes[0].text((cu[d] + cu[d + 1]) / 2, 0.5, f"doc {d}\n{cu[d + 1] - cu[d]} tok", ha="center", va="center",
+                     fontsize=7, color="white")
+    axes[0].set_yticks([])
+    axes[0].set_ylabel("document")
+    axes[0].grid(False)
+    axes[1].plot(np.arange(T), pos, lw=1, color=plots.CYCLE[0])
+    axes[1].set_ylabel("position_ids")
+    axes[2].fill_between(np.arange(T), w, step="mid", color=plots.PALETTE["target"])
+    axes[2].set_ylabel("loss weight")
+    axes[2].set_xlabel("token index in the packed row")
+    axes[0].set_title(title)
+    axes[0].set_xlim(0, T)
+    return fig
+
+
+def wall_time_figure(times: dict[str, float], title: str = "Wall time for the same data (one epoch)"):
+    """Bars of training wall time per batching strategy, with the ratio to the slowest written on each bar."""
+    from . import plots
+
+    fig, ax = plots.figure(figsize=(7, 3.8))
+    names = list(times)
+    worst = max(times.values())
+    bars = ax.bar(names, [times[n] for n in names], color=[plots.PALETTE.get(n, plots.CYCLE[0]) for n in names])
+    for b, n in zip(bars, names):
+        ax.annotate(f"{times[n]:.1f} s\n({worst / times[n]:.2f}× faster than slowest)" if times[n] < worst else
+                    f"{times[n]:.1f} s", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_ylabel("training wall time (s)")
+    ax.set_ylim(0, worst * 1.3)
+    ax.set_title(title)
     return fig
 
 
