@@ -152,7 +152,8 @@ class Plan:
                                             "grad_accum", "world_size")}
         d["counters"] = self.counters
         d["views"] = {str(k): v for k, v in self.views.items()}
-        d["pieces"] = {str(i): int(self.source[i]) for i in range(len(self.source)) if self.source[i] != i}
+        moved = np.flatnonzero(self.source != np.arange(len(self.source)))
+        d["pieces"] = {str(i): int(self.source[i]) for i in moved.tolist()}  # split pieces → dataset row
         if steps:
             d["steps"] = [[[mb.to_dict() for mb in rank] for rank in s.ranks] for s in self.steps]
         return d
