@@ -225,6 +225,13 @@ for k in ("naive", "sorted", "packed"):
     print(f"{k:7s} {len(t['steps'])} steps, {len(t['micro'])} micro-batches, {t['tokens']} real tokens "
           f"({t['computed_tokens']} computed), {sum(t['steps']):.2f} s → {t['tokens_per_s']:.0f} tokens/s on {device}")
 
+# %% [markdown]
+# Reading the numbers: on a GPU, padded rows cost compute for nothing and packed rows do not, so packing shows
+# up as more real tokens per second; on a small shared CPU with a handful of short micro-batches the times are
+# dominated by noise and fixed overheads (the SMOKE run times one micro-batch of ≤ 64 tokens per plan). The fit
+# below is only as good as its samples: give it more steps (`TIMED_STEPS`) and longer rows for a usable model,
+# then pass the constants to `longalign pack` with `--set batching.cost_a=… batching.cost_b=… batching.cost_c=…`.
+
 # %%
 samples = [m for t in timing.values() for m in t["micro"]]
 fitted = sim.calibrate(samples, fit_overhead=len(samples) >= 4)
