@@ -175,6 +175,26 @@ for k, (p, s) in res.items():
 bfd_fill, nf_fill = res["packed-bfd"][0].counters["fill_rate"], res["packed-next_fit"][0].counters["fill_rate"]
 
 # %% [markdown]
+# Why sorted batching is fast but biased: its steps are made of similar lengths, so one step trains only on long
+# sequences and the next only on short ones. The spread of the mean sequence length per optimizer step shows it
+# (naive and packed steps draw from the whole mix):
+
+# %%
+step_means = {k: [float(np.mean([res[k][0].lengths[i] for i in s_.item_ids])) for s_ in res[k][0].steps]
+              for k in ("naive", "sorted", "packed-bfd")}
+fig, ax = plots.figure(figsize=(7, 3.2))
+for k, v in step_means.items():
+    ax.hist(v, bins=40, alpha=0.6, color=plots.PALETTE[k.split("-")[0]],
+            label=f"{k}: {len(v)} steps, std {np.std(v):,.0f} tokens")
+ax.set_xlabel("mean sequence length in an optimizer step (tokens)")
+ax.set_ylabel("steps")
+ax.set_title(f"Step composition on {SIM_DEVICES} devices — synthetic LongAlign-like mix")
+ax.legend()
+plots.save(fig, out / "step_composition.png")
+step_mean_std = {k: float(np.std(v)) for k, v in step_means.items()}
+fig
+
+# %% [markdown]
 # Best-fit-decreasing over the whole set (sorted once, O(n log n), no windows) fills 64k rows almost completely;
 # next-fit in shuffled order, what LongAlign does, leaves about a fifth of every row empty:
 
@@ -230,7 +250,7 @@ for k in ("naive", "sorted", "packed"):
 # up as more real tokens per second; on a small shared CPU with a handful of short micro-batches the times are
 # dominated by noise and fixed overheads (the SMOKE run times one micro-batch of ≤ 64 tokens per plan). The fit
 # below is only as good as its samples: give it more steps (`TIMED_STEPS`) and longer rows for a usable model,
-# then pass the constants to `longalign pack` with `--set batching.cost_a=… batching.cost_b=… batching.cost_c=…`.
+# then pass the constants to `longalign pack` with `--set batching.cost_a=… --set batching.cost_b=… --set batching.cost_c=…`.
 
 # %%
 samples = [m for t in timing.values() for m in t["micro"]]
@@ -258,11 +278,11 @@ write_metrics(out, {
     "sequence_share_spread": float(max(shares["sequence"].values()) - min(shares["sequence"].values())),
     "demo_pack_mean_max_share": float(max_pack_mean_share),
     "synthetic_n": SYNTH_N, "bfd_fill_64k": float(bfd_fill), "next_fit_fill_64k": float(nf_fill),
-    "idle": {k: float(s.idle_fraction) for k, (_, s) in res.items()},
+    "idle": {k: float(s.idle_fraction) for k, (_, s) in res.items()}, "step_mean_len_std": step_mean_std,
     "modelled_time_s": {k: float(s.total_time) for k, (_, s) in res.items()},
     "timing": {k: {"tokens_per_s": t["tokens_per_s"], "step_s": t["steps"], "micro_batches": len(t["micro"])}
                for k, t in timing.items()},
     "calibrated": fitted.to_dict(), "device": str(device),
     "figures": [str(out / f) for f in ("loss_weights.png", "pack_fill.png", "gantt.png", "idle.png",
-                                       "calibration.png")],
+                                       "step_composition.png", "calibration.png")],
 })
