@@ -667,6 +667,8 @@ def collate_packed(examples: Sequence[Mapping], token_weights=None) -> dict:
     position_ids (restart at 0 per sequence), cu_seq_lens (int32, [n+1]), max_seqlen, loss_weights (float32,
     w_i on sequence i's target tokens, 0 elsewhere). Loss = Σ_t loss_weights[t] · CE(logits[t-1], labels[t]).
     `token_weights`: {idx: w} (examples carry "idx"), a list aligned with examples, a float, or None (1.0).
+    A packed micro-batch of several rows (batch_size > 1) becomes one longer row: with per-sequence attention the
+    row boundaries change nothing, and `pack_mean` weights already carry them.
     """
     import torch
 
