@@ -1,0 +1,802 @@
+"""Self-Instruct long-document tasks and short chat data in the LongAlign-10k record format.
+
+Run as: longalign synth --preset cpu-demo [--dry-run] [--resume]   (reads <run_dir>/corpus.jsonl,
+        writes <run_dir>/long.jsonl, short.jsonl, synth_rejects.jsonl, synth.json)
+Usage:
+    from longalign_lib.synth import synth_document, parse_questions, import_sharegpt, magpie_records
+    trace = synth_document(client, doc, task_type="summary")    # every step: prompt, raw output, questions, answer
+    trace.record                                                # {"messages": [...], "meta": {...}} or None
+    trace.reason                                                # why it was rejected (counted in synth.json)
+
+Long data (the paper's Self-Instruct, §3.1): per document, one of four task types (general, summary, multi-hop
+reasoning, information extraction), balanced over the corpus; the model writes five questions as a numbered
+list (prompts/questions_<lang>_<task>.txt, English or Chinese following the document), the parser extracts
+them from whatever the model actually wrote, one is picked, and the model answers it with the document in
+front of it (prompts/answer_<lang>.txt). The training record is user = document + question,
+assistant = answer. Filters count why a document yields no record: no_questions, duplicate_question,
+empty_answer, refusal, too_short, repetitive, off_document (the answer shares too little with the document),
+too_long_for_model.
+
+Short data: `import_sharegpt` converts ShareGPT-style JSON/JSONL (`conversations` with from/value) into the
+same format; `magpie_records` writes an offline short mix the Magpie way: the aligned model receives only its
+chat template's user prefix, writes a user question itself, then answers it.
+Resumable: records are appended one by one; --resume skips documents already written or rejected. The LLM
+request cache makes a rerun free.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import re
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .corpus import Document, detect_lang, load_corpus
+from .formatting import RecordError, clean_messages
+from .io import LongAlignError, append_jsonl, iter_jsonl, write_json, write_jsonl
+
+PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
+TASK_TYPES = ("general", "summary", "reasoning", "extraction")
+LANGS = ("en", "zh")
+PLACEHOLDER_QUESTION_TOKENS = 30  # for --dry-run estimates of the answer calls
+
+# ----------------------------------------------------------------------------------------------------------------
+# prompts
+# ----------------------------------------------------------------------------------------------------------------
+_PROMPTS: dict[str, str] = {}
+
+
+def prompt_text(name: str) -> str:
+    if name not in _PROMPTS:
+        path = PROMPT_DIR / f"{name}.txt"
+        if not path.exists():
+            raise LongAlignError(f"{path}: prompt file missing (task types: {', '.join(TASK_TYPES)}; langs: en, zh)")
+        _PROMPTS[name] = path.read_text(encoding="utf-8")
+    return _PROMPTS[name]
+
+
+def _fill(template: str, **values) -> str:
+    out = template
+    for k, v in values.items():  # plain replacement: documents contain braces
+        out = out.replace("{" + k + "}", str(v))
+    return out.strip()
+
+
+def question_messages(doc_text: str, task_type: str, lang: str = "en", n: int = 5) -> list[dict]:
+    """The request for `n` questions of one task type about the document."""
+    if task_type not in TASK_TYPES:
+        raise LongAlignError(f"synth.task_types: unknown task type {task_type!r}; choose from {', '.join(TASK_TYPES)}")
+    lang = lang if lang in LANGS else "en"
+    return [{"role": "user", "content": _fill(prompt_text(f"questions_{lang}_{task_type}"), document=doc_text, n=n)}]
+
+
+def answer_messages(doc_text: str, question: str, lang: str = "en") -> list[dict]:
+    """The request for an answer grounded in the document."""
+    lang = lang if lang in LANGS else "en"
+    return [{"role": "user", "content": _fill(prompt_text(f"answer_{lang}"), document=doc_text, question=question)}]
+
+
+def training_user_turn(doc_text: str, question: str) -> str:
+    """The user turn of the training record (as in LongAlign-10k: the document, then the question)."""
+    return f"{doc_text.rstrip()}\n\n{question.strip()}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# parsing the model's question list
+# ----------------------------------------------------------------------------------------------------------------
+_CN_NUM = "一二三四五六七八九十"
+ITEM = re.compile(
+    r"^\s*(?:[-*•]\s*)?(?:\*\*|__)?\s*"
+    r"(?:(?:Q(?:uestion)?|问题|題目|题目)\s*[#]?\s*(?P<n1>\d{1,2})\s*[\.\):：、\-]?"
+    r"|[\(\[（]?(?P<n2>\d{1,2})\s*[\.\)\]）:：、．](?!\d)"
+    r"|(?P<n3>[" + _CN_NUM + r"]{1,2})\s*[、\.．:：]"
+    r"|第(?P<n4>[\d" + _CN_NUM + r"]{1,2})[个題题][:：、.]?)"
+    r"\s*(?:\*\*|__)?\s*(?P<body>.*)$"
+)
+BULLET = re.compile(r"^\s*[-*•·]\s+(?P<body>.+)$")
+PREAMBLE = re.compile(r"^(here (are|is)|sure|certainly|okay|ok\b|below|以下|好的|当然|these are)", re.I)
+ANSWER_TAIL = re.compile(r"\s*(?:\(|\[)?\s*(?:answer|ans\.?|a|答案|答)\s*[:：].*$", re.I)
+
+
+def _clean_question(q: str) -> str:
+    q = q.strip()
+    q = re.sub(r"^(?:\*\*|__)+|(?:\*\*|__)+$", "", q).strip()
+    q = re.sub(r"^(?:question|q|问题)\s*[:：]\s*", "", q, flags=re.I)
+    q = re.sub(r"\*\*(.+?)\*\*", r"\1", q)
+    # keep the question and drop an answer the model added after it
+    m = re.search(r"[?？]", q)
+    if m and m.end() < len(q):
+        tail = q[m.end():]
+        if ANSWER_TAIL.match(tail) or re.match(r"\s*[-–—]\s", tail) or re.match(r"\s*\(", tail):
+            q = q[: m.end()]
+    q = ANSWER_TAIL.sub("", q) if not re.search(r"[?？]\s*$", q) and ANSWER_TAIL.search(q) and \
+        ANSWER_TAIL.search(q).start() > 8 else q
+    q = q.strip().strip('"“”\'`').strip()
+    return re.sub(r"\s+", " ", q)
+
+
+QUESTION_START = re.compile(
+    r"^(what|who|whom|whose|which|when|where|why|how|is|are|was|were|do|does|did|can|could|should|would|will|"
+    r"has|have|had|in what|according to|based on|summari[sz]e|describe|explain|list|give|compare|identify|name|"
+    r"extract|find|provide|outline|state|trace|discuss|analy[sz]e|what's|in which|from the|using the)\b", re.I)
+ZH_QUESTION = re.compile(r"什么|吗|如何|怎样|怎么|为什么|为何|哪|谁|多少|几|是否|请|总结|概述|概括|列出|说明|描述|比较")
+LABEL = re.compile(r"^\s*(?:\*\*)?(?:question|q|问题)\s*(?:\*\*)?\s*[:：]\s*(?P<body>.+)$", re.I)
+ANSWER_LINE = re.compile(r"^\s*(?:\*\*)?(?:answer|ans|a|答案|答|回答)\s*(?:\*\*)?\s*[:：]", re.I)
+
+
+def is_question_like(q: str) -> bool:
+    """A question or a request: ends with '?', starts like one (what/how/summarize/list ...), or reads as one in Chinese."""
+    q = q.strip()
+    return bool(q.endswith(("?", "？")) or QUESTION_START.match(q) or ZH_QUESTION.search(q))
+
+
+def _plausible(q: str) -> bool:
+    if len(q) < 8 or len(q) > 600:
+        return False
+    han = len(re.findall(r"[\u4e00-\u9fff]", q))
+    if han < 4 and len(q.split()) < 3:
+        return False
+    if PREAMBLE.match(q) and not q.rstrip().endswith(("?", "？")):
+        return False
+    return is_question_like(q)
+
+
+def norm_question(q: str) -> str:
+    """Normal form for duplicate detection: lower case, letters/digits/Han only."""
+    return re.sub(r"[^0-9a-z\u4e00-\u9fff]+", "", q.lower())
+
+
+def question_sentences(text: str) -> list[str]:
+    """The sentences of `text` that end with a question mark (sentence ends: .!? + space, or 。！？)."""
+    parts = re.split(r"(?<=[.!?])\s+|(?<=[。！？])|\n", text)
+    return [p.strip() for p in parts if re.search(r"[?？][\"”'*]*$", p.strip())]
+
+
+def parse_questions(text: str, n: int = 5) -> list[str]:
+    """Questions from a model's reply: numbered lists in any common style, bullets, `Question:` labels, or bare
+    lines/sentences ending in '?'.
+
+    Tolerates preamble and closing prose, markdown bold, quotes, answers added after a question (same line or
+    an `Answer:` line), items wrapped over two lines, Chinese numbering (一、 / 第1个 / 问题1：), fewer items
+    than asked. Keeps only question-like items (a '?' or a request such as "Summarize ..."), drops duplicates,
+    returns at most `n`, in the model's order.
+    """
+    text = re.sub(r"```[a-zA-Z]*", "", text or "").replace("\r\n", "\n")
+    items: list[list[str]] = []
+    current: list[str] | None = None
+    for line in text.split("\n"):
+        if not line.strip() or re.match(r"^\s*#{1,6}\s", line) or ANSWER_LINE.match(line):
+            current = None  # blank line, markdown heading or an answer: the item is over
+            continue
+        m = ITEM.match(line)
+        body = None
+        if m and (m.group("body") or "").strip():
+            body = m.group("body")
+        else:
+            for pat in (LABEL, BULLET):
+                b = pat.match(line)
+                if b:
+                    body = b.group("body")
+                    break
+        if body is None and re.search(r"[?？][\"”'*]*\s*$", line) and (current is None or
+                                                                      re.search(r"[?？]", current[-1])):
+            qs = question_sentences(line)  # a bare line: its sentences that are questions
+            items += [[q] for q in qs[:-1]]
+            body = qs[-1] if qs else None
+        if body is not None:
+            current = [body]
+            items.append(current)
+        elif current is not None and not re.search(r"[?？]", current[-1]) and len(current) < 3:
+            current.append(line.strip())  # a wrapped item
+    candidates = [" ".join(parts) for parts in items]
+    if not candidates:  # no list at all: take sentences that end with a question mark
+        candidates = question_sentences(text)
+    out: list[str] = []
+    seen: set[str] = set()
+    for c in candidates:
+        q = _clean_question(c)
+        key = norm_question(q)
+        if not _plausible(q) or key in seen:
+            continue
+        seen.add(key)
+        out.append(q)
+        if len(out) >= n:
+            break
+    return out
+
+
+def pick_question(questions: list[str], rng: random.Random, used: set[str] | None = None) -> str | None:
+    """Pick one candidate at random among those not already used by another record; questions ending in '?'
+    (or a clear request) are preferred."""
+    used = used or set()
+    fresh = [q for q in questions if norm_question(q) not in used]
+    if not fresh:
+        return None
+    proper = [q for q in fresh if q.rstrip().endswith(("?", "？", ".", "。"))] or fresh
+    return rng.choice(proper)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# answer filters
+# ----------------------------------------------------------------------------------------------------------------
+REFUSAL = re.compile(
+    r"^\s*(?:i(?:'|’)?m sorry|i am sorry|sorry,|i cannot|i can(?:'|’)t|i can not|i'm unable|i am unable|"
+    r"as an ai|i do not have access|i don't have access|unfortunately,? i (?:cannot|can't)|"
+    r"抱歉|对不起|很抱歉|我无法|我不能|作为一个?人工智能)", re.I)
+STOP = set("""the and for that this with from are was were have has had not but can will would should could into
+about their there which what when where who whom whose they them then than these those also been being does did
+your you its it's our out over under more most such only other some any each both very just like may might must
+shall upon unto""".split())
+
+
+def content_units(text: str) -> list[str]:
+    """English content words (≥4 letters, not stop words) and Chinese character bigrams."""
+    words = [w for w in re.findall(r"[a-z][a-z0-9_']{3,}", text.lower()) if w not in STOP]
+    han = re.findall(r"[\u4e00-\u9fff]", text)
+    return words + ["".join(han[i:i + 2]) for i in range(len(han) - 1)]
+
+
+def grounding(answer: str, document: str) -> float:
+    """Share of the answer's content units that also occur in the document (1.0 = fully grounded)."""
+    units = content_units(answer)
+    if not units:
+        return 1.0
+    doc = set(content_units(document))
+    return sum(u in doc for u in units) / len(units)
+
+
+def repetition(text: str) -> float:
+    """1 − distinct word 3-grams / all 3-grams (0 = no repetition); Chinese by characters."""
+    toks = text.split() if len(text.split()) > 8 else list(text)
+    grams = [tuple(toks[i:i + 3]) for i in range(len(toks) - 2)]
+    return 0.0 if len(grams) < 6 else 1 - len(set(grams)) / len(grams)
+
+
+def check_answer(answer: str, document: str | None, scfg) -> str | None:
+    """None if the answer passes the filters, else the reason (a counter key)."""
+    a = (answer or "").strip()
+    if not a:
+        return "empty_answer"
+    if REFUSAL.match(a):
+        return "refusal"
+    han = len(re.findall(r"[\u4e00-\u9fff]", a))
+    size = han + len(re.sub(r"[\u4e00-\u9fff]", " ", a).split())
+    if size < scfg.min_answer_words:
+        return "too_short"
+    if repetition(a) > scfg.max_repetition:
+        return "repetitive"
+    if document is not None and len(content_units(a)) >= 5 and grounding(a, document) < scfg.min_grounding:
+        return "off_document"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# one document, end to end
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Trace:
+    """Every step of one document's synthesis (what notebook 01 shows)."""
+
+    doc_id: str
+    task_type: str
+    lang: str
+    question_prompt: list[dict]
+    raw_questions: str = ""
+    questions: list[str] = field(default_factory=list)
+    question: str | None = None
+    answer_prompt: list[dict] | None = None
+    answer: str = ""
+    record: dict | None = None
+    reason: str | None = None
+    usage: dict = field(default_factory=dict)
+    cost_usd: float = 0.0
+    cached: bool = True
+
+
+def task_for(index: int, scfg) -> str:
+    """Task types balanced over the corpus order (a seeded rotation of synth.task_types)."""
+    types = list(scfg.task_types)
+    for t in types:
+        if t not in TASK_TYPES:
+            raise LongAlignError(f"synth.task_types: unknown task type {t!r}; choose from {', '.join(TASK_TYPES)}")
+    random.Random(scfg.seed).shuffle(types)
+    return types[index % len(types)]
+
+
+def _doc_seed(doc_id: str, seed: int) -> int:
+    return int(hashlib.sha1(f"{seed}:{doc_id}".encode()).hexdigest()[:8], 16)
+
+
+async def asynth_document(client, doc: Document, task_type: str, scfg, used: set[str] | None = None,
+                          answer_client=None) -> Trace:
+    """Self-Instruct one document (coroutine). The result's `record` is None when a filter rejected it."""
+    from .llm import ContextTooLong
+
+    lang = doc.lang if doc.lang in LANGS else detect_lang(doc.text)
+    seed = _doc_seed(doc.id, scfg.seed)
+    answer_client = answer_client or client
+    tr = Trace(doc.id, task_type, lang, question_messages(doc.text, task_type, lang, scfg.n_questions))
+    params = {"max_new_tokens": scfg.question_max_new_tokens or scfg.max_new_tokens,
+              "temperature": scfg.temperature, "seed": seed}
+    try:
+        r = await client.achat(tr.question_prompt, **params)
+    except ContextTooLong:
+        tr.reason = "too_long_for_model"
+        return tr
+    tr.raw_questions, tr.usage["questions"] = r.text, r.usage
+    tr.cost_usd += r.cost_usd
+    tr.cached &= r.cached
+    tr.questions = parse_questions(r.text, scfg.n_questions)
+    if not tr.questions:
+        tr.reason = "no_questions"
+        return tr
+    tr.question = pick_question(tr.questions, random.Random(seed), used)
+    if tr.question is None:
+        tr.reason = "duplicate_question"
+        return tr
+    tr.answer_prompt = answer_messages(doc.text, tr.question, lang)
+    try:
+        a = await answer_client.achat(tr.answer_prompt, max_new_tokens=scfg.max_new_tokens,
+                                      temperature=scfg.answer_temperature, seed=seed)
+    except ContextTooLong:
+        tr.reason = "too_long_for_model"
+        return tr
+    tr.answer, tr.usage["answer"] = a.text.strip(), a.usage
+    tr.cost_usd += a.cost_usd
+    tr.cached &= a.cached
+    tr.reason = check_answer(tr.answer, doc.text, scfg)
+    if tr.reason:
+        return tr
+    record = {
+        "messages": [{"role": "user", "content": training_user_turn(doc.text, tr.question)},
+                     {"role": "assistant", "content": tr.answer}],
+        "meta": {"id": f"long-{doc.id}", "kind": "long", "doc_id": doc.id, "source": doc.source, "genre": doc.genre,
+                 "lang": lang, "title": doc.title, "license": doc.license, "doc_tokens": doc.n_tokens,
+                 "task_type": task_type, "questions": tr.questions, "question": tr.question,
+                 "question_index": tr.questions.index(tr.question), "backend": client.backend_name,
+                 "question_model": r.model or client.model, "answer_model": a.model or answer_client.model,
+                 "usage": tr.usage, "cost_usd": round(tr.cost_usd, 6),
+                 "grounding": round(grounding(tr.answer, doc.text), 3)},
+    }
+    try:
+        clean_messages(record)
+    except RecordError as e:
+        tr.reason = e.reason
+        return tr
+    tr.record = record
+    return tr
+
+
+def synth_document(client, doc: Document, task_type: str = "general", scfg=None, used=None) -> Trace:
+    """Sync wrapper of `asynth_document` (notebooks, one document)."""
+    from .config import SynthConfig
+    from .llm import run_sync
+
+    return run_sync(asynth_document(client, doc, task_type, scfg or SynthConfig(), used))
+
+
+def _done_ids(*paths: Path) -> tuple[set[str], set[str]]:
+    """(ids already handled, questions already used) from earlier output files."""
+    ids, used = set(), set()
+    for p in paths:
+        if p.exists():
+            for _, row in iter_jsonl(p, allow_partial_last_line=True):
+                meta = row.get("meta", row) if isinstance(row, dict) else {}
+                if meta.get("doc_id"):
+                    ids.add(meta["doc_id"])
+                if meta.get("id"):
+                    ids.add(meta["id"])
+                if meta.get("question"):
+                    used.add(norm_question(meta["question"]))
+    return ids, used
+
+
+def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, resume: bool = False,
+               progress: bool = True) -> dict:
+    """Self-Instruct every document; append each record to `out` (rejections to `rejects`) as it completes."""
+    from tqdm.auto import tqdm
+
+    from .llm import run_sync
+
+    if not resume:
+        for p in (out, rejects):
+            if p.exists():
+                p.unlink()
+    done, used = _done_ids(out, rejects)
+    todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
+    counts: Counter = Counter()
+    tasks: Counter = Counter()
+    t0 = time.time()
+
+    async def go():
+        async with client.session():
+            gate = asyncio.Semaphore(max(1, client.concurrency))  # documents in flight
+            bar = tqdm(total=len(todo), desc="self-instruct", disable=not progress)
+
+            async def one(i, doc):
+                async with gate:
+                    tr = await asynth_document(client, doc, task_for(i, scfg), scfg, used)
+                if tr.record is not None:
+                    q = norm_question(tr.question)
+                    if q in used:  # a concurrent document picked the same question first
+                        tr.record, tr.reason = None, "duplicate_question"
+                    else:
+                        used.add(q)
+                if tr.record is not None:
+                    append_jsonl(out, tr.record)
+                    counts["kept"] += 1
+                    tasks[tr.task_type] += 1
+                else:
+                    append_jsonl(rejects, {"doc_id": doc.id, "task_type": tr.task_type, "reason": tr.reason,
+                                           "questions": tr.questions, "question": tr.question,
+                                           "answer": tr.answer[:500]})
+                    counts[tr.reason] += 1
+                bar.update(1)
+
+            try:
+                await asyncio.gather(*(one(i, d) for i, d in todo))
+            finally:
+                bar.close()
+
+    run_sync(go())
+    return {"docs": len(docs), "skipped_done": len(docs) - len(todo), "processed": len(todo),
+            "kept": counts.pop("kept", 0), "rejected": dict(counts), "task_types": dict(tasks),
+            "seconds": round(time.time() - t0, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# short data: ShareGPT import and Magpie-style generation
+# ----------------------------------------------------------------------------------------------------------------
+ROLE_MAP = {"human": "user", "user": "user", "prompter": "user", "gpt": "assistant", "assistant": "assistant",
+            "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "model": "assistant",
+            "system": "system"}
+
+
+def _sharegpt_rows(path: Path):
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LongAlignError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
+        for i, row in enumerate(data):
+            yield f"item {i}", row
+    else:
+        for line, row in iter_jsonl(path):
+            yield f"line {line}", row
+
+
+def convert_sharegpt(row: dict) -> dict:
+    """One ShareGPT item ({"conversations": [{"from", "value"}]}) or messages record → a LongAlign-10k record.
+
+    Raises RecordError with a counter reason. Leading assistant turns are dropped; consecutive turns of the
+    same role are merged.
+    """
+    if not isinstance(row, dict):
+        raise RecordError("bad_schema", "expected a JSON object")
+    conv = row.get("conversations", row.get("conversation"))
+    if conv is None and "messages" in row:
+        conv = [{"from": m.get("role"), "value": m.get("content")} for m in row["messages"] if isinstance(m, dict)]
+    if not isinstance(conv, list) or not conv:
+        raise RecordError("bad_schema", "field 'conversations' (or 'messages') missing or empty")
+    msgs: list[dict] = []
+    for k, turn in enumerate(conv):
+        if not isinstance(turn, dict):
+            raise RecordError("bad_schema", f"conversations[{k}] is not an object")
+        who = str(turn.get("from", turn.get("role", ""))).lower()
+        role = ROLE_MAP.get(who)
+        if role is None:
+            raise RecordError("bad_role", f"conversations[{k}].from={who!r}: expected human/gpt/system")
+        value = turn.get("value", turn.get("content"))
+        if not isinstance(value, str):
+            raise RecordError("bad_schema", f"conversations[{k}].value must be a string")
+        if msgs and msgs[-1]["role"] == role:
+            msgs[-1]["content"] += "\n\n" + value
+        else:
+            msgs.append({"role": role, "content": value})
+    body = [m for m in msgs if m["role"] != "system"]
+    while body and body[0]["role"] == "assistant":
+        body.pop(0)
+    system = [m for m in msgs[:1] if m["role"] == "system"]
+    record = {"messages": system + body}
+    record["messages"], _ = clean_messages(record)
+    return record
+
+
+def import_sharegpt(path: str | Path, limit: int | None = None) -> tuple[list[dict], Counter]:
+    """ShareGPT-style JSON or JSONL → (records, counts of kept/rejected reasons)."""
+    path = Path(path)
+    if not path.exists():
+        raise LongAlignError(f"{path}: file not found (synth.short_files)")
+    out, counts = [], Counter()
+    for where, row in _sharegpt_rows(path):
+        try:
+            rec = convert_sharegpt(row)
+        except RecordError as e:
+            counts[e.reason] += 1
+            continue
+        rid = row.get("id") if isinstance(row, dict) else None
+        rec["meta"] = {"id": f"sharegpt-{path.stem}-{rid if rid is not None else where.split()[-1]}", "kind": "short",
+                       "source": f"sharegpt:{path.name}", "where": where}
+        out.append(rec)
+        counts["kept"] += 1
+        if limit and len(out) >= limit:
+            break
+    return out, counts
+
+
+def magpie_prefix(tokenizer) -> str:
+    """The chat template's text up to where a user message starts (what Magpie feeds the aligned model)."""
+    mark = "\u2063MAGPIE\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": mark}], tokenize=False,
+                                         add_generation_prompt=False)
+    if mark not in text:
+        raise LongAlignError(f"chat template of {tokenizer.name_or_path!r} does not render the user message; "
+                             "Magpie needs a standard chat template")
+    return text[: text.index(mark)]
+
+
+def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, resume: bool = False,
+                   progress: bool = True) -> dict:
+    """Generate `n` short (question, answer) records Magpie-style and append them to `out`."""
+    from tqdm.auto import tqdm
+
+    from .llm import ContextTooLong, run_sync
+
+    if not resume:
+        for p in (out, rejects):
+            if p.exists():
+                p.unlink()
+    done, used = _done_ids(out, rejects)
+    prefix = magpie_prefix(tokenizer)
+    stops = [s for s in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>") if s in tokenizer.get_vocab()]
+    counts: Counter = Counter()
+    kept = sum(1 for _ in iter_jsonl(out, allow_partial_last_line=True)) if out.exists() else 0
+    attempts = 0
+
+    async def go():
+        nonlocal kept, attempts
+        async with client.session():
+            bar = tqdm(total=n, initial=min(kept, n), desc="magpie", disable=not progress)
+            k = 0
+            while kept < n and attempts < n * 4:
+                rid = f"magpie-{scfg.seed}-{k}"
+                k += 1
+                if rid in done:
+                    continue
+                attempts += 1
+                seed = _doc_seed(rid, scfg.seed)
+                try:
+                    q = await client.acomplete(prefix, max_new_tokens=scfg.short_question_tokens, temperature=1.0,
+                                               top_p=0.95, seed=seed, stop=stops)
+                    question = q.text.strip()
+                    reason = None
+                    if len(question) < 12:
+                        reason = "too_short_question"
+                    elif norm_question(question) in used:
+                        reason = "duplicate_question"
+                    a = None
+                    if reason is None:
+                        a = await client.achat([{"role": "user", "content": question}],
+                                               max_new_tokens=scfg.short_max_new_tokens,
+                                               temperature=scfg.answer_temperature, seed=seed)
+                        reason = check_answer(a.text, None, scfg)
+                except ContextTooLong:
+                    reason = "too_long_for_model"
+                if reason:
+                    counts[reason] += 1
+                    append_jsonl(rejects, {"id": rid, "reason": reason, "question": question[:300]})
+                    continue
+                record = {"messages": [{"role": "user", "content": question},
+                                       {"role": "assistant", "content": a.text.strip()}],
+                          "meta": {"id": rid, "kind": "short", "source": "magpie", "generator": "magpie",
+                                   "model": a.model or client.model, "usage": {"question": q.usage, "answer": a.usage}}}
+                try:
+                    clean_messages(record)
+                except RecordError as e:
+                    counts[e.reason] += 1
+                    continue
+                used.add(norm_question(question))
+                append_jsonl(out, record)
+                kept += 1
+                bar.update(1)
+            bar.close()
+
+    run_sync(go())
+    return {"kept": kept, "attempts": attempts, "rejected": dict(counts)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cost planning
+# ----------------------------------------------------------------------------------------------------------------
+def mean_target_length(lo: int, hi: int, upsample: float) -> float:
+    """Expected document length under corpus.draw_target's density ∝ L^(a−1) on [lo, hi]."""
+    a = float(upsample)
+    if hi <= lo:
+        return float(lo)
+    return a / (a + 1) * (hi ** (a + 1) - lo ** (a + 1)) / (hi ** a - lo ** a)
+
+
+def cost_table(prices: dict, n_docs: int, doc_tokens: float, question_tokens: int = 200, answer_tokens: int = 1024,
+               prompt_overhead: int = 120) -> list[dict]:
+    """Cost of Self-Instruct at scale per price point: 2 calls per document (questions, answer), document sent twice.
+
+    Output tokens are upper bounds (the max_new_tokens of each call).
+    """
+    tin = n_docs * (2 * (doc_tokens + prompt_overhead) + PLACEHOLDER_QUESTION_TOKENS)
+    tout = n_docs * (question_tokens + answer_tokens)
+    rows = []
+    for model, (pin, pout) in prices.items():
+        rows.append({"model": model, "usd_per_1M_in": pin, "usd_per_1M_out": pout, "calls": 2 * n_docs,
+                     "input_tokens": int(tin), "output_tokens": int(tout),
+                     "cost_usd": round((tin * pin + tout * pout) / 1e6, 2)})
+    return rows
+
+
+def dry_run(client, docs: list[Document], scfg, done: set[str]) -> dict:
+    """Calls, tokens and cost of the long-data synthesis before spending anything."""
+    todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
+    qp = {"max_new_tokens": scfg.question_max_new_tokens or scfg.max_new_tokens, "temperature": scfg.temperature}
+    q_batch = [question_messages(d.text, task_for(i, scfg), d.lang, scfg.n_questions) for i, d in todo]
+    # the seed is part of each request's cache key
+    q_est = {"calls": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+    for (_, d), msgs in zip(todo, q_batch, strict=True):
+        e = client.estimate([msgs], seed=_doc_seed(d.id, scfg.seed), **qp)
+        for k in q_est:
+            q_est[k] += e[k]
+    placeholder = "?" * (PLACEHOLDER_QUESTION_TOKENS * 4)
+    a_est = client.estimate([answer_messages(d.text, placeholder, d.lang) for _, d in todo],
+                            max_new_tokens=scfg.max_new_tokens)
+    total = {k: q_est[k] + a_est[k] for k in ("calls", "input_tokens", "output_tokens", "cost_usd")}
+    total["cost_usd"] = round(total["cost_usd"], 6)
+    return {"documents": len(todo), "skipped_done": len(docs) - len(todo), "backend": client.backend_name,
+            "model": client.model, "price_per_1M": a_est["price_per_1M"], "questions": q_est, "answers": a_est,
+            **total}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# figures
+# ----------------------------------------------------------------------------------------------------------------
+def mix_figure(records: list[dict], rejected: dict | None = None):
+    """Task-type mix of the kept long records, and the rejection reasons."""
+    from . import plots
+
+    fig, (a1, a2) = plots.figure(1, 2, figsize=(10, 3.8))
+    tasks = Counter(r["meta"].get("task_type", "?") for r in records)
+    names = [t for t in TASK_TYPES if t in tasks] + sorted(set(tasks) - set(TASK_TYPES))
+    a1.bar(names, [tasks[t] for t in names], color=plots.PALETTE["long"])
+    a1.set_title(f"Task-type mix ({len(records)} kept records)")
+    a1.set_ylabel("records")
+    rej = dict(rejected or {})
+    if rej:
+        keys = sorted(rej, key=lambda k: -rej[k])
+        a2.barh(keys, [rej[k] for k in keys], color=plots.PALETTE["short"])
+        a2.invert_yaxis()
+    else:
+        a2.text(0.5, 0.5, "no document rejected", ha="center", va="center", transform=a2.transAxes)
+    a2.set_title("Filter: rejection reasons")
+    a2.set_xlabel("documents")
+    fig.tight_layout()
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the stage
+# ----------------------------------------------------------------------------------------------------------------
+def add_arguments(p) -> None:
+    p.add_argument("--dry-run", action="store_true", help="print calls, estimated tokens and cost; spend nothing")
+    p.add_argument("--resume", action="store_true", help="keep records already written and continue")
+
+
+def _docs_for(cfg, run_dir: Path) -> tuple[list[Document], str]:
+    path = Path(cfg.synth.corpus_file) if cfg.synth.corpus_file else run_dir / "corpus.jsonl"
+    if path.exists():
+        return load_corpus(path), str(path)
+    if cfg.synth.corpus_file:
+        raise LongAlignError(f"synth.corpus_file={path}: file not found")
+    from .corpus import build_corpus, make_counter
+    from .models import load_tokenizer
+
+    docs, _ = build_corpus(cfg.corpus, make_counter(load_tokenizer(cfg.corpus.tokenizer or cfg.model.name)))
+    write_jsonl(run_dir / "corpus.jsonl", [d.to_dict() for d in docs])
+    return docs, f"{run_dir / 'corpus.jsonl'} (built now: no corpus stage output was found)"
+
+
+def _short_client(cfg, long_client):
+    from .llm import make_client
+
+    s = cfg.synth
+    if s.short_backend == long_client.backend_name and s.short_model == long_client.model:
+        return long_client
+    if s.short_backend == "local":
+        return make_client("local", s.short_model, cache_dir=s.cache_dir, dtype=cfg.model.dtype,
+                           device=cfg.model.device)
+    return make_client(s.short_backend, s.short_model, base_url=s.base_url, api_key_env=s.api_key_env,
+                       cache_dir=s.cache_dir, concurrency=s.concurrency, max_retries=s.max_retries,
+                       timeout_s=s.timeout_s, prices=s.prices)
+
+
+def run_stage(cfg, run_dir: Path, args) -> dict:
+    from . import plots
+    from .llm import client_from_config
+    from .models import load_tokenizer
+
+    s = cfg.synth
+    run_dir = Path(run_dir)
+    docs, corpus_from = _docs_for(cfg, run_dir)
+    if s.max_docs:
+        docs = docs[: s.max_docs]
+    client = client_from_config(s, model_cfg=cfg.model)
+    long_path, short_path = run_dir / "long.jsonl", run_dir / "short.jsonl"
+    rej_long, rej_short = run_dir / "synth_rejects.jsonl", run_dir / "short_rejects.jsonl"
+    resume = bool(getattr(args, "resume", False))
+    if getattr(args, "dry_run", False):
+        done = _done_ids(long_path, rej_long)[0] if resume else set()
+        plan = dry_run(client, docs, s, done)
+        print(f"[longalign] synth --dry-run: {plan['documents']} documents → {plan['calls']} calls "
+              f"({plan['questions']['cached']} question calls cached), ~{plan['input_tokens']:,} input + "
+              f"≤{plan['output_tokens']:,} output tokens, ≈ ${plan['cost_usd']:.4f} on {plan['backend']}:{plan['model']}",
+              flush=True)
+        write_json(run_dir / "synth_plan.json", plan)
+        return {"metrics": {"dry_run": True, "calls": plan["calls"], "input_tokens": plan["input_tokens"],
+                            "output_tokens": plan["output_tokens"], "cost_usd": plan["cost_usd"]},
+                "outputs": ["synth_plan.json"], "dry_run": True,
+                "report": f"Dry run only: {plan['calls']} calls, ≈ ${plan['cost_usd']:.4f}. Nothing was generated."}
+
+    long_stats = synth_long(client, docs, s, long_path, rej_long, resume=resume)
+    # short data
+    short_recs = []
+    imported = Counter()
+    for f in s.short_files:
+        recs, c = import_sharegpt(f)
+        short_recs += recs
+        imported.update(c)
+    short_client = _short_client(cfg, client) if s.n_short > 0 else None
+    magpie_path = run_dir / "short_magpie.jsonl"
+    magpie = {"kept": 0, "attempts": 0, "rejected": {}}
+    if short_client is not None:
+        tok = short_client.backend.tokenizer if short_client.backend_name == "local" else load_tokenizer(s.short_model)
+        magpie = magpie_records(short_client, tok, s.n_short, s, magpie_path, rej_short, resume=resume)
+        short_recs += [r for _, r in iter_jsonl(magpie_path, allow_partial_last_line=True)]
+    write_jsonl(short_path, short_recs)
+
+    records = [r for _, r in iter_jsonl(long_path)] if long_path.exists() else []
+    fig = plots.save(mix_figure(records, long_stats["rejected"]), run_dir / "figures" / "synth_mix.png", close=True)
+    stats = dict(client.stats)
+    if short_client is not None and short_client is not client:
+        for k in ("requests", "cache_hits", "retries", "input_tokens", "output_tokens", "cost_usd"):
+            stats[k] += short_client.stats[k]
+    summary = {"corpus": corpus_from, "long": long_stats, "short": {"imported": dict(imported), "magpie": magpie,
+                                                                       "total": len(short_recs)},
+               "llm": {**stats, "backend": client.backend_name, "model": client.model}}
+    write_json(run_dir / "synth.json", summary)
+    metrics = {"long_records": len(records), "docs": len(docs), "rejected": sum(long_stats["rejected"].values()),
+               "short_records": len(short_recs), "requests": stats["requests"], "cache_hits": stats["cache_hits"],
+               "retries": stats["retries"], "cost_usd": round(stats["cost_usd"], 4),
+               "seconds_long": long_stats["seconds"],
+               **{f"reject_{k}": v for k, v in sorted(long_stats["rejected"].items())}}
+    rej = ", ".join(f"{k} {v}" for k, v in long_stats["rejected"].items()) or "none"
+    example = ""
+    if records:
+        m = records[0]["meta"]
+        example = (f"\n\nExample ({m['genre']}, {m['task_type']}): **Q:** {m['question']}\n\n"
+                   f"> {records[0]['messages'][1]['content'][:400]}")
+    report = (f"Self-Instruct with `{client.backend_name}:{client.model}` over {len(docs)} documents from "
+              f"{corpus_from}: {len(records)} long records kept, rejected: {rej}. Short records: {len(short_recs)} "
+              f"({magpie['kept']} Magpie, {imported.get('kept', 0)} imported). Requests {stats['requests']}, cache hits "
+              f"{stats['cache_hits']}, retries {stats['retries']}, cost ${stats['cost_usd']:.4f}."
+              f"{example}\n\n![task mix]({fig.relative_to(run_dir)})")
+    return {"metrics": metrics, "outputs": ["long.jsonl", "short.jsonl", "synth.json", str(fig.relative_to(run_dir))],
+            "report": report}
+
+
+if __name__ == "__main__":
+    from .cli import main
+
+    sys.exit(main(["synth", *sys.argv[1:]]))
