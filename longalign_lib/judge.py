@@ -276,17 +276,23 @@ def scores_figure(rows: list[dict], title: str | None = None):
         runs = [run["rating"] for run in r.get("runs", []) if run["rating"] is not None]
         ax.scatter([x] * len(runs), runs, color=plots.CYCLE[0], s=14, zorder=3,
                    label="judge run" if x == 0 and runs else None)
-        if r.get("failed"):
-            ax.text(x, 0.3, "×", ha="center", color=plots.CYCLE[3], fontsize=12)
+    failed = [x for x, r in zip(xs, rows, strict=True) if r.get("failed")]
+    if failed:
+        ax.scatter(failed, [0.4] * len(failed), marker="x", color=plots.CYCLE[3], s=30, zorder=4,
+                   label="judge gave no parseable rating")
     ax.scatter(xs, [r["proxy"]["proxy_10"] for r in rows], marker="D", color=plots.CYCLE[1], s=22, zorder=4,
                label="proxy: 1 + 9·ROUGE-L")
+    ex = [(x, r["exact"]) for x, r in zip(xs, rows, strict=True) if r.get("exact") is not None]
+    if ex:
+        ax.scatter([x for x, _ in ex], [1 + 9 * e for _, e in ex], marker="^", color=plots.CYCLE[2], s=30, zorder=4,
+                   label="exact (verifiable task): 10 right, 1 wrong")
     if any(r.get("human_score") is not None for r in rows):
         ax.scatter(xs, [r.get("human_score") for r in rows], marker="_", color="black", s=140, zorder=5,
                    label="human / rubric score")
     ax.set_xticks(xs, [str(r["idx"]) for r in rows], rotation=45, ha="right", fontsize=7)
     ax.set_ylim(0, 10.5)
     ax.set_ylabel("score (1-10)")
-    ax.set_title(title or "Judge ratings per case (× = no parseable rating)")
+    ax.set_title(title or "Judge ratings per case")
     ax.legend(loc="upper right", fontsize=7)
     return fig
 

@@ -12,6 +12,10 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 
 # What each notebook's metrics.json must show (keys it must hold; a check over the values).
 CHECKS = {
+    "05_judge_evaluation": lambda m: m["n_cases"] == 3 and m["judge_calls"] >= 2 * m["n_cases"]
+    and m["judge_rated"] + m["judge_unparseable"] > 0 and m["needle_cells"] == 6 and 0.0 <= m["needle_mean"] <= 1.0
+    and m["needle_depth_error"] < 0.3 and m["proxy_rubric_n"] == 9 and Path(m["needle_png"]).stat().st_size > 10_000
+    and Path(m["judge_png"]).stat().st_size > 10_000,
     "00_setup_check": lambda m: m["records"] == 5 and m["reply_chars"] > 0 and m["n_params"] > 1e8
     and Path(m["label_mask_png"]).stat().st_size > 10_000,
     "03_packing_vs_sorted_batching": lambda m: abs(m["sequence_shares_sum"] - 1) < 1e-9
