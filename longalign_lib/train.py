@@ -729,10 +729,11 @@ def packed_batch_figure(batch: dict, title: str = "One packed row: documents, po
     fig, axes = plots.figure(3, 1, figsize=(9, 5), sharex=True)
     for d in range(len(cu) - 1):
         axes[0].axvspan(cu[d], cu[d + 1], color=plots.CYCLE[d % len(plots.CYCLE)], alpha=0.8)
-        axes[0].text((cu[d] + cu[d + 1]) / 2, 0.5, f"doc {d}\n{cu[d + 1] - cu[d]} tok", ha="center", va="center",
-                     fontsize=7, color="white")
+        if cu[d + 1] - cu[d] >= 0.06 * T:  # label the documents wide enough to hold one
+            axes[0].text((cu[d] + cu[d + 1]) / 2, 0.5, f"doc {d}\n{cu[d + 1] - cu[d]} tok", ha="center",
+                         va="center", fontsize=7, color="white")
     axes[0].set_yticks([])
-    axes[0].set_ylabel("document")
+    axes[0].set_ylabel(f"{len(cu) - 1} docs")
     axes[0].grid(False)
     axes[1].plot(np.arange(T), pos, lw=1, color=plots.CYCLE[0])
     axes[1].set_ylabel("position_ids")

@@ -93,8 +93,8 @@ cfg = load_config("gpu-small" if not SMOKE else "cpu-demo", [
     "batching.strategy=packed", "batching.loss_reduction=sequence"])
 plan = batching.plan_epoch(lengths, [r["n_target"] for r in rows], cfg.batching, epoch=0)
 pairs = [(s, m) for s in plan.steps for m in s.ranks[0]]
-counts = [m.n_sequences for _, m in pairs]
-step, mb = pairs[counts.index(max(counts))]  # the row holding the most documents
+counts = [m.n_sequences if m.n_sequences <= 8 else 1 for _, m in pairs]
+step, mb = pairs[counts.index(max(counts))]  # a row holding several (at most 8, to stay readable) documents
 weights = batching.step_token_weights(step, plan.n_target, "sequence")
 packed = batching.collate(plan, mb, rows, weights)
 print(f"plan: {len(plan.steps)} steps, fill {plan.counters['fill_rate']:.3f}; this row: {packed['input_ids'].shape[1]} tokens, "
