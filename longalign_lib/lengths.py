@@ -256,7 +256,7 @@ def length_cdf(lengths_by_source: dict, max_length: int, edges: list[int] | None
     ax.set_xlabel("sequence length (tokens, log scale)")
     ax.set_ylabel("cumulative share (of sequences ≤ x)")
     ax.set_title(title or "Where sequences, tokens and attention work sit along the length axis")
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="best", fontsize=7)
     return fig
 
 
