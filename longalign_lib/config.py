@@ -170,6 +170,7 @@ class TrainConfig:
 class EvalConfig:
     """Stage 5 — generation, judge and needle test (generate.py, judge.py, needle.py)."""
 
+    model: str | None = None  # evaluated model (eval, needle); default: <run_dir>/model from `train`, else model.name
     bench_file: str | None = None  # JSONL: idx, query, context, answer, few_shots (benchmarks.py documents it)
     bench_limit: int | None = None  # evaluate only the first N cases
     bench_context_tokens: int = 1500  # offline set (no bench_file): context length of each built case

@@ -172,6 +172,24 @@ def client_generate_fn(client, max_new_tokens: int = 64, **params):
 
 
 # ---------------------------------------------------------------- the `eval` stage
+def eval_model_config(cfg, run_dir: Path):
+    """Which model stages 5 evaluate: eval.model if set, else the model `train` saved in <run_dir>/model, else
+    model.name. A saved model already carries its RoPE scaling in its config, so it is not applied twice."""
+    import dataclasses
+
+    trained = Path(run_dir) / "model"
+    if cfg.eval.model:
+        name = cfg.eval.model
+    elif (trained / "config.json").exists():
+        name = str(trained)
+    else:
+        return cfg.model, cfg.model.name
+    mc = dataclasses.replace(cfg.model, name=name, lora=False)
+    if Path(name).expanduser().is_dir():
+        mc = dataclasses.replace(mc, rope_base_factor=1.0, max_position_embeddings=None)
+    return mc, name
+
+
 def add_eval_arguments(p) -> None:
     p.add_argument("--bench", default=None, help="benchmark JSONL (idx, query, context, answer, few_shots); "
                    "default: eval.bench_file, else the offline set built from data/kjv_*.txt")
@@ -210,16 +228,17 @@ def run_eval(cfg, run_dir: Path, args) -> dict:
     pred_path = run_dir / "predictions.jsonl"
     if getattr(args, "eval_fresh", False) and pred_path.exists():
         pred_path.unlink()
-    model, tok = load_model_and_tokenizer(cfg=cfg.model)
+    model_cfg, model_name = eval_model_config(cfg, run_dir)
+    model, tok = load_model_and_tokenizer(cfg=model_cfg)
     cases, source = load_or_build_bench(cfg, run_dir, getattr(args, "bench", None), tok)
     if getattr(args, "eval_limit", None):
         cases = cases[: args.eval_limit]
     done = {}
     if pred_path.exists():
         for row in read_jsonl(pred_path, allow_partial_last_line=True):
-            if row.get("model") != cfg.model.name:
+            if row.get("model") != model_name:
                 raise LongAlignError(f"{pred_path} holds predictions of model {row.get('model')!r}, not "
-                                     f"{cfg.model.name!r}; use --eval-fresh or another --run-dir")
+                                     f"{model_name!r}; use --eval-fresh or another --run-dir")
             done[str(row["idx"])] = row
     todo = [c for c in cases if c.idx not in done]
     resumed = len(cases) - len(todo)
@@ -229,7 +248,7 @@ def run_eval(cfg, run_dir: Path, args) -> dict:
             c = todo[i]
             meta = {k: v for k, v in c.meta.items()}
             row = {"idx": c.idx, "task": c.task, "query": c.query, "answer": c.answer, "few_shots": c.few_shots,
-                   "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": cfg.model.name}
+                   "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": model_name}
             append_jsonl(pred_path, row)
             done[c.idx] = row
 
@@ -248,12 +267,12 @@ def run_eval(cfg, run_dir: Path, args) -> dict:
         if r.get("exact") is not None:
             by_task.setdefault(r["task"], []).append(r["exact"])
     new_tokens = sum(r["n_new_tokens"] for r in rows if r["idx"] in {c.idx for c in todo})
-    metrics = {"cases": len(rows), "resumed": resumed, "truncated": sum(bool(r["truncated"]) for r in rows),
+    metrics = {"model": model_name, "cases": len(rows), "resumed": resumed, "truncated": sum(bool(r["truncated"]) for r in rows),
                "mean_input_tokens": round(sum(r["n_input_tokens"] for r in rows) / len(rows), 1),
                "exact_mean": round(ci["mean"], 4) if exact else None, "exact_n": len(exact),
                **{f"exact_{t}": round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
                "generate_s": round(gen_s, 2), "new_tokens_per_s": round(new_tokens / gen_s, 2) if gen_s > 0 else None}
-    lines = [f"Model `{cfg.model.name}` answered {len(rows)} cases from {source} "
+    lines = [f"Model `{model_name}` answered {len(rows)} cases from {source} "
              f"({metrics['truncated']} truncated in the middle to the window; {resumed} resumed from an earlier run)."]
     if exact:
         lines.append(f"Exact score on the verifiable tasks: **{ci['mean']:.2f}** (95% CI {ci['lo']:.2f}–{ci['hi']:.2f}, "

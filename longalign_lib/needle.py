@@ -161,13 +161,15 @@ GenerateFn = Callable[[list[list[dict]]], list[str]]
 def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: list[float], *,
              haystack: str | None = None, needle: str = NEEDLE, question: str = QUESTION, key_fact: str = KEY_FACT,
              window: int | None = None, reserve: int = 64, scorer: Callable[[str, dict], float] | None = None,
-             cells_file: str | Path | None = None, batch: int = 4, progress: bool = True) -> dict:
+             cells_file: str | Path | None = None, batch: int = 4, progress: bool = True,
+             model_label: str | None = None) -> dict:
     """Run the lengths × depths grid; returns the needle.json dict.
 
     `generate_fn(list of message lists) -> list of replies` is any model: generate.make_generate_fn(model, tok),
     an llm.py client (generate.client_generate_fn), or a stub. `window`: the model's context size; lengths with
     length + `reserve` (template + answer tokens) over it are skipped, never truncated. `scorer(prediction, cell)`
-    defaults to contains_fact(prediction, key_fact). `cells_file`: stream finished cells there and resume from it.
+    defaults to contains_fact(prediction, key_fact). `cells_file`: stream finished cells there and resume from it
+    (cells of another needle or `model_label` are redone).
     """
     from tqdm.auto import tqdm
 
@@ -180,7 +182,7 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
     done = {}
     if cells_file and Path(cells_file).exists():
         for c in read_jsonl(cells_file, allow_partial_last_line=True):
-            if c.get("needle") == needle:
+            if c.get("needle") == needle and c.get("model") == model_label:
                 done[(c["length"], c["depth"])] = c
     todo = []
     for n in fits:
@@ -195,7 +197,7 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
         chunk = todo[i:i + batch]
         replies = generate_fn([needle_prompt(c["context"], question) for c in chunk])
         for c, reply in zip(chunk, replies, strict=False):
-            cell = {"length": c["length"], "depth": c["depth"], "needle": needle,
+            cell = {"length": c["length"], "depth": c["depth"], "needle": needle, "model": model_label,
                     "tokens": hay.n(c["context"]), "measured_depth": round(token_depth(tokenizer, c["context"], c["span"]), 4),
                     "prediction": reply}
             cell["score"] = float(scorer(reply, cell) if scorer else contains_fact(reply, key_fact))
@@ -250,7 +252,7 @@ def add_needle_arguments(p) -> None:
 
 def run_needle(cfg, run_dir: Path, args) -> dict:
     from . import plots
-    from .generate import make_generate_fn, model_window
+    from .generate import eval_model_config, make_generate_fn, model_window
     from .models import load_model_and_tokenizer
 
     ec = cfg.eval
@@ -258,7 +260,8 @@ def run_needle(cfg, run_dir: Path, args) -> dict:
     cells_file = run_dir / "needle_cells.jsonl"
     if getattr(args, "needle_fresh", False) and cells_file.exists():
         cells_file.unlink()
-    model, tok = load_model_and_tokenizer(cfg=cfg.model)
+    model_cfg, model_name = eval_model_config(cfg, run_dir)
+    model, tok = load_model_and_tokenizer(cfg=model_cfg)
     window = model_window(model, tok, ec.max_input_tokens)
     gen = make_generate_fn(model, tok, max_new_tokens=ec.needle_max_new_tokens, seed=ec.seed,
                            max_batch_tokens=ec.max_batch_tokens, progress=False)
@@ -274,11 +277,11 @@ def run_needle(cfg, run_dir: Path, args) -> dict:
     result = run_grid(gen, tok, list(ec.needle_lengths), list(ec.needle_depths), haystack=hay,
                       needle=ec.needle_text, question=ec.needle_question, key_fact=ec.needle_key_fact,
                       window=window, reserve=ec.needle_max_new_tokens + 32, scorer=scorer, cells_file=cells_file,
-                      batch=ec.batch_size)
+                      batch=ec.batch_size, model_label=model_name)
     if not result["cells"]:
         raise LongAlignError(f"every needle length {ec.needle_lengths} exceeds the model window ({window} tokens); "
                              "choose smaller eval.needle_lengths")
-    result.update(model=cfg.model.name, scorer=scorer_name,
+    result.update(model=model_name, scorer=scorer_name,
                   haystack=str(ec.needle_haystack_dir or "data/kjv_*.txt (bundled)"))
     write_json(run_dir / "needle.json", result)
     fig = heatmap(result)

@@ -46,6 +46,7 @@ NEEDLE_LENGTHS = [256, 512, 1024, 2048]
 NEEDLE_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
 # %%
+import random
 import time
 from pathlib import Path
 
@@ -131,8 +132,6 @@ print(f"\n{len(rows)} answers in {gen_s:.1f}s")
 
 # %%
 template = load_template("default")
-import random  # noqa: E402  (only for the demo shuffles below)
-
 prompt_a, order_a = build_judge_prompt(template, rows[0]["query"], rows[0]["answer"], rows[0]["prediction"],
                                        rows[0]["few_shots"], random.Random(0))
 prompt_b, order_b = build_judge_prompt(template, rows[0]["query"], rows[0]["answer"], rows[0]["prediction"],

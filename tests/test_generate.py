@@ -114,3 +114,19 @@ def test_truncation_is_reported_when_the_window_is_small(tmp_path):
     row = read_jsonl(tmp_path / "predictions.jsonl")[0]
     assert row["truncated"] and row["n_input_tokens"] == 60 and row["n_prompt_tokens"] > 150
     assert res["metrics"]["truncated"] == 1
+
+
+def test_evaluated_model_is_the_trained_one_when_present(tmp_path):
+    from longalign_lib.config import load_config
+    from longalign_lib.generate import eval_model_config
+
+    cfg = load_config("gpu-small")  # RoPE base ×8, window 16k for training
+    mc, name = eval_model_config(cfg, tmp_path)
+    assert mc is cfg.model and name == cfg.model.name
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    mc, name = eval_model_config(cfg, tmp_path)
+    assert name == str(tmp_path / "model") and mc.name == name
+    assert mc.rope_base_factor == 1.0 and mc.max_position_embeddings is None  # already in the saved config
+    cfg.eval.model = "smollm2-135m-instruct"
+    assert eval_model_config(cfg, tmp_path)[1] == "smollm2-135m-instruct"
