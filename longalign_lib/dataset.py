@@ -310,8 +310,15 @@ def _summarise(parts: list[dict], sources: list[str], origins: list[str], trunca
             "by_source": by_source, "errors": examples}
 
 
+def _check_replaceable(out_dir: Path) -> None:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not (out_dir / META_FILE).exists():
+        raise LongAlignError(f"{out_dir}: exists and is not a dataset written by `longalign tokenize`; refusing to "
+                             "replace it — remove it or choose another data.tokenized_dir")
+
+
 def _save_atomic(ds, out_dir: Path, meta: dict) -> None:
     """Write the dataset into a temp folder next to `out_dir`, then swap it in: readers never see half a dataset."""
+    _check_replaceable(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
     old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
@@ -362,6 +369,7 @@ def build_dataset(files_or_records, tokenizer, cfg, out_dir: str | os.PathLike, 
         meta = cached_summary(out_dir, key)
         if meta is not None:
             return load_tokenized(out_dir), {**meta["summary"], "cached": True, "seconds": round(time.time() - t0, 2)}
+    _check_replaceable(out_dir)
     assistant_char_spans(tokenizer, [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
 
     by_name = {g.source: g for g in groups}
@@ -472,7 +480,9 @@ def resolve_inputs(cfg, run_dir: Path) -> tuple[list, str]:
             raise LongAlignError(f"data.extra_files: {f}: file not found")
         inputs.append((Path(f).stem, Path(f)))
     if inputs:
-        return inputs, "Inputs: " + ", ".join(f"`{p}` ({s})" for s, p in inputs) + "."
+        missing = [f"{s}.jsonl" for s in ("long", "short") if s not in dict(inputs)]
+        note = f" (no {' or '.join(missing)} in `{run_dir}`)" if missing else ""
+        return inputs, "Inputs: " + ", ".join(f"`{p}` ({s})" for s, p in inputs) + note + "."
     sample = split_sample(read_jsonl(SAMPLE))
     return list(sample.items()), (
         f"No stage-1 output in `{run_dir}` (long.jsonl / short.jsonl) and no data.extra_files: fell back to the "

@@ -167,6 +167,15 @@ def test_build_mixes_long_and_short_by_ratio(tmp_path, smol_tokenizer):
     assert again["origin"] == ds["origin"]
 
 
+def test_never_replaces_a_folder_it_did_not_write(tmp_path, smol_tokenizer):
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("mine")
+    with pytest.raises(LongAlignError, match="refusing to replace"):
+        D.build_dataset(chats(2), smol_tokenizer, DataConfig(), precious)
+    assert (precious / "keep.txt").read_text() == "mine"
+
+
 def test_load_tokenized_errors(tmp_path, smol_tokenizer):
     with pytest.raises(LongAlignError, match="no tokenized dataset"):
         D.load_tokenized(tmp_path / "missing")
