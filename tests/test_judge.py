@@ -134,6 +134,16 @@ def test_judge_over_http_protocol_retries_failures_cost(llm_server, tmp_path):
     assert any(r["runs"][0]["order"] != r["runs"][1]["order"] for r in rows)
 
 
+def test_judge_over_http_anthropic_format(llm_server, tmp_path):
+    from longalign_lib.llm import make_client
+
+    llm_server.responder = _judge_responder
+    client = make_client("anthropic", "claude-judge", base_url=llm_server.anthropic_url, cache_dir=False,
+                         api_key_env="NO_SUCH_KEY_VAR")
+    rows = judge_items(client, _items()[:3], load_template(), runs=2, max_attempts=2, progress=False)
+    assert [r["score"] for r in rows] == [8.0, 2.0, 5.0] and llm_server.by_path == {"/v1/messages": 8}
+
+
 def _stage_cfg(llm_server, tmp_path, *extra):
     from longalign_lib.config import load_config
 
