@@ -16,6 +16,7 @@ spans. Each span covers the answer and the template's end-of-turn marker (e.g. `
 from __future__ import annotations
 
 import re
+import weakref
 from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
@@ -168,10 +169,32 @@ def encode_batch(tokenizer, texts: list[str]) -> list[tuple[list[int], list]]:
     `tokenizer(...)`.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
-    if backend is not None and backend.padding is None and backend.truncation is None:
+    if texts and backend is not None and backend.padding is None and backend.truncation is None \
+            and _backend_agrees(tokenizer, backend, texts[0]):
         return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
     return list(zip(enc["input_ids"], enc["offset_mapping"]))
+
+
+_AGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _backend_agrees(tokenizer, backend, text: str) -> bool:
+    """Once per tokenizer: does the Rust backend give the same ids/offsets as `tokenizer(...)`? (A subclass may
+    pre-process text in Python; then the batch shortcut is not taken.)"""
+    try:
+        return _AGREES[tokenizer]
+    except (KeyError, TypeError):
+        pass
+    ref = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    e = backend.encode(text, add_special_tokens=False)
+    ok = list(e.ids) == list(ref["input_ids"]) and [tuple(o) for o in e.offsets] == \
+        [tuple(o) for o in ref["offset_mapping"]]
+    try:
+        _AGREES[tokenizer] = ok
+    except TypeError:
+        pass
+    return ok
 
 
 def tokenize_with_labels(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
