@@ -19,6 +19,18 @@ from longalign_lib.needle import (
 )
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Model tests on a shared 2-core box: two OpenMP threads competing with other processes ran ~6x slower
+    than one (measured); use one thread here and restore the setting afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def hay(smol_tokenizer):
     return Haystack(load_haystack(), smol_tokenizer)
