@@ -208,7 +208,7 @@ def _tokenize_chunk(lines: list[str]) -> dict:
             status[k], error[k] = "bad_json", f"invalid JSON ({e.msg} at column {e.colno})"
     ids_parts, label_parts = [], []
     for k, res in zip(where, format_batch(records, _WORKER["tokenizer"], _WORKER["max_length"],
-                                          _WORKER["truncation"])):
+                                          _WORKER["truncation"]), strict=True):
         if isinstance(res, RecordError):
             status[k], error[k] = res.reason, str(res)
             continue
@@ -227,7 +227,7 @@ def _tokenize_all(lines: list[str], tokenizer, max_length, truncation, num_proc:
     """Tokenize in chunks, in `num_proc` worker processes (in order, so the result is the same for any num_proc)."""
     import multiprocessing as mp
 
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     chunks = [lines[i:i + chunk] for i in range(0, len(lines), chunk)]
     bar = tqdm(total=len(lines), desc=f"tokenize ({num_proc} proc)", unit="rec", disable=len(lines) < 2 * chunk,
@@ -244,7 +244,7 @@ def _tokenize_all(lines: list[str], tokenizer, max_length, truncation, num_proc:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker: the workers are the parallelism
         try:
             with ctx.Pool(num_proc, initializer=_init_worker, initargs=(tokenizer, max_length, truncation)) as pool:
-                for c, res in zip(chunks, pool.imap(_tokenize_chunk, chunks)):
+                for c, res in zip(chunks, pool.imap(_tokenize_chunk, chunks), strict=True):
                     out.append(res)
                     bar.update(len(c))
         finally:
@@ -441,11 +441,16 @@ def load_tokenized(path: str | os.PathLike):
 
 
 def find_record(inputs, source: str, origin: str) -> dict:
-    """The input record behind a dataset row, from its `source` and `origin` ("file:line" or "<source>:index")."""
+    """The input record behind a dataset row, from its `source` and `origin` ("file:line", read back from the file,
+    or "<source>:index" into the in-memory records given for `source` in `inputs`)."""
     from .io import iter_jsonl
 
-    value = dict(inputs)[source] if not isinstance(inputs, (str, os.PathLike)) else inputs
-    pos = int(origin.rsplit(":", 1)[1])
+    where, _, pos_s = origin.rpartition(":")
+    pos = int(pos_s)
+    if not where.startswith("<"):  # "file:line": read it back from the file
+        value = where
+    else:
+        value = dict(inputs.items() if isinstance(inputs, dict) else inputs)[source]
     if isinstance(value, (str, os.PathLike)):
         for line, rec in iter_jsonl(value):
             if line == pos:

@@ -173,7 +173,7 @@ def encode_batch(tokenizer, texts: list[str]) -> list[tuple[list[int], list]]:
             and _backend_agrees(tokenizer, backend, texts[0]):
         return [(e.ids, e.offsets) for e in backend.encode_batch(list(texts), add_special_tokens=False)]
     enc = tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
-    return list(zip(enc["input_ids"], enc["offset_mapping"]))
+    return list(zip(enc["input_ids"], enc["offset_mapping"], strict=True))
 
 
 _AGREES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -265,7 +265,7 @@ def format_batch(records: list, tokenizer, max_length: int | None = None, trunca
         text, spans = assistant_char_spans(tokenizer, messages)
         todo.append((k, spans, dropped, text))
     encoded = encode_batch(tokenizer, [t[3] for t in todo]) if todo else []
-    for (k, spans, dropped, _), (ids, offsets) in zip(todo, encoded):
+    for (k, spans, dropped, _), (ids, offsets) in zip(todo, encoded, strict=True):
         ids = list(ids)
         try:
             out[k] = _finish(records[k], ids, labels_from_offsets(ids, offsets, spans), dropped, max_length,

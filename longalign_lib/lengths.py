@@ -49,7 +49,7 @@ def length_stats(lengths) -> dict:
         return {**out, **dict.fromkeys(keys)}
     pct = np.percentile(a, PERCENTILES)
     out.update({"mean": round(float(a.mean()), 2), "std": round(float(a.std()), 2), "min": int(a.min())})
-    out.update({f"p{p}": round(float(v), 2) for p, v in zip(PERCENTILES, pct)})
+    out.update({f"p{p}": round(float(v), 2) for p, v in zip(PERCENTILES, pct, strict=True)})
     out["max"] = int(a.max())
     return out
 
@@ -68,13 +68,13 @@ def _fmt(n: int) -> str:
 def bucket_labels(edges: list[int]) -> list[str]:
     """['0–8k', '8k–16k', '16k–32k', '32k–64k', '>64k'] for edges [8192, 16384, 32768, 65536]."""
     lows = [0, *edges[:-1]]
-    return [f"{_fmt(lo)}–{_fmt(hi)}" for lo, hi in zip(lows, edges)] + [f">{_fmt(edges[-1])}"]
+    return [f"{_fmt(lo)}–{_fmt(hi)}" for lo, hi in zip(lows, edges, strict=True)] + [f">{_fmt(edges[-1])}"]
 
 
 def bucket_index(lengths, edges: list[int]) -> np.ndarray:
     """Bucket of each length: i such that edges[i-1] < L <= edges[i]; len(edges) for L > edges[-1]."""
     edges = list(edges)
-    if any(b <= a for a, b in zip(edges, edges[1:])):
+    if any(b <= a for a, b in zip(edges, edges[1:], strict=False)):
         raise LongAlignError(f"bucket edges must increase strictly, got {edges}")
     return np.searchsorted(np.asarray(edges, np.int64), as_lengths(lengths), side="left")
 
@@ -223,7 +223,7 @@ def length_histogram(lengths_by_source: dict, max_length: int, edges: list[int] 
                 linewidth=1.2, label=f"{s} (n={a.size:,}, median {np.median(a):,.0f})")
     for e in edges:
         ax.axvline(e, color="#555555", linestyle="--", linewidth=0.8)
-    for e, label in zip([0, *edges], bucket_labels(edges)):
+    for e, label in zip([0, *edges], bucket_labels(edges), strict=True):
         x = max(e, lo) * 1.05
         ax.text(x, 0.98, label, transform=ax.get_xaxis_transform(), fontsize=7, va="top", color="#555555")
     ax.set_xscale("log")
@@ -272,7 +272,7 @@ def bucket_share_figure(table: list[dict], title: str | None = None):
     for j, (key, label, color) in enumerate(series):
         vals = [100 * r[key] for r in table]
         bars = ax.bar(x + (j - 1) * w, vals, w, label=label, color=color)
-        for b, v in zip(bars, vals):
+        for b, v in zip(bars, vals, strict=True):
             if v >= 0.5:
                 ax.text(b.get_x() + b.get_width() / 2, v + 1, f"{v:.0f}", ha="center", fontsize=7)
     ax.set_xticks(x, [r["bucket"] for r in table])

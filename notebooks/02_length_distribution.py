@@ -29,7 +29,9 @@
 SMOKE = False  # True: the fastest settings (CI, `make test`)
 OUT_DIR = "../runs/notebooks/02_length_distribution"
 MODEL = "smollm2-135m-instruct"  # its tokenizer and chat template are used
-STAGE1_DIR = "../runs/notebooks/01_data_synthesis"  # long.jsonl / short.jsonl from notebook 01 (else the sample)
+STAGE1_DIR = "../runs/notebooks/01_data_synthesis"  # notebook 01's output folder (else the bundled sample)
+LONG_FILES = ["long.jsonl"]  # files in STAGE1_DIR holding long records
+SHORT_FILES = ["short.jsonl", "short_magpie.jsonl"]  # ... and short ones (whichever exist)
 SAMPLE_FILE = "../data/sample_longalign.jsonl"
 MAX_LENGTH = 2048  # the cpu-demo window; length buckets scale with it
 LONG_RATIO = None  # e.g. 0.5 for a 50/50 mix of long and short records; None keeps all
@@ -66,9 +68,11 @@ if SMOKE:
 
 # %%
 stage1 = Path(STAGE1_DIR)
-if not SMOKE and (stage1 / "long.jsonl").exists() and (stage1 / "short.jsonl").exists():
-    inputs = {"long": stage1 / "long.jsonl", "short": stage1 / "short.jsonl"}
-    print("stage-1 output:", inputs)
+found = [("long", stage1 / f) for f in LONG_FILES if (stage1 / f).exists()] + \
+        [("short", stage1 / f) for f in SHORT_FILES if (stage1 / f).exists()]
+if not SMOKE and found:
+    inputs = found  # [(source, file)]: several files may feed one source
+    print("stage-1 output:", [f"{s}: {p}" for s, p in inputs])
 else:
     inputs = split_sample(read_jsonl(SAMPLE_FILE))
     print(f"using the bundled sample {SAMPLE_FILE}: {len(inputs['long'])} long + {len(inputs['short'])} short records")
@@ -90,7 +94,7 @@ record = find_record(inputs, row["source"], row["origin"])  # origin: "file:line
 messages, _ = clean_messages(record)
 round_trip = tok.decode(row["input_ids"]) == tok.apply_chat_template(messages, tokenize=False)
 print("decode(input_ids) == chat template text:", round_trip)
-print(repr(tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != IGNORE])))
+print(repr(tok.decode([t for t, y in zip(row["input_ids"], row["labels"], strict=True) if y != IGNORE])))
 
 # %% [markdown]
 # ## 2. The length distribution of this set
@@ -136,14 +140,14 @@ display(Image(str(syn_figs["histogram"])))
 
 # %%
 for r in paper["all"]["buckets"]:
-    print(f"{r['bucket']:>8}: {100 * r['seq_share']:5.1f}% of sequences  {100 * r['token_share']:5.1f}% of tokens  "
+    print(f"SYNTHETIC {r['bucket']:>8}: {100 * r['seq_share']:5.1f}% of sequences  {100 * r['token_share']:5.1f}% of tokens  "
           f"{100 * r['attention_share']:5.1f}% of attention work")
 cs = paper["compute_share"]
-print(f"long records: {100 * cs['long']['sequences']:.0f}% of sequences, {100 * cs['long']['linear']:.0f}% of tokens, "
+print(f"SYNTHETIC long records: {100 * cs['long']['sequences']:.0f}% of sequences, {100 * cs['long']['linear']:.0f}% of tokens, "
       f"{100 * cs['long']['attention']:.1f}% of attention work")
 all_syn = np.concatenate(list(syn_lens.values()))
 attn_share = {name: L.attention_flops_share(all_syn, *shape) for name, shape in MODEL_SHAPES.items()}
-print("share of forward FLOPs in attention:", {k: f"{100 * v:.0f}%" for k, v in attn_share.items()})
+print("SYNTHETIC mix, share of forward FLOPs in attention:", {k: f"{100 * v:.0f}%" for k, v in attn_share.items()})
 display(Image(str(syn_figs["bucket_share"])), Image(str(syn_figs["cdf"])))
 
 # %% [markdown]
@@ -156,7 +160,7 @@ display(Image(str(syn_figs["bucket_share"])), Image(str(syn_figs["cdf"])))
 # %%
 fill = L.random_batch_fill(all_syn, BATCH_SIZE, seed=0)
 fill_real = L.random_batch_fill(np.concatenate(list(lens.values())), min(BATCH_SIZE, ds.num_rows), seed=0)
-print(f"random batches of {BATCH_SIZE}, padded to the longest: {100 * fill:.0f}% real tokens "
+print(f"SYNTHETIC mix, random batches of {BATCH_SIZE} padded to the longest: {100 * fill:.0f}% real tokens "
       f"({100 * (1 - fill):.0f}% padding); on this notebook's real set: {100 * fill_real:.0f}%")
 
 # %% [markdown]
@@ -168,7 +172,7 @@ print(f"random batches of {BATCH_SIZE}, padded to the longest: {100 * fill:.0f}%
 display(Image(str(syn_figs["targets"])))
 for s in ("long", "short"):
     t = paper["sources"][s]["targets"]
-    print(f"{s:>5}: median {t['p50']:.0f} target tokens per record, {100 * t['target_share']:.1f}% of its tokens")
+    print(f"SYNTHETIC {s:>5}: median {t['p50']:.0f} target tokens per record, {100 * t['target_share']:.1f}% of its tokens")
 
 # %%
 write_metrics(out, {

@@ -41,7 +41,7 @@ def test_round_trip_decode_equals_chat_template(tmp_path, smol_tokenizer, sample
     ds, summary = D.build_dataset({"sample": SAMPLE}, smol_tokenizer, DataConfig(max_length=BIG), tmp_path / "tok")
     assert summary["kept"] == len(sample) == len(ds) and not summary["cached"]
     assert ds.features["input_ids"].feature.dtype == "int32" and ds.features["labels"].feature.dtype == "int32"
-    for row, rec in zip(ds, sample):
+    for row, rec in zip(ds, sample, strict=True):
         messages, _ = clean_messages(rec)
         text = smol_tokenizer.apply_chat_template(messages, tokenize=False)
         assert smol_tokenizer.decode(row["input_ids"]) == text
@@ -50,7 +50,7 @@ def test_round_trip_decode_equals_chat_template(tmp_path, smol_tokenizer, sample
         assert row["length"] == len(row["input_ids"]) == len(row["labels"])  # no padding
         assert row["n_target"] == sum(y != IGNORE for y in row["labels"]) > 0
         assert row["source"] == "sample" and row["origin"].startswith(str(SAMPLE))
-        target_text = smol_tokenizer.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != IGNORE])
+        target_text = smol_tokenizer.decode([t for t, y in zip(row["input_ids"], row["labels"], strict=True) if y != IGNORE])
         assert target_text == "".join(m["content"] + "<|im_end|>" for m in messages if m["role"] == "assistant")
 
 
@@ -62,7 +62,7 @@ def test_format_batch_matches_format_record(smol_tokenizer, sample):
     records = sample + chats(12) + bad
     for max_length, mode in ((None, "middle"), (300, "middle"), (300, "right"), (300, "skip")):
         got = format_batch(records, smol_tokenizer, max_length, mode)
-        for rec, res in zip(records, got):
+        for rec, res in zip(records, got, strict=True):
             try:
                 want = format_record(rec, smol_tokenizer, max_length, mode)
             except RecordError as e:
