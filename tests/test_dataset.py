@@ -7,6 +7,8 @@ from argparse import Namespace
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from longalign_lib import dataset as D
 from longalign_lib.config import DataConfig, load_config
@@ -202,3 +204,34 @@ def test_tokenize_stage_falls_back_to_sample_then_uses_stage1_files(tmp_path, sa
     r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
     assert r["metrics"]["cached"]
     assert set(D.load_tokenized(run / "tokenized")["source"]) == {"long", "short"}
+
+
+def _labels_loop(ids, offsets, spans):
+    """The original one-token-at-a-time rule (formatting.py before vectorising), kept here as the oracle."""
+    labels, si = [IGNORE] * len(ids), 0
+    for t, (a, b) in enumerate(offsets):
+        while si < len(spans) and a >= spans[si][1]:
+            si += 1
+        if si == len(spans):
+            break
+        s, e = spans[si]
+        if s <= a < e and b > a:
+            labels[t] = ids[t]
+    return labels
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 4)), max_size=60),
+       st.lists(st.integers(0, 150), max_size=8))
+def test_vectorised_labels_match_the_token_loop(steps, cuts):
+    """Monotone offsets with zero-width tokens and spans touching token edges: same labels as the loop."""
+    from longalign_lib.formatting import labels_from_offsets
+
+    offsets, pos = [], 0
+    for gap, width in steps:
+        pos += gap
+        offsets.append((pos, pos + width))
+    ids = list(range(100, 100 + len(offsets)))
+    cuts = sorted(set(cuts))
+    spans = [(a, b) for a, b in zip(cuts[0::2], cuts[1::2], strict=False) if b > a]
+    assert labels_from_offsets(ids, offsets, spans) == _labels_loop(ids, offsets, spans)
