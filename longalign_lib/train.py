@@ -754,7 +754,7 @@ def wall_time_figure(times: dict[str, float], title: str = "Wall time for the sa
     worst = max(times.values())
     bars = ax.bar(names, [times[n] for n in names], color=[plots.PALETTE.get(n, plots.CYCLE[0]) for n in names])
     for b, n in zip(bars, names):
-        ax.annotate(f"{times[n]:.1f} s\n({worst / times[n]:.2f}× faster than slowest)" if times[n] < worst else
+        ax.annotate(f"{times[n]:.1f} s\n{worst / times[n]:.2f}× faster" if times[n] < worst else
                     f"{times[n]:.1f} s", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
                     fontsize=8)
     ax.set_ylabel("training wall time (s)")

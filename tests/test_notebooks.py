@@ -12,6 +12,10 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 
 # What each notebook's metrics.json must show (keys it must hold; a check over the values).
 CHECKS = {
+    "04_long_context_sft": lambda m: m["loss_rel_diff"] < 1e-5 and m["padding_fraction"]["packed"] == 0
+    < m["padding_fraction"]["naive"] and all(v > 0 for v in m["wall_s"].values()) and all(
+        m["final_loss"][k] < m["first_loss"][k] + 0.5 for k in m["final_loss"]) and all(
+        Path(f).stat().st_size > 10_000 for f in m["figures"]),
     "05_judge_evaluation": lambda m: m["n_cases"] == 3 and m["judge_calls"] >= 2 * m["n_cases"]
     and m["judge_rated"] + m["judge_unparseable"] > 0 and m["needle_cells"] == 6 and 0.0 <= m["needle_mean"] <= 1.0
     and m["needle_depth_error"] < 0.3 and m["proxy_rubric_n"] == 9 and Path(m["needle_png"]).stat().st_size > 10_000
