@@ -384,9 +384,11 @@ def run_judge(cfg, run_dir: Path, args) -> dict:
                  f"{summary['unparseable_replies']} of {summary['judge_calls']} replies unparseable), "
                  f"{summary['input_tokens']}+{summary['output_tokens']} tokens, ${summary['cost_usd']:.4f}."
                  if summary["judge_mean"] is not None else
-                 f"No LLM judge ratings (mode `{mode}`{', every judge reply unparseable' if mode == 'llm' else ''}).")
+                 f"No LLM judge ratings (mode `{mode}`{', every judge reply unparseable' if mode == 'llm' else ''})."
+                 + (" A small local judge rarely follows the `[[n]]` format: point it at a capable model with "
+                    "`eval.judge_backend`/`eval.judge_base_url` + `eval.judge_model`." if mode == "llm" else ""))
     report = (f"Judged {summary['n']} answers from {source}.\n\n{judge_txt}\n\n"
-              f"Proxy ({PROXY_LABEL}): token F1 {summary['proxy_token_f1']:.3f}, ROUGE-L {summary['proxy_rouge_l']:.3f}."
+              f"Proxy scores ({PROXY_LABEL.removeprefix('proxy (').rstrip(')')}): token F1 {summary['proxy_token_f1']:.3f}, ROUGE-L {summary['proxy_rouge_l']:.3f}."
               f"\n\n![judge scores]({png.relative_to(run_dir)})")
     if "agreement_judge_human" in summary:
         a = summary["agreement_judge_human"]
