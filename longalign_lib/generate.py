@@ -173,28 +173,34 @@ def client_generate_fn(client, max_new_tokens: int = 64, **params):
 
 # ---------------------------------------------------------------- the `eval` stage
 def eval_model_config(cfg, run_dir: Path):
-    """Which model stages 5 evaluate: eval.model if set, else the model `train` saved in <run_dir>/model, else
-    model.name. A saved model already carries its RoPE scaling in its config, so it is not applied twice."""
+    """Which model stage 5 evaluates, as a ModelConfig, and its label.
+
+    eval.model if set, else the model `train` saved in <run_dir>/model, else model.name. A saved model already
+    carries its RoPE scaling in its config, so it is not applied twice.
+    """
     import dataclasses
 
     trained = Path(run_dir) / "model"
-    if cfg.eval.model:
-        name = cfg.eval.model
-    elif (trained / "config.json").exists():
-        name = str(trained)
-    else:
-        return cfg.model, cfg.model.name
+    name = cfg.eval.model or (str(trained) if (trained / "config.json").exists() else cfg.model.name)
+    if name == cfg.model.name:
+        return cfg.model, name
     mc = dataclasses.replace(cfg.model, name=name, lora=False)
     if Path(name).expanduser().is_dir():
         mc = dataclasses.replace(mc, rope_base_factor=1.0, max_position_embeddings=None)
     return mc, name
 
 
-def add_eval_arguments(p) -> None:
-    p.add_argument("--bench", default=None, help="benchmark JSONL (idx, query, context, answer, few_shots); "
-                   "default: eval.bench_file, else the offline set built from data/kjv_*.txt")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate only the first N cases")
-    p.add_argument("--eval-fresh", action="store_true", help="discard predictions.jsonl and start over")
+def load_eval_model(cfg, run_dir: Path):
+    """(model, tokenizer, label) for generation. The packed-training attention backends of attention.py isolate
+    documents inside one row; generation needs left padding and a KV cache instead, so the model is switched to
+    transformers' own SDPA (unless model.attn_implementation names eager or flash explicitly)."""
+    from .models import load_model_and_tokenizer
+
+    mc, name = eval_model_config(cfg, run_dir)
+    model, tok = load_model_and_tokenizer(cfg=mc)
+    if mc.attn_implementation not in ("eager", "flash", "flash_attention_2"):
+        model.set_attn_implementation("sdpa")
+    return model, tok, name
 
 
 def load_or_build_bench(cfg, run_dir: Path, bench: str | None = None, tokenizer=None):
@@ -220,7 +226,6 @@ def load_or_build_bench(cfg, run_dir: Path, bench: str | None = None, tokenizer=
 
 def run_eval(cfg, run_dir: Path, args) -> dict:
     from .benchmarks import score_exact
-    from .models import load_model_and_tokenizer
     from .scoring import bootstrap_ci
 
     ec = cfg.eval
@@ -228,8 +233,7 @@ def run_eval(cfg, run_dir: Path, args) -> dict:
     pred_path = run_dir / "predictions.jsonl"
     if getattr(args, "eval_fresh", False) and pred_path.exists():
         pred_path.unlink()
-    model_cfg, model_name = eval_model_config(cfg, run_dir)
-    model, tok = load_model_and_tokenizer(cfg=model_cfg)
+    model, tok, model_name = load_eval_model(cfg, run_dir)
     cases, source = load_or_build_bench(cfg, run_dir, getattr(args, "bench", None), tok)
     if getattr(args, "eval_limit", None):
         cases = cases[: args.eval_limit]

@@ -252,16 +252,14 @@ def add_needle_arguments(p) -> None:
 
 def run_needle(cfg, run_dir: Path, args) -> dict:
     from . import plots
-    from .generate import eval_model_config, make_generate_fn, model_window
-    from .models import load_model_and_tokenizer
+    from .generate import load_eval_model, make_generate_fn, model_window
 
     ec = cfg.eval
     run_dir = Path(run_dir)
     cells_file = run_dir / "needle_cells.jsonl"
     if getattr(args, "needle_fresh", False) and cells_file.exists():
         cells_file.unlink()
-    model_cfg, model_name = eval_model_config(cfg, run_dir)
-    model, tok = load_model_and_tokenizer(cfg=model_cfg)
+    model, tok, model_name = load_eval_model(cfg, run_dir)
     window = model_window(model, tok, ec.max_input_tokens)
     gen = make_generate_fn(model, tok, max_new_tokens=ec.needle_max_new_tokens, seed=ec.seed,
                            max_batch_tokens=ec.max_batch_tokens, progress=False)

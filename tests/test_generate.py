@@ -100,7 +100,7 @@ def test_eval_stage_streams_and_resumes(tmp_path):
     res = run_one("eval", cfg, tmp_path)
     rows = read_jsonl(tmp_path / "predictions.jsonl")
     assert [r["idx"] for r in sorted(rows, key=lambda r: r["idx"])] == ["c0", "c1", "c2"]
-    assert res["metrics"]["cases"] == 3 and res["metrics"]["resumed"] == 0
+    assert res["metrics"]["cases"] == 3 and res["metrics"]["resumed"] == 0 and res["metrics"]["model"] == cfg.model.name
     assert all(r["n_new_tokens"] <= 6 and r["exact"] in (0.0, 1.0) and "context" not in r for r in rows)
     # a run killed mid-write: one finished row, then a torn line
     keep = next(r for r in rows if r["idx"] == "c1")
@@ -142,3 +142,11 @@ def test_evaluated_model_is_the_trained_one_when_present(tmp_path):
     assert mc.rope_base_factor == 1.0 and mc.max_position_embeddings is None  # already in the saved config
     cfg.eval.model = "smollm2-135m-instruct"
     assert eval_model_config(cfg, tmp_path)[1] == "smollm2-135m-instruct"
+
+
+def test_eval_model_uses_transformers_sdpa_for_generation(tmp_path):
+    from longalign_lib.config import load_config
+    from longalign_lib.generate import load_eval_model
+
+    model, tok, name = load_eval_model(load_config("cpu-demo"), tmp_path)
+    assert name == "smollm2-135m-instruct" and model.config._attn_implementation == "sdpa"
