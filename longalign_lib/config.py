@@ -178,6 +178,7 @@ class EvalConfig:
     max_input_tokens: int | None = None  # default: the model's window; longer prompts lose their middle
     max_new_tokens: int = 128
     batch_size: int = 4  # prompts generated together (grouped by length)
+    local_threads: int = 0  # torch CPU threads while generating / judging locally (0 = torch default; 1 on shared machines)
     max_batch_tokens: int = 16384  # padded prompt+answer tokens per generation batch
     judge_mode: str = "llm"  # llm (LongBench-Chat judge + proxy scores) | proxy (reference overlap only, offline)
     judge_backend: str = "local"  # local | openai (any OpenAI-compatible server: vLLM, llama.cpp) | anthropic

@@ -125,9 +125,26 @@ def generate_batch(model, tok, batch_ids: list[list[int]], max_new_tokens: int, 
 
 def generate_replies(model, tok, messages_list: list[list[dict]], max_new_tokens: int = 128,
                      max_input_tokens: int | None = None, batch_size: int = 4, max_batch_tokens: int = 16384,
-                     seed: int = 0, progress: bool = True, on_batch=None, desc: str = "generate") -> list[dict]:
+                     seed: int = 0, progress: bool = True, on_batch=None, desc: str = "generate",
+                     threads: int = 0) -> list[dict]:
     """Generate a reply for each chat; returns [{prediction, n_input_tokens, n_prompt_tokens, truncated,
-    n_new_tokens, seconds}] in input order. `on_batch(indices, results)` is called after each batch (streaming)."""
+    n_new_tokens, seconds}] in input order. `on_batch(indices, results)` is called after each batch (streaming).
+    `threads`: torch CPU threads meanwhile (1 is several times faster on a machine shared with other jobs, where
+    OpenMP threads wait on each other; 0 leaves torch's setting)."""
+    import torch
+
+    before = torch.get_num_threads()
+    if threads and model.device.type == "cpu":
+        torch.set_num_threads(threads)
+    try:
+        return _generate_replies(model, tok, messages_list, max_new_tokens, max_input_tokens, batch_size,
+                                 max_batch_tokens, seed, progress, on_batch, desc)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _generate_replies(model, tok, messages_list, max_new_tokens, max_input_tokens, batch_size, max_batch_tokens,
+                      seed, progress, on_batch, desc) -> list[dict]:
     from tqdm.auto import tqdm
 
     window = model_window(model, tok)
@@ -153,12 +170,12 @@ def generate_replies(model, tok, messages_list: list[list[dict]], max_new_tokens
 
 
 def make_generate_fn(model, tok, max_new_tokens: int = 64, seed: int = 0, max_input_tokens: int | None = None,
-                     batch_size: int = 4, max_batch_tokens: int = 16384, progress: bool = False):
+                     batch_size: int = 4, max_batch_tokens: int = 16384, progress: bool = False, threads: int = 0):
     """A `generate_fn(list of message lists) -> list of replies` over a transformers model (for needle.run_grid)."""
     def fn(messages_list):
         outs = generate_replies(model, tok, messages_list, max_new_tokens=max_new_tokens,
                                 max_input_tokens=max_input_tokens, batch_size=batch_size,
-                                max_batch_tokens=max_batch_tokens, seed=seed, progress=progress)
+                                max_batch_tokens=max_batch_tokens, seed=seed, progress=progress, threads=threads)
         return [o["prediction"] for o in outs]
     return fn
 
@@ -261,7 +278,7 @@ def run_eval(cfg, run_dir: Path, args) -> dict:
         generate_replies(model, tok, [case_messages(c.query, c.context) for c in todo],
                          max_new_tokens=ec.max_new_tokens, max_input_tokens=ec.max_input_tokens,
                          batch_size=ec.batch_size, max_batch_tokens=ec.max_batch_tokens, seed=ec.seed,
-                         on_batch=stream, desc="eval")
+                         on_batch=stream, desc="eval", threads=ec.local_threads)
     gen_s = time.time() - t0
     rows = [done[c.idx] for c in cases]
     exact = [r["exact"] for r in rows if r.get("exact") is not None]

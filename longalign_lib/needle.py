@@ -262,7 +262,7 @@ def run_needle(cfg, run_dir: Path, args) -> dict:
     model, tok, model_name = load_eval_model(cfg, run_dir)
     window = model_window(model, tok, ec.max_input_tokens)
     gen = make_generate_fn(model, tok, max_new_tokens=ec.needle_max_new_tokens, seed=ec.seed,
-                           max_batch_tokens=ec.max_batch_tokens, progress=False)
+                           max_batch_tokens=ec.max_batch_tokens, progress=False, threads=ec.local_threads)
     scorer_name = getattr(args, "needle_scorer", None) or ec.needle_scorer
     scorer = None
     if scorer_name == "judge":

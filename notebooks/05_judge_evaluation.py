@@ -44,6 +44,7 @@ JUDGE_RUNS = 2
 JUDGE_MAX_NEW_TOKENS = 32
 NEEDLE_LENGTHS = [256, 512, 1024, 2048]
 NEEDLE_DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
+THREADS = 0  # torch CPU threads while generating (0 = torch's default; 1 is much faster on a shared machine)
 
 # %%
 import random
@@ -65,7 +66,7 @@ out = Path(OUT_DIR)
 out.mkdir(parents=True, exist_ok=True)
 if SMOKE:
     CONTEXT_TOKENS, N_PER_TASK, MAX_NEW_TOKENS, JUDGE_MAX_NEW_TOKENS = 300, 1, 24, 16
-    NEEDLE_LENGTHS, NEEDLE_DEPTHS = [128, 256], [0.0, 0.5, 1.0]
+    NEEDLE_LENGTHS, NEEDLE_DEPTHS, THREADS = [128, 256], [0.0, 0.5, 1.0], 1
 
 model, tok = load_model_and_tokenizer(MODEL)
 print(f"{MODEL}: window {model_window(model, tok)} tokens")
@@ -114,7 +115,7 @@ print(tok.decode(demo_ids))
 # %%
 t0 = time.time()
 gens = generate_replies(model, tok, [case_messages(c.query, c.context) for c in cases], max_new_tokens=MAX_NEW_TOKENS,
-                        batch_size=4, seed=0)
+                        batch_size=4, seed=0, threads=THREADS)
 gen_s = time.time() - t0
 rows = [{"idx": c.idx, "task": c.task, "query": c.query, "answer": c.answer, "few_shots": c.few_shots,
          "prediction": g["prediction"], "exact": score_exact(c, g["prediction"])} for c, g in zip(cases, gens)]
@@ -157,7 +158,7 @@ for reply in ["The answer names the right code. [[9]]", "Mostly wrong.\nRating: 
 
 # %%
 if JUDGE_BACKEND == "local" and JUDGE_BASE_URL is None and JUDGE_MODEL == MODEL:
-    judge_client = make_client("local", JUDGE_MODEL, model_obj=model, tokenizer=tok, cache_dir=False)
+    judge_client = make_client("local", JUDGE_MODEL, model_obj=model, tokenizer=tok, cache_dir=False, threads=THREADS)
 else:
     judge_client = make_client("openai" if JUDGE_BASE_URL else JUDGE_BACKEND, JUDGE_MODEL, base_url=JUDGE_BASE_URL,
                                cache_dir=out / "judge_cache")
@@ -233,7 +234,7 @@ fig
 
 # %%
 t0 = time.time()
-needle = run_grid(make_generate_fn(model, tok, max_new_tokens=24), tok, NEEDLE_LENGTHS, NEEDLE_DEPTHS,
+needle = run_grid(make_generate_fn(model, tok, max_new_tokens=24, threads=THREADS), tok, NEEDLE_LENGTHS, NEEDLE_DEPTHS,
                   haystack=load_haystack(), window=model_window(model, tok), progress=False)
 needle_s = time.time() - t0
 for cell in needle["cells"]:
