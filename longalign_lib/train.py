@@ -50,7 +50,7 @@ def load_training_data(cfg, run_dir: Path, tok) -> tuple[object, str]:
 
     Returns (dataset with input_ids/labels/length/n_target per row, a sentence saying where it came from).
     """
-    tok_dir = Path(run_dir) / "tokenized"
+    tok_dir = Path(getattr(cfg.data, "tokenized_dir", None) or Path(run_dir) / "tokenized")
     if tok_dir.exists():
         from .dataset import load_tokenized
 
@@ -614,7 +614,7 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
         save_steps=max(1, min(cfg.train.save_steps, n_steps)), save_total_limit=cfg.train.save_total_limit,
         logging_steps=cfg.train.logging_steps, report_to="none", seed=cfg.train.seed, data_seed=cfg.train.seed,
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=dev != "cuda",
-        disable_tqdm=quiet, save_only_model=False, gradient_checkpointing=False,
+        disable_tqdm=quiet,
     )
     wrapper = ChunkedLossLM(model, cfg.train.loss_chunk_tokens)
     trainer = LongAlignTrainer(model=wrapper, args=args, processing_class=tok, plan_batches=pb, log_dir=run_dir,

@@ -58,7 +58,7 @@ out.mkdir(parents=True, exist_ok=True)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 if SMOKE:
     MODEL = "random:" + str(train.tiny_model_dir(out / "tiny_model"))
-    N_RECORDS, MAX_CONTEXT_TOKENS, PACK_TOKENS, BATCH_SIZE, GRAD_ACCUM, LR = 16, 240, 512, 4, 1, 1e-3
+    N_RECORDS, MAX_CONTEXT_TOKENS, PACK_TOKENS, BATCH_SIZE, GRAD_ACCUM, LR = 12, 240, 512, 4, 1, 1e-3
     ROPE_BASE_FACTOR = 1.0
 print("model:", MODEL, "| device:", device)
 

@@ -34,7 +34,7 @@ def rows(smol_tokenizer):
 
 def _cfg(tiny, *sets):
     return load_config("cpu-demo", [f"model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0",
-                                    "train.epochs=1", "model.device=cpu", *sets])
+                                    "train.epochs=1", "model.device=cpu", "train.max_pack_tokens=null", *sets])
 
 
 def _model(tiny):
@@ -128,6 +128,17 @@ def test_cli_stage_logs_and_saves(tiny, tmp_path):
     assert "no stage-2 dataset" in summary["info"]["data"]
 
 
+def test_trains_from_the_stage2_dataset(tiny, smol_tokenizer, tmp_path):
+    from longalign_lib.dataset import build_dataset
+
+    cfg = _cfg(tiny, "train.max_steps=1", "batching.max_pack_tokens=1024", "data.max_length=1024")
+    recs = train.verse_lookup_records(5, min_tokens=60, max_tokens=200, seed=5)
+    ds, _ = build_dataset(recs, smol_tokenizer, cfg.data, tmp_path / "run" / "tokenized", num_proc=1)
+    res = train.train(cfg, tmp_path / "run", save_model=False)
+    assert res["data"].startswith("stage-2 dataset") and len(ds) == 5
+    assert res["log"][0]["M"] >= 1 and res["log"][0]["loss"] > 0
+
+
 def test_lora_trains_only_adapters_and_saves_merged(tiny, rows, tmp_path):
     cfg = _cfg(tiny, "model.lora=true", "model.lora_r=4", "train.max_steps=2", "batching.max_pack_tokens=600",
                "train.lr=1e-2")
@@ -169,7 +180,7 @@ def test_two_rank_ddp_matches_one_process(tiny, rows, tmp_path):
         sys.path.insert(0, {str(ROOT)!r})
         from longalign_lib import train
         from longalign_lib.config import load_config
-        cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu",
+        cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu", "train.max_pack_tokens=null",
                           "train.epochs=1", "train.max_steps=1", "batching.world_size=2", "batching.grad_accum=1",
                           "batching.max_pack_tokens=700"])
         rows = json.load(open({str(data)!r}))
