@@ -24,9 +24,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 def run(shape: str, seq: int, attn: str, steps: int, warmup: int, mix: str) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM
-
     from train_throughput import DOC_MIXES, model_config, packed_rows
+    from transformers import AutoModelForCausalLM
 
     cfg = model_config(shape, max(seq, 32768))
     torch.manual_seed(0)

@@ -105,11 +105,11 @@ def plot(results: list[dict], path: Path, title: str):
     names = [f"{r['attn']}\n{r['mix']}" for r in results]
     vals = [r["tokens_per_s"] / 1e3 for r in results]
     bars = ax.bar(names, vals, color=plots.PALETTE["packed"])
-    for b, r in zip(bars, results):
+    for b, r in zip(bars, results, strict=False):
         ax.annotate(f"{r['tokens_per_s'] / 1e3:.1f}k\nMFU {100 * r['mfu']:.0f}%\n{r['peak_mem_gib']:.0f} GiB",
                     (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom", fontsize=7)
     if results and results[0]["shape"] == "qwen2.5-1.5b" and results[0]["seq"] == 32768:
-        for (label, v), style in zip(BAR.items(), ("--", ":")):
+        for (label, v), style in zip(BAR.items(), ("--", ":"), strict=False):
             ax.axhline(v / 1e3, color="#c44e52", ls=style, lw=1, label=label)
         ax.legend(loc="upper right", fontsize=7)
     ax.set_ylabel("training tokens / s (thousands)")

@@ -488,7 +488,7 @@ def verse_lookup_records(n: int, min_tokens: int = 200, max_tokens: int = 4000, 
                 verses.append((b.removeprefix("kjv_").removesuffix(".txt").title(), m.group(1), m.group(2)))
     rng = random.Random(seed)
     out = []
-    for i in range(n):
+    for _i in range(n):
         if rng.random() < long_fraction:
             chars = int(4 * math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens))))
         else:
@@ -753,7 +753,7 @@ def wall_time_figure(times: dict[str, float], title: str = "Wall time for the sa
     names = list(times)
     worst = max(times.values())
     bars = ax.bar(names, [times[n] for n in names], color=[plots.PALETTE.get(n, plots.CYCLE[0]) for n in names])
-    for b, n in zip(bars, names):
+    for b, n in zip(bars, names, strict=False):
         ax.annotate(f"{times[n]:.1f} s\n{worst / times[n]:.2f}× faster" if times[n] < worst else
                     f"{times[n]:.1f} s", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
                     fontsize=8)

@@ -40,8 +40,6 @@ LR = 5e-5
 ROPE_BASE_FACTOR = 8.0  # SmolLM2 was trained to 8k; 16k rows need a larger RoPE base (the paper: ×200 for 64k)
 
 # %%
-import json
-import time
 from pathlib import Path
 
 import torch
@@ -50,7 +48,7 @@ from longalign_lib import batching, plots, train
 from longalign_lib.config import load_config
 from longalign_lib.formatting import format_records
 from longalign_lib.io import write_metrics
-from longalign_lib.loss import reference_weighted_ce, weighted_chunked_ce
+from longalign_lib.loss import reference_weighted_ce
 from longalign_lib.models import load_tokenizer
 
 out = Path(OUT_DIR)

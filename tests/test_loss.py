@@ -37,7 +37,7 @@ def test_matches_reference_fp32(chunk, bias, softcap):
     ref = reference_weighted_ce(logits, y, w)
     ref_grads = torch.autograd.grad(ref * 0.37, params)
     assert abs(loss.item() - ref.item()) / abs(ref.item()) < 1e-6
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=False):
         assert _rel(g, r) < 1e-6
 
 
@@ -114,5 +114,5 @@ def test_model_loss_matches_hf_logits(smol_model_and_tokenizer):
         loss, _ = model_loss(model, batch, chunk_tokens=3)
         ref = sum(reference_weighted_ce(model(torch.tensor([e["input_ids"]])).logits,
                                         torch.tensor([[-100] + e["labels"][1:]]),
-                                        torch.full((1, len(e["labels"])), w)) for e, w in zip(exs, (0.25, 0.5)))
+                                        torch.full((1, len(e["labels"])), w)) for e, w in zip(exs, (0.25, 0.5), strict=False))
     assert abs(loss.item() - ref.item()) / ref.item() < 1e-5
