@@ -193,8 +193,9 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
             todo.append({"length": n, "depth": d, "context": text, "span": span})
     t0 = time.time()
     bar = tqdm(total=len(todo), desc="needle grid", disable=not progress)
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
+    chunks = [[c for c in todo if c["length"] == n][i:i + batch]  # one length per batch: no padding
+              for n in fits for i in range(0, sum(c["length"] == n for c in todo), batch)]
+    for chunk in chunks:
         replies = generate_fn([needle_prompt(c["context"], question) for c in chunk])
         for c, reply in zip(chunk, replies, strict=False):
             cell = {"length": c["length"], "depth": c["depth"], "needle": needle, "model": model_label,
