@@ -266,7 +266,6 @@ def format_batch(records: list, tokenizer, max_length: int | None = None, trunca
         todo.append((k, spans, dropped, text))
     encoded = encode_batch(tokenizer, [t[3] for t in todo]) if todo else []
     for (k, spans, dropped, _), (ids, offsets) in zip(todo, encoded, strict=True):
-        ids = list(ids)
         try:
             out[k] = _finish(records[k], ids, labels_from_offsets(ids, offsets, spans), dropped, max_length,
                              truncation)
