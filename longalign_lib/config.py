@@ -164,6 +164,7 @@ class TrainConfig:
     save_total_limit: int = 2
     tensorboard: bool = True
     matmul_tflops: float | None = None  # MFU denominator; None: measured once per device and cached
+    cpu_threads: int = 0  # torch threads while training on CPU (0 = torch default; 1 is faster on shared cores)
 
 
 @dataclass

@@ -657,7 +657,13 @@ def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = Tru
     elif log.exists():
         log.unlink()
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    threads = torch.get_num_threads()
+    if info["device"] == "cpu" and cfg.train.cpu_threads:
+        torch.set_num_threads(int(cfg.train.cpu_threads))
+    try:
+        trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    finally:
+        torch.set_num_threads(threads)
     info["train_s"] = round(time.time() - t0, 2)
     info["log"] = read_jsonl(log) if log.exists() else []
     if not save_model:
