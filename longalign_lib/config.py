@@ -73,6 +73,7 @@ class SynthConfig:
     n_short: int = 4
     short_files: list[str] = field(default_factory=list)  # ShareGPT-style JSON/JSONL to import
     question_max_new_tokens: int | None = None  # budget of the question-list call; default max_new_tokens
+    question_attempts: int = 2  # fresh samples of the question list when none could be parsed
     answer_temperature: float = 0.3
     min_answer_words: int = 8  # filter: shorter answers are rejected (words, or Han characters)
     max_repetition: float = 0.5  # filter: share of repeated word 3-grams above which an answer is degenerate
@@ -84,6 +85,8 @@ class SynthConfig:
     short_model: str = DEFAULT_MODEL
     short_question_tokens: int = 64
     short_max_new_tokens: int = 192
+    local_threads: int = 0  # torch CPU threads for the local backend (0 = torch default; 1 on shared machines)
+    local_prefix_cache: bool = True  # local backend: reuse the document's KV cache between question and answer
     prices: dict = field(
         default_factory=lambda: {
             # USD per 1M tokens (input, output); edit to your provider's current prices.

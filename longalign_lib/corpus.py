@@ -471,6 +471,9 @@ def corpus_figure(docs: list[Document]):
     a1.set_title(f"Genre mix ({len(docs)} documents)")
     a1.set_ylabel("documents")
     a1.tick_params(axis="x", rotation=30)
+    from matplotlib.ticker import MaxNLocator
+
+    a1.yaxis.set_major_locator(MaxNLocator(integer=True))
     for i, g in enumerate(genres):
         ys = [d.n_tokens for d in docs if d.genre == g]
         xs = [i + (k % 7 - 3) * 0.04 for k in range(len(ys))]

@@ -264,15 +264,22 @@ class _LocalBackend:
     """transformers generation with the model's own chat template (offline default: SmolLM2-135M-Instruct).
 
     Calls run one at a time in a worker thread (a CPU/GPU model gains nothing from parallel Python threads).
-    Extra keywords: dtype, device, repetition_penalty (default 1.1), model/tokenizer (an already-loaded pair).
+    Extra keywords: dtype, device, repetition_penalty (default 1.1), model_obj/tokenizer (an already-loaded
+    pair), threads (torch CPU threads while generating; 1 is much faster on a machine shared with other jobs,
+    where OpenMP threads wait on each other; 0 = leave torch's setting), prefix_cache (reuse the previous
+    call's KV cache for the shared prompt prefix; off by default because it assumes the weights do not change
+    between calls — synth turns it on).
     """
 
     name = "local"
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", repetition_penalty: float = 1.1,
-                 model_obj=None, tokenizer=None, **_):
+                 model_obj=None, tokenizer=None, threads: int = 0, prefix_cache: bool = False, **_):
         self.model = model
-        self.dtype, self.device, self.rep = dtype, device, repetition_penalty
+        self.dtype, self.device, self.rep, self.threads = dtype, device, repetition_penalty, int(threads or 0)
+        self.prefix_cache, self.min_prefix = prefix_cache, 32
+        self._last = None  # (token ids, KV cache) of the previous call, for prefix reuse
+        self.stats = {"reused_tokens": 0}
         self._m, self._tok = model_obj, tokenizer
         self._lock = threading.Lock()
 
@@ -290,6 +297,29 @@ class _LocalBackend:
 
             self._m, self._tok = load_model_and_tokenizer(self.model, dtype=self.dtype, device=self.device)
         return self._m, self._tok
+
+    def _reusable_cache(self, ids: list[int]):
+        """The previous call's KV cache cut to the prefix it shares with `ids` (the document, typically), or None.
+
+        The question-list call and the answer call of one document share the chat template and the whole
+        document, so the answer call only needs to encode its own instruction: prompt processing is halved.
+        """
+        if not self.prefix_cache or self._last is None:
+            return None
+        last_ids, cache = self._last
+        n = 0
+        for a, b in zip(last_ids, ids, strict=False):
+            if a != b:
+                break
+            n += 1
+        n = min(n, len(ids) - 1, cache.get_seq_length())
+        self._last = None
+        if n < self.min_prefix:
+            return None
+        extra = cache.get_seq_length() - n
+        if extra > 0:
+            cache.crop(-extra)  # transformers ≥5: a negative value removes that many tokens from the end
+        return cache
 
     def count(self, messages) -> int:
         return len(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -324,10 +354,25 @@ class _LocalBackend:
                 eos.append(i)
         torch.manual_seed(seed)
         x = torch.tensor([ids], device=model.device)
-        with torch.no_grad():
-            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id or tok.eos_token_id, **kw)
-        new = out[0, len(ids):].tolist()
+        past = self._reusable_cache(ids)
+        reused = past.get_seq_length() if past is not None else 0
+        if past is not None:
+            kw["past_key_values"] = past
+        before = torch.get_num_threads()
+        if self.threads and model.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        try:
+            with torch.no_grad():
+                out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new,
+                                     eos_token_id=eos, pad_token_id=tok.pad_token_id or tok.eos_token_id,
+                                     return_dict_in_generate=True, **kw)
+        finally:
+            torch.set_num_threads(before)
+        seq = out.sequences[0].tolist()
+        if self.prefix_cache and getattr(out, "past_key_values", None) is not None:
+            self._last = (seq, out.past_key_values)
+        self.stats["reused_tokens"] += reused
+        new = seq[len(ids):]
         text = tok.decode(new, skip_special_tokens=True)
         if stop:
             for s in [stop] if isinstance(stop, str) else stop:
@@ -601,7 +646,10 @@ def client_from_config(section, prefix: str = "", model_cfg=None, **overrides) -
         "prices": get("prices"),
     }
     backend = get("backend", "local")
-    if backend == "local" and model_cfg is not None:
-        kw.update(dtype=model_cfg.dtype, device=model_cfg.device)
+    if backend == "local":
+        kw["threads"] = get("local_threads", 0)
+        kw["prefix_cache"] = bool(get("local_prefix_cache", False))
+        if model_cfg is not None:
+            kw.update(dtype=model_cfg.dtype, device=model_cfg.device)
     kw.update(overrides)
     return make_client(backend, get("model"), **kw)

@@ -296,6 +296,7 @@ class Trace:
     usage: dict = field(default_factory=dict)
     cost_usd: float = 0.0
     cached: bool = True
+    attempts: int = 0  # question-list samples drawn (synth.question_attempts caps it)
 
 
 def task_for(index: int, scfg) -> str:
@@ -322,16 +323,23 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
     answer_client = answer_client or client
     tr = Trace(doc.id, task_type, lang, question_messages(doc.text, task_type, lang, scfg.n_questions))
     params = {"max_new_tokens": scfg.question_max_new_tokens or scfg.max_new_tokens,
-              "temperature": scfg.temperature, "seed": seed}
-    try:
-        r = await client.achat(tr.question_prompt, **params)
-    except ContextTooLong:
-        tr.reason = "too_long_for_model"
-        return tr
-    tr.raw_questions, tr.usage["questions"] = r.text, r.usage
-    tr.cost_usd += r.cost_usd
-    tr.cached &= r.cached
-    tr.questions = parse_questions(r.text, scfg.n_questions)
+              "temperature": scfg.temperature}
+    for attempt in range(max(1, scfg.question_attempts)):  # a fresh sample when no question could be parsed
+        try:
+            r = await client.achat(tr.question_prompt, seed=seed + attempt, **params)
+        except ContextTooLong:
+            tr.reason = "too_long_for_model"
+            return tr
+        u = tr.usage.setdefault("questions", {"input_tokens": 0, "output_tokens": 0})
+        for k in u:
+            u[k] += r.usage.get(k, 0)
+        tr.raw_questions = r.text
+        tr.attempts = attempt + 1
+        tr.cost_usd += r.cost_usd
+        tr.cached &= r.cached
+        tr.questions = parse_questions(r.text, scfg.n_questions)
+        if tr.questions:
+            break
     if not tr.questions:
         tr.reason = "no_questions"
         return tr
@@ -358,6 +366,7 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
         "meta": {"id": f"long-{doc.id}", "kind": "long", "doc_id": doc.id, "source": doc.source, "genre": doc.genre,
                  "lang": lang, "title": doc.title, "license": doc.license, "doc_tokens": doc.n_tokens,
                  "task_type": task_type, "questions": tr.questions, "question": tr.question,
+                 "question_attempts": tr.attempts,
                  "question_index": tr.questions.index(tr.question), "backend": client.backend_name,
                  "question_model": r.model or client.model, "answer_model": a.model or answer_client.model,
                  "usage": tr.usage, "cost_usd": round(tr.cost_usd, 6),
@@ -433,8 +442,8 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
                     tasks[tr.task_type] += 1
                 else:
                     append_jsonl(rejects, {"doc_id": doc.id, "task_type": tr.task_type, "reason": tr.reason,
-                                           "questions": tr.questions, "question": tr.question,
-                                           "answer": tr.answer[:500]})
+                                           "raw_questions": tr.raw_questions[:1000], "questions": tr.questions,
+                                           "question": tr.question, "answer": tr.answer[:500]})
                     counts[tr.reason] += 1
                 bar.update(1)
 
@@ -444,7 +453,9 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
                 bar.close()
 
     run_sync(go())
+    planned = Counter(task_for(i, scfg) for i in range(len(docs)))
     return {"docs": len(docs), "skipped_done": len(docs) - len(todo), "processed": len(todo),
+            "planned_task_types": dict(planned),
             "kept": counts.pop("kept", 0), "rejected": dict(counts), "task_types": dict(tasks),
             "seconds": round(time.time() - t0, 1)}
 
@@ -656,6 +667,7 @@ def dry_run(client, docs: list[Document], scfg, done: set[str]) -> dict:
     total = {k: q_est[k] + a_est[k] for k in ("calls", "input_tokens", "output_tokens", "cost_usd")}
     total["cost_usd"] = round(total["cost_usd"], 6)
     return {"documents": len(todo), "skipped_done": len(docs) - len(todo), "backend": client.backend_name,
+            "extra_question_calls_at_most": len(todo) * (max(1, scfg.question_attempts) - 1),
             "model": client.model, "price_per_1M": a_est["price_per_1M"], "questions": q_est, "answers": a_est,
             **total}
 
@@ -663,16 +675,28 @@ def dry_run(client, docs: list[Document], scfg, done: set[str]) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # figures
 # ----------------------------------------------------------------------------------------------------------------
-def mix_figure(records: list[dict], rejected: dict | None = None):
-    """Task-type mix of the kept long records, and the rejection reasons."""
+def mix_figure(records: list[dict], rejected: dict | None = None, planned: dict | None = None):
+    """Task-type mix (planned per document vs kept records), and the rejection reasons."""
+    from matplotlib.ticker import MaxNLocator
+
     from . import plots
 
     fig, (a1, a2) = plots.figure(1, 2, figsize=(10, 3.8))
     tasks = Counter(r["meta"].get("task_type", "?") for r in records)
-    names = [t for t in TASK_TYPES if t in tasks] + sorted(set(tasks) - set(TASK_TYPES))
-    a1.bar(names, [tasks[t] for t in names], color=plots.PALETTE["long"])
+    planned = dict(planned or {})
+    names = list(TASK_TYPES) + sorted((set(tasks) | set(planned)) - set(TASK_TYPES))
+    xs = range(len(names))
+    if planned:
+        a1.bar([x - 0.2 for x in xs], [planned.get(t, 0) for t in names], width=0.4, color=plots.PALETTE["prompt"],
+               edgecolor="#888", label="planned (documents)")
+    a1.bar([x + (0.2 if planned else 0) for x in xs], [tasks[t] for t in names], width=0.4 if planned else 0.7,
+           color=plots.PALETTE["long"], label="kept records")
+    a1.set_xticks(list(xs), names)
     a1.set_title(f"Task-type mix ({len(records)} kept records)")
-    a1.set_ylabel("records")
+    a1.set_ylabel("count")
+    a1.yaxis.set_major_locator(MaxNLocator(integer=True))
+    a1.legend()
+    a2.xaxis.set_major_locator(MaxNLocator(integer=True))
     rej = dict(rejected or {})
     if rej:
         keys = sorted(rej, key=lambda k: -rej[k])
@@ -684,6 +708,34 @@ def mix_figure(records: list[dict], rejected: dict | None = None):
     a2.set_xlabel("documents")
     fig.tight_layout()
     return fig
+
+
+def cost_figure(rows: list[dict], n_docs: int):
+    """Bar chart of `cost_table` rows: input vs output share of the cost at each price point."""
+    from . import plots
+
+    fig, ax = plots.figure(figsize=(6.5, 3.6))
+    names = [r["model"] for r in rows]
+    cin = [r["input_tokens"] * r["usd_per_1M_in"] / 1e6 for r in rows]
+    cout = [r["output_tokens"] * r["usd_per_1M_out"] / 1e6 for r in rows]
+    ax.bar(names, cin, color=plots.PALETTE["prompt"], edgecolor="#888", label="input tokens (documents)")
+    ax.bar(names, cout, bottom=cin, color=plots.PALETTE["target"], label="output tokens (≤ max_new_tokens)")
+    for i, r in enumerate(rows):
+        ax.text(i, cin[i] + cout[i], f"${r['cost_usd']:,.0f}", ha="center", va="bottom")
+    ax.set_ylabel("USD")
+    ax.set_title(f"Self-Instruct cost for {n_docs:,} long documents (2 calls each)")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def preview_record(record: dict, chars: int = 300) -> str:
+    """The record as JSON with long contents shortened in the middle (for printing)."""
+    def cut(text: str) -> str:
+        return text if len(text) <= chars else f"{text[: chars // 2]} …[{len(text) - chars:,} chars]… {text[-chars // 2:]}"
+
+    r = {"messages": [{**m, "content": cut(m["content"])} for m in record["messages"]], "meta": dict(record["meta"])}
+    return json.dumps(r, ensure_ascii=False, indent=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -716,7 +768,7 @@ def _short_client(cfg, long_client):
         return long_client
     if s.short_backend == "local":
         return make_client("local", s.short_model, cache_dir=s.cache_dir, dtype=cfg.model.dtype,
-                           device=cfg.model.device)
+                           device=cfg.model.device, threads=s.local_threads, prefix_cache=s.local_prefix_cache)
     return make_client(s.short_backend, s.short_model, base_url=s.base_url, api_key_env=s.api_key_env,
                        cache_dir=s.cache_dir, concurrency=s.concurrency, max_retries=s.max_retries,
                        timeout_s=s.timeout_s, prices=s.prices)
@@ -767,7 +819,8 @@ def run_stage(cfg, run_dir: Path, args) -> dict:
     write_jsonl(short_path, short_recs)
 
     records = [r for _, r in iter_jsonl(long_path)] if long_path.exists() else []
-    fig = plots.save(mix_figure(records, long_stats["rejected"]), run_dir / "figures" / "synth_mix.png", close=True)
+    fig = plots.save(mix_figure(records, long_stats["rejected"], long_stats["planned_task_types"]),
+                     run_dir / "figures" / "synth_mix.png", close=True)
     stats = dict(client.stats)
     if short_client is not None and short_client is not client:
         for k in ("requests", "cache_hits", "retries", "input_tokens", "output_tokens", "cost_usd"):

@@ -189,10 +189,26 @@ def test_openai_raw_completion(llm_server, tmp_path):
 
 def test_local_backend_real_model(smol_model_and_tokenizer, tmp_path):
     model, tok = smol_model_and_tokenizer
-    c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path, model_obj=model, tokenizer=tok)
+    c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path, model_obj=model, tokenizer=tok, threads=1)
     msgs = [{"role": "user", "content": "What is the capital of France?"}]
     r = c.chat(msgs, max_new_tokens=8, temperature=0.0)
     assert r.text and 0 < r.usage["output_tokens"] <= 8 and r.usage["input_tokens"] == c.count_tokens(msgs)
     assert r.cost_usd == 0.0 and c.estimate([msgs], max_new_tokens=8, temperature=0.0)["calls"] == 0  # cached
     again = c.chat(msgs, max_new_tokens=8, temperature=0.0)
     assert again.cached and again.text == r.text and c.stats["requests"] == 1
+
+
+def test_local_prefix_cache_gives_the_same_answers(smol_model_and_tokenizer, tmp_path):
+    """Reusing the previous call's KV cache for a shared prefix (the document) must not change greedy output."""
+    model, tok = smol_model_and_tokenizer
+    doc = "The lighthouse keeper logged every passing ship in a green ledger. " * 12
+    prompts = [[{"role": "user", "content": doc + "\n\nWho kept the ledger?"}],
+               [{"role": "user", "content": doc + "\n\nWhat colour was the ledger?"}]]
+    outs = {}
+    for reuse in (False, True):
+        c = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok,
+                        prefix_cache=reuse, threads=1)
+        outs[reuse] = [c.chat(p, max_new_tokens=12, temperature=0.0).text for p in prompts]
+        if reuse:
+            assert c.backend.stats["reused_tokens"] > 100  # the second call skipped the document's prefill
+    assert outs[True] == outs[False]

@@ -12,6 +12,10 @@ NOTEBOOKS = sorted(NB_DIR.glob("[0-9][0-9]_*.py"))
 
 # What each notebook's metrics.json must show (keys it must hold; a check over the values).
 CHECKS = {
+    "01_data_synthesis": lambda m: m["n_docs"] == 2 and m["walk_raw_chars"] > 0 and m["long_kept"] + sum(
+        m["long_rejected"].values()) == m["n_docs"] and m["sharegpt_kept"] == 2 and m["requests"] + m["cache_hits"] > 0
+    and 0 < m["cost_10k"]["gpt-4o-mini"] < m["cost_10k"]["claude-3-5-haiku"] and all(
+        Path(m[k]).stat().st_size > 10_000 for k in ("genre_png", "task_png", "cost_png")),
     "04_long_context_sft": lambda m: m["loss_rel_diff"] < 1e-5 and m["padding_fraction"]["packed"] == 0
     < m["padding_fraction"]["naive"] and all(v > 0 for v in m["wall_s"].values()) and all(
         m["final_loss"][k] < m["first_loss"][k] + 0.5 for k in m["final_loss"]) and all(

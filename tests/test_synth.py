@@ -214,7 +214,8 @@ def test_magpie_with_the_real_model(smol_model_and_tokenizer, tmp_path):
     model, tok = smol_model_and_tokenizer
     prefix = magpie_prefix(tok)
     assert prefix.endswith("<|im_start|>user\n") and "<|im_start|>system" in prefix
-    c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path / "c", model_obj=model, tokenizer=tok)
+    c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path / "c", model_obj=model, tokenizer=tok,
+                    threads=1)
     s = SynthConfig(short_question_tokens=24, short_max_new_tokens=24, min_answer_words=3)
     out = tmp_path / "short.jsonl"
     stats = magpie_records(c, tok, 2, s, out, tmp_path / "rej.jsonl", progress=False)

@@ -1,0 +1,250 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 01 · Long-document data synthesis (Self-Instruct)
+#
+# LongAlign's first ingredient is **data**: long documents paired with instructions whose answers need the
+# whole document. The paper collects 10k documents of 8k–64k tokens from nine sources and asks a strong model
+# (Claude 2.1) to write the instruction and the answer — Self-Instruct over long inputs, with four task types
+# (general, summary, multi-hop reasoning, information extraction). Its repository ships the data, not the
+# generator; this notebook runs ours, step by step:
+#
+# 1. a **corpus** of long documents from sources present on any machine (Python's own sources and reference
+#    topics, installed Debian documentation, public-domain books), cut or merged to a token range, genres even;
+# 2. **one document end to end**: the prompt of each task type, the model's raw output, the questions the parser
+#    finds in it, the question picked, the answer written with the document in view, the final record;
+# 3. a **small batch** through the same code the CLI runs (`longalign synth`), with the filters' counts;
+# 4. **short chat data**: ShareGPT import and Magpie-style self-generated questions;
+# 5. what the **paper's 10k scale** would cost on two API price points.
+#
+# The default model is the offline SmolLM2-135M-Instruct: tiny, so expect clumsy questions and many
+# rejections — the *pipeline* is what you learn here. Point `BACKEND`/`MODEL`/`BASE_URL` at a real model
+# (an OpenAI-compatible vLLM server, the OpenAI or Anthropic API) to produce usable data.
+# Library code: `longalign_lib.corpus`, `longalign_lib.llm`, `longalign_lib.synth`.
+
+# %% tags=["parameters"]
+SMOKE = False  # True: the fastest settings (CI, `make test`)
+OUT_DIR = "../runs/notebooks/01_data_synthesis"
+PRESET = "cpu-demo"
+BACKEND = "local"  # local | openai | anthropic
+MODEL = "smollm2-135m-instruct"  # e.g. gpt-4o-mini, claude-3-5-haiku-latest, or the model your vLLM serves
+BASE_URL = None  # e.g. "http://localhost:8000/v1" for vLLM / llama.cpp / Ollama
+N_DOCS = 6
+MIN_TOKENS = 1000
+MAX_TOKENS = 2000
+MAX_NEW_TOKENS = 96
+N_SHORT = 2
+LOCAL_THREADS = 1  # torch CPU threads for local generation (1 is far faster on a machine shared with other jobs)
+SCALE_DOCS = 10_000  # the paper's LongAlign-10k
+
+# %%
+import json
+from collections import Counter
+from pathlib import Path
+
+from IPython.display import Markdown, display
+
+from longalign_lib import plots
+from longalign_lib.config import load_config
+from longalign_lib.corpus import available_sources, build_corpus, corpus_figure, make_counter
+from longalign_lib.io import read_jsonl, write_json, write_metrics
+from longalign_lib.llm import make_client
+from longalign_lib.models import load_model_and_tokenizer
+from longalign_lib.synth import (
+    TASK_TYPES,
+    cost_figure,
+    cost_table,
+    dry_run,
+    import_sharegpt,
+    magpie_prefix,
+    magpie_records,
+    mean_target_length,
+    mix_figure,
+    parse_questions,
+    preview_record,
+    question_messages,
+    synth_document,
+    synth_long,
+    task_for,
+)
+
+out = Path(OUT_DIR)
+out.mkdir(parents=True, exist_ok=True)
+if SMOKE:  # short documents, short answers, two of them: < 90 s on 2 CPU cores
+    N_DOCS, MIN_TOKENS, MAX_TOKENS, MAX_NEW_TOKENS, N_SHORT = 2, 250, 500, 40, 1
+cfg = load_config(PRESET, [f"corpus.n_docs={N_DOCS}", f"corpus.min_tokens={MIN_TOKENS}",
+                           f"corpus.max_tokens={MAX_TOKENS}", f"synth.max_new_tokens={MAX_NEW_TOKENS}",
+                           f"synth.backend={BACKEND}", f"synth.model={MODEL}", f"synth.n_short={N_SHORT}"])
+if SMOKE:
+    cfg.synth.short_question_tokens, cfg.synth.short_max_new_tokens, cfg.synth.min_answer_words = 32, 32, 4
+
+# %% [markdown]
+# ## 1. A corpus of long documents
+# Each source is optional except the Python standard library (always there). `make corpus-extras` installs
+# more Debian documentation; `corpus.dirs` and `corpus.hf_datasets` add your own texts. Documents are cut at
+# paragraph boundaries (long texts) or merged (short ones) to a target length drawn from
+# `[min_tokens, max_tokens]`, and genres take turns so that none dominates.
+
+# %%
+for name, status in available_sources(cfg.corpus).items():
+    print(f"{name:14s} {status}")
+
+# %%
+model, tok = load_model_and_tokenizer(cfg.model.name, dtype="fp32", device="cpu") if BACKEND == "local" else (None, None)
+if tok is None:
+    from longalign_lib.models import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.name)
+docs, notes = build_corpus(cfg.corpus, make_counter(tok))
+for d in docs:
+    print(f"{d.id:24s} {d.genre:11s} {d.lang}  {d.n_tokens:6d} tokens  {d.title}")
+fig = corpus_figure(docs)
+plots.save(fig, out / "genre_mix.png")
+fig
+
+# %% [markdown]
+# ## 2. One document, end to end
+# The model client is the same one the CLI uses: a persistent request cache (rerunning this notebook costs
+# nothing), retries and bounded concurrency for API backends, token and cost accounting.
+#
+# First, the four task types. Each prompt puts the document first and the instruction last (models follow
+# an instruction best when it comes right before they answer):
+
+# %%
+client = make_client(BACKEND, MODEL, base_url=BASE_URL, prices=cfg.synth.prices,
+                     **({"model_obj": model, "tokenizer": tok, "threads": LOCAL_THREADS, "prefix_cache": True}
+                        if BACKEND == "local" else {}))
+doc = docs[0]
+for t in TASK_TYPES:
+    prompt = question_messages(doc.text, t, doc.lang, cfg.synth.n_questions)[0]["content"]
+    print(f"--- {t} ({len(prompt):,} characters; the instruction after the document) ---")
+    print(prompt[len(doc.text):].strip(), "\n")
+
+# %% [markdown]
+# Now the real thing for this document, with the task type the batch would give it. `synth_document` returns
+# a trace of every step:
+
+# %%
+task = task_for(0, cfg.synth)
+trace = synth_document(client, doc, task, cfg.synth)
+print(f"task type: {trace.task_type}   language: {trace.lang}\n")
+print("raw model output:\n" + trace.raw_questions + "\n")
+print("parsed questions:", json.dumps(trace.questions, ensure_ascii=False, indent=1))
+print("\nchosen question:", trace.question)
+print("\nanswer:", trace.answer)
+print("\nfilter verdict:", trace.reason or "kept")
+if trace.record:
+    print(preview_record(trace.record))
+
+# %% [markdown]
+# Small models rarely follow the "numbered list" instruction cleanly, and even strong ones add preambles,
+# bold markers or answers. The parser keeps only question-like items and drops duplicates; here it is on a
+# typical messy reply:
+
+# %%
+messy = """Sure! Here are some questions:
+1) **What does the document say about the kinsman?**
+2. Who was Boaz? Answer: a relative of Elimelech.
+3. Who was Boaz?
+Question 4: Why did Naomi
+   ask to be called Mara?
+I hope this helps!"""
+parse_questions(messy)
+
+# %% [markdown]
+# ## 3. A small batch through the pipeline
+# `synth_long` is what `longalign synth` runs: documents in flight concurrently, each record appended to
+# `long.jsonl` as soon as it is done (a killed run resumes with `--resume`), rejections with their reason in
+# `synth_rejects.jsonl`. Before spending anything on an API, `--dry-run` prints the plan:
+
+# %%
+plan = dry_run(client, docs, cfg.synth, done=set())
+print({k: plan[k] for k in ("documents", "calls", "input_tokens", "output_tokens", "cost_usd")},
+      "| already cached question calls:", plan["questions"]["cached"])
+
+# %%
+stats = synth_long(client, docs, cfg.synth, out / "long.jsonl", out / "synth_rejects.jsonl")
+records = read_jsonl(out / "long.jsonl")
+print(json.dumps(stats, indent=1))
+print("client:", {k: v for k, v in client.stats.items() if k != "retry_reasons"})
+fig = mix_figure(records, stats["rejected"], stats["planned_task_types"])
+plots.save(fig, out / "task_mix.png")
+fig
+
+# %%
+for r in records[:3]:
+    m = r["meta"]
+    print(f"[{m['genre']}/{m['task_type']}] Q: {m['question']}\n   A: {r['messages'][1]['content'][:300]}\n")
+
+# %% [markdown]
+# ## 4. Short chat data
+# LongAlign mixes its long data with ShareGPT conversations so the model keeps its short-chat skills.
+# `import_sharegpt` converts the ShareGPT layout (`conversations` with `from`/`value`); broken items are
+# counted, not trained on:
+
+# %%
+sharegpt = [
+    {"id": "ok", "conversations": [{"from": "human", "value": "What is a context window?"},
+                                   {"from": "gpt", "value": "The number of tokens a model reads at once."}]},
+    {"id": "lead-gpt", "conversations": [{"from": "gpt", "value": "Hello!"}, {"from": "human", "value": "Hi, 2+2?"},
+                                         {"from": "gpt", "value": "4."}]},
+    {"id": "no-answer", "conversations": [{"from": "human", "value": "Anyone?"}, {"from": "gpt", "value": ""}]},
+]
+(out / "sharegpt_sample.json").write_text(json.dumps(sharegpt))
+short_imported, counts = import_sharegpt(out / "sharegpt_sample.json")
+print(dict(counts))
+print(json.dumps([r["messages"] for r in short_imported], indent=1))
+
+# %% [markdown]
+# Without a chat dataset, **Magpie** makes one from the aligned model itself: it receives only its chat
+# template's user prefix (below) and, continuing it, writes a user's question; then it answers that question.
+
+# %%
+print(repr(magpie_prefix(tok)))
+mstats = magpie_records(client, tok, N_SHORT, cfg.synth, out / "short_magpie.jsonl", out / "short_rejects.jsonl")
+short_magpie = read_jsonl(out / "short_magpie.jsonl") if (out / "short_magpie.jsonl").exists() else []
+print(mstats)
+for r in short_magpie:
+    print("Q:", r["messages"][0]["content"][:200], "\nA:", r["messages"][1]["content"][:200], "\n")
+
+# %% [markdown]
+# ## 5. What the paper's scale costs
+# Two calls per document (questions, then the answer), the document sent both times. Document length follows
+# the `paper` preset (8k–64k tokens, long documents upsampled); output tokens are counted at their
+# `max_new_tokens` caps, so these are upper bounds. Prices come from `synth.prices` in the config — edit them to
+# your provider's current list.
+
+# %%
+paper = load_config("paper")
+mean_doc = mean_target_length(paper.corpus.min_tokens, paper.corpus.max_tokens, paper.corpus.upsample_long)
+rows = cost_table(cfg.synth.prices, SCALE_DOCS, mean_doc, question_tokens=200, answer_tokens=paper.synth.max_new_tokens)
+write_json(out / "cost_table.json", rows)
+display(Markdown(f"Mean document length: **{mean_doc:,.0f} tokens**\n\n"
+                 "| model | USD / 1M in | USD / 1M out | calls | input tokens | output tokens | cost (USD) |\n"
+                 "|---|---|---|---|---|---|---|\n"
+                 + "\n".join(f"| {r['model']} | {r['usd_per_1M_in']} | {r['usd_per_1M_out']} | {r['calls']:,} | "
+                             f"{r['input_tokens']:,} | {r['output_tokens']:,} | {r['cost_usd']:,.2f} |" for r in rows)))
+fig = cost_figure(rows, SCALE_DOCS)
+plots.save(fig, out / "cost_10k.png")
+fig
+
+# %%
+genres = Counter(d.genre for d in docs)
+write_metrics(out, {
+    "backend": BACKEND, "model": MODEL, "n_docs": len(docs), "n_genres": len(genres),
+    "doc_tokens": [d.n_tokens for d in docs], "walk_task": trace.task_type,
+    "walk_raw_chars": len(trace.raw_questions), "walk_questions": len(trace.questions),
+    "walk_reason": trace.reason or "kept", "long_kept": len(records), "long_rejected": stats["rejected"],
+    "task_types": stats["task_types"], "sharegpt_kept": counts.get("kept", 0), "magpie_kept": len(short_magpie),
+    "requests": client.stats["requests"], "cache_hits": client.stats["cache_hits"],
+    "mean_doc_tokens_paper": round(mean_doc), "cost_10k": {r["model"]: r["cost_usd"] for r in rows},
+    "genre_png": str(out / "genre_mix.png"), "task_png": str(out / "task_mix.png"), "cost_png": str(out / "cost_10k.png"),
+})
