@@ -127,7 +127,7 @@ def _retrieve(rng, hay, n_tokens, start):
     adj = rng.sample(ADJECTIVES, 3)
     codes = [str(rng.randint(1000, 9999)) for _ in adj]
     facts = [f"The vault code for the {a} archive is {c}." for a, c in zip(adj, codes, strict=False)]
-    ctx, _ = hay.build(n_tokens, list(zip(_depths(rng, 3), facts, strict=False)), start)
+    ctx, _ = hay.build(n_tokens, list(zip(_depths(rng, 3), facts, strict=False)), start, word_fallback=False)
     q = f"What is the vault code for the {adj[0]} archive? Reply with the code only."
     shots = [{"answer": f"The vault code for the {adj[0]} archive is {codes[0]}.", "score": 10},
              {"answer": codes[1], "score": 2}, {"answer": REFUSAL, "score": 1}]
@@ -142,7 +142,7 @@ def _count(rng, hay, n_tokens, start):
     noise = f"A courier in an {other} cloak passed through the {town} gate." if other[0] in "aeiou" else \
         f"A courier in a {other} cloak passed through the {town} gate."
     ins = [(d, target) for d in _depths(rng, k)] + [(d, noise) for d in _depths(rng, m)]
-    ctx, _ = hay.build(n_tokens, ins, start)
+    ctx, _ = hay.build(n_tokens, ins, start, word_fallback=False)
     q = (f"How many times does the text say that a courier in a {color} cloak passed through the {town} gate? "
          "Reply with a number.")
     shots = [{"answer": f"It says so {k} times.", "score": 10}, {"answer": str(k + m), "score": 3},
@@ -153,7 +153,8 @@ def _count(rng, hay, n_tokens, start):
 def _order(rng, hay, n_tokens, start):
     fairs = rng.sample(FAIRS, 4)
     depths = sorted(_depths(rng, 4))
-    ctx, _ = hay.build(n_tokens, [(d, f"That year the town held the {f} fair.") for d, f in zip(depths, fairs, strict=False)], start)
+    events = [(d, f"That year the town held the {f} fair.") for d, f in zip(depths, fairs, strict=True)]
+    ctx, _ = hay.build(n_tokens, events, start, word_fallback=False)
     shown = fairs[:]
     rng.shuffle(shown)
     q = (f"The text mentions four fairs: {', '.join(shown)}. List them in the order in which they appear in the text, "
@@ -169,7 +170,7 @@ def _multihop(rng, hay, n_tokens, start):
     (p1, p2), (r1, r2), (c1, c2) = rng.sample(NAMES, 2), rng.sample(ROOMS, 2), rng.sample(COLORS, 2)
     facts = [f"{p1} holds the key to the {r1}.", f"The walls of the {r1} are painted {c1}.",
              f"{p2} holds the key to the {r2}.", f"The walls of the {r2} are painted {c2}."]
-    ctx, _ = hay.build(n_tokens, list(zip(_depths(rng, 4), facts, strict=False)), start)
+    ctx, _ = hay.build(n_tokens, list(zip(_depths(rng, 4), facts, strict=False)), start, word_fallback=False)
     q = f"What colour are the walls of the room whose key {p1} holds? Reply with the colour only."
     shots = [{"answer": f"{p1} holds the key to the {r1}, whose walls are {c1}.", "score": 10},
              {"answer": c2, "score": 2}, {"answer": f"{p1} holds the key to the {r1}.", "score": 4}]
@@ -178,7 +179,7 @@ def _multihop(rng, hay, n_tokens, start):
 
 def _quote(rng, hay, n_tokens, start):
     """Quote one verse of the (KJV) filler by its chapter:verse label — answer known from the text itself."""
-    ctx, _ = hay.build(n_tokens, [], start)
+    ctx, _ = hay.build(n_tokens, [], start, word_fallback=False)
     verses = re.findall(r"^(\d+:\d+) (.+)$", ctx, flags=re.M)
     counts = {}
     for ref, _ in verses:

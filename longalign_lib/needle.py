@@ -80,12 +80,13 @@ class Haystack:
         i = bisect.bisect_right(self.boundaries, char) - 1
         return self.boundaries[max(i, 0)]
 
-    def build(self, n_tokens: int, insertions: list[tuple[float, str]] = (), start_token: int = 0
-              ) -> tuple[str, list[tuple[int, int]]]:
+    def build(self, n_tokens: int, insertions: list[tuple[float, str]] = (), start_token: int = 0,
+              word_fallback: bool = True) -> tuple[str, list[tuple[int, int]]]:
         """A context of about `n_tokens` tokens with each `(depth, sentence)` planted at that relative depth.
 
         Depth 0.0 puts the sentence first, 1.0 last; in between it goes at the sentence boundary nearest to that
-        share of the filler's tokens (or the nearest word boundary when sentences are long for the context). Returns (text, [(start_char, end_char) of each planted sentence]).
+        share of the filler's tokens, or, with `word_fallback`, the nearest word boundary when sentences are long
+        for the context (exact depth for the needle grid; benchmarks keep whole sentences). Returns (text, [(start_char, end_char) of each planted sentence]).
         """
         if n_tokens <= 0:
             raise LongAlignError(f"context length must be positive, got {n_tokens}")
@@ -118,7 +119,7 @@ class Haystack:
                 target = starts[min(int(round(d * len(starts))), len(starts) - 1)]
                 i = bisect.bisect_right(bounds, target)
                 pos = min(bounds[max(i - 1, 0)], bounds[min(i, len(bounds) - 1)], key=lambda b: abs(b - target))
-                if abs(pos - target) > 0.04 * len(body):  # sentences too long for this context: a word boundary
+                if word_fallback and abs(pos - target) > 0.04 * len(body):  # sentences too long for this context: a word boundary
                     words = [0] + [m.end() for m in re.finditer(r"\s+", body)]
                     j = bisect.bisect_right(words, target)
                     pos = min(words[max(j - 1, 0)], words[min(j, len(words) - 1)], key=lambda b: abs(b - target))

@@ -68,7 +68,9 @@ def test_verifiable_answers_hold_by_construction(tasks, smol_tokenizer):
         assert 540 <= n <= 620, (c.idx, n)
         if c.task == "retrieve":
             adj = re.search(r"for the (\w+) archive", c.query).group(1)
-            assert f"The vault code for the {adj} archive is {c.answer}." in c.context
+            fact = f"The vault code for the {adj} archive is {c.answer}."
+            at = c.context.index(fact)
+            assert at == 0 or re.search(r"[.!?\n]['\")\]]*\s*$", c.context[:at])  # planted between sentences
             assert all(f"archive is {d}." in c.context for d in c.meta["distractors"])
         elif c.task == "count":
             color = re.search(r"in a (\w+) cloak", c.query).group(1)
