@@ -583,6 +583,7 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
                     continue
                 attempts += 1
                 seed = _doc_seed(rid, scfg.seed)
+                question, a = "", None
                 try:
                     q = await client.acomplete(prefix, max_new_tokens=scfg.short_question_tokens, temperature=1.0,
                                                top_p=0.95, seed=seed, stop=stops)
@@ -592,7 +593,6 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
                         reason = "too_short_question"
                     elif norm_question(question) in used:
                         reason = "duplicate_question"
-                    a = None
                     if reason is None:
                         a = await client.achat([{"role": "user", "content": question}],
                                                max_new_tokens=scfg.short_max_new_tokens,
@@ -695,7 +695,8 @@ def mix_figure(records: list[dict], rejected: dict | None = None, planned: dict 
     a1.set_title(f"Task-type mix ({len(records)} kept records)")
     a1.set_ylabel("count")
     a1.yaxis.set_major_locator(MaxNLocator(integer=True))
-    a1.legend()
+    a1.set_ylim(0, max([1, *tasks.values(), *planned.values()]) * 1.25)
+    a1.legend(loc="upper center", ncol=2)
     a2.xaxis.set_major_locator(MaxNLocator(integer=True))
     rej = dict(rejected or {})
     if rej:

@@ -44,6 +44,7 @@ MAX_NEW_TOKENS = 96
 N_SHORT = 2
 LOCAL_THREADS = 1  # torch CPU threads for local generation (1 is far faster on a machine shared with other jobs)
 SCALE_DOCS = 10_000  # the paper's LongAlign-10k
+CACHE_DIR = None  # LLM request cache; None: $LONGALIGN_HOME/llm_cache (a rerun makes no new request)
 
 # %%
 import json
@@ -119,7 +120,7 @@ fig
 # an instruction best when it comes right before they answer):
 
 # %%
-client = make_client(BACKEND, MODEL, base_url=BASE_URL, prices=cfg.synth.prices,
+client = make_client(BACKEND, MODEL, base_url=BASE_URL, prices=cfg.synth.prices, cache_dir=CACHE_DIR,
                      **({"model_obj": model, "tokenizer": tok, "threads": LOCAL_THREADS, "prefix_cache": True}
                         if BACKEND == "local" else {}))
 doc = docs[0]
@@ -172,7 +173,7 @@ print({k: plan[k] for k in ("documents", "calls", "input_tokens", "output_tokens
 
 # %%
 stats = synth_long(client, docs, cfg.synth, out / "long.jsonl", out / "synth_rejects.jsonl")
-records = read_jsonl(out / "long.jsonl")
+records = read_jsonl(out / "long.jsonl") if (out / "long.jsonl").exists() else []  # every document may be rejected
 print(json.dumps(stats, indent=1))
 print("client:", {k: v for k, v in client.stats.items() if k != "retry_reasons"})
 fig = mix_figure(records, stats["rejected"], stats["planned_task_types"])
