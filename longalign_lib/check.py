@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .formatting import format_file, label_segments
-from .io import read_jsonl, write_json
+from .io import write_json
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample_longalign.jsonl"
 

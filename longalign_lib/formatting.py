@@ -319,7 +319,7 @@ def format_file(path: str | Path, tokenizer, max_length=None, truncation="middle
 def label_segments(tokenizer, ex: Example) -> list[tuple[str, bool]]:
     """[(decoded text, is_target)] runs — for showing the label mask (notebook 00, plots.label_mask_figure)."""
     runs: list[tuple[list[int], bool]] = []
-    for tid, y in zip(ex.input_ids, ex.labels):
+    for tid, y in zip(ex.input_ids, ex.labels, strict=True):
         tgt = y != IGNORE
         if runs and runs[-1][1] == tgt:
             runs[-1][0].append(tid)

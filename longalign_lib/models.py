@@ -184,7 +184,6 @@ def load_model_and_tokenizer(spec: str = "smollm2-135m-instruct", *, dtype: str 
     `attn_implementation`: a transformers name (sdpa, eager, flex_attention, flash_attention_2) or one of
     ours registered by attention.py (varlen, flex, auto).
     """
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if cfg is not None:

@@ -42,7 +42,8 @@ def run_one(name: str, cfg: Config, run_dir: Path, args: argparse.Namespace | No
     result.setdefault("metrics", {})
     result["stage"] = name
     result["seconds"] = round(time.time() - t0, 2)
-    write_json(run_dir / "stages" / f"{name}.json", result)
+    if not result.get("dry_run"):  # a dry run spends nothing and must not mark the stage finished
+        write_json(run_dir / "stages" / f"{name}.json", result)
     return result
 
 

@@ -42,3 +42,16 @@ def test_check_stage_and_resumable_run(tmp_path, capsys):
 def test_unknown_stage_in_run(tmp_path, capsys):
     assert main(["run", "--stages", "check,bogus", "--run-dir", str(tmp_path)]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_dry_run_does_not_mark_stage_done(tmp_path, monkeypatch):
+    from longalign_lib import cli, pipeline
+    from longalign_lib.config import load_config
+
+    monkeypatch.setattr(cli, "stage_arguments", lambda name: None)
+    monkeypatch.setattr(cli, "stage_runner", lambda name: lambda cfg, run_dir, args: {"metrics": {}, "dry_run": True})
+    pipeline.run_one("synth", load_config("cpu-demo"), tmp_path)
+    assert not (tmp_path / "stages" / "synth.json").exists()
+    monkeypatch.setattr(cli, "stage_runner", lambda name: lambda cfg, run_dir, args: {"metrics": {"n": 1}})
+    pipeline.run_one("synth", load_config("cpu-demo"), tmp_path)
+    assert (tmp_path / "stages" / "synth.json").exists()

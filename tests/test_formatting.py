@@ -73,14 +73,14 @@ def check_token_by_token(tok, record, oracle):
     assert ex.input_ids == enc["input_ids"]
     spans = oracle(text, messages)
     assert len(spans) == sum(m["role"] == "assistant" for m in messages)
-    for t, (a, b) in enumerate(enc["offset_mapping"]):
+    for t, (a, _b) in enumerate(enc["offset_mapping"]):
         inside = any(s <= a < e for s, e in spans)
         assert (ex.labels[t] != IGNORE) == inside, f"token {t} {tok.decode([ex.input_ids[t]])!r}"
         if inside:
             assert ex.labels[t] == ex.input_ids[t]
     # the target tokens, run by run, decode to exactly the answers plus the end-of-turn marker
     runs, cur = [], []
-    for tid, y in zip(ex.input_ids, ex.labels):
+    for tid, y in zip(ex.input_ids, ex.labels, strict=True):
         if y != IGNORE:
             cur.append(tid)
         elif cur:
@@ -97,7 +97,7 @@ def test_smollm2_chatml_labels_token_by_token(smol_tokenizer, line):
     record = read_jsonl(SAMPLE)[line]
     ex = check_token_by_token(smol_tokenizer, record, expected_spans_chatml)
     assert ex.n_target > 5
-    assert smol_tokenizer.decode([t for t, y in zip(ex.input_ids, ex.labels) if y != IGNORE]).endswith("<|im_end|>")
+    assert smol_tokenizer.decode([t for t, y in zip(ex.input_ids, ex.labels, strict=True) if y != IGNORE]).endswith("<|im_end|>")
 
 
 @pytest.mark.parametrize("line", range(5))
