@@ -23,7 +23,7 @@ $(BIN)/.setup-done: pyproject.toml
 
 setup: $(BIN)/.setup-done  ## build .venv (CPU torch here; TORCH=torch for your CUDA build), offline model, Jupyter kernel
 
-demo: setup  ## run the main job end to end on the offline SmolLM2 default (PRESET=cpu-demo)
+demo: setup  ## run the main job end to end on the offline SmolLM2 default (PRESET=cpu-demo; rerun resumes)
 	$(BIN)/longalign run --preset $(PRESET) --run-dir runs/demo
 
 test: setup  ## run the test suite (unit tests + notebook smoke tests)
@@ -35,8 +35,9 @@ lint:  ## ruff
 notebooks: setup  ## pair notebooks/*.py to .ipynb and execute them headless (MODE=smoke|full)
 	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) notebooks/*.py
 
-bench: setup  ## GPU benchmarks (run on a CUDA machine); writes bench/results/*.json
-	$(BIN)/python -m bench.run_all
+bench: setup  ## GPU benchmarks (on a CUDA machine): stage-4 tests, gpu-small training, throughput → bench/results/
+	LONGALIGN_HOME=$(LONGALIGN_HOME) PATH=$(CURDIR)/$(BIN):$$PATH bash bench/run_device_stage4.sh bench/results/device
+	$(BIN)/python bench/train_throughput.py --shape qwen2.5-1.5b --seq 32768 --attn varlen flex sdpa --mix 8docs
 
 corpus-extras:  ## optional: install Debian documentation packages used as extra long-document sources
 	apt-get update -q && apt-get install -y -q python3.11-doc perl-doc vim-runtime bible-kjv-text dict-jargon || true

@@ -25,34 +25,37 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 class ModelConfig:
     """Which model to load (models.py). `name`: HF id, local path, `smollm2-135m-instruct`, or `random:<config>`."""
 
+    # name: HF id, local folder, `smollm2-135m-instruct` (bundled, offline) or `random:<id or folder>`
     name: str = DEFAULT_MODEL
     dtype: str = "auto"  # auto | bf16 | fp16 | fp32
     device: str = "auto"  # auto | cuda | mps | cpu
     attn_implementation: str = "auto"  # auto | varlen | flex | flash | sdpa | eager (see attention.py)
     rope_base_factor: float = 1.0  # context extension: multiply rope_theta (the paper: 200)
     max_position_embeddings: int | None = None  # raise the window together with the RoPE base
-    lora: bool = False
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.05
+    lora: bool = False  # train a LoRA adapter (peft) instead of all weights
+    lora_r: int = 16  # LoRA rank
+    lora_alpha: int = 32  # LoRA scaling numerator (alpha / r)
+    lora_dropout: float = 0.05  # dropout on the LoRA input
+    # lora_target_modules: module names that get adapters
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    trust_remote_code: bool = False
+    trust_remote_code: bool = False  # allow model code from the checkpoint (only for models you trust)
 
 
 @dataclass
 class CorpusConfig:
     """Stage 1a — long documents (corpus.py)."""
 
+    # sources: stdlib | pydoc_topics | debian_docs | data | dir:<path> (missing optional sources are skipped with a note)
     sources: list[str] = field(default_factory=lambda: ["stdlib", "pydoc_topics", "debian_docs", "data"])
     dirs: list[str] = field(default_factory=list)  # extra directories of .txt/.md/.rst/.py files
     hf_datasets: list[dict] = field(default_factory=list)  # [{path, split, text_column, name?}]
-    n_docs: int = 8
-    min_tokens: int = 1000
-    max_tokens: int = 6000
+    n_docs: int = 8  # documents to keep
+    min_tokens: int = 1000  # shortest document after chunking/merging (tokens)
+    max_tokens: int = 6000  # longest document after chunking (tokens)
     upsample_long: float = 1.0  # weight of long documents when sampling (the paper upsamples long ones)
     max_chunks_per_doc: int = 2  # documents cut from one long text at most (diversity)
     tokenizer: str | None = None  # token counting; default: model.name
-    seed: int = 0
+    seed: int = 0  # random seed of this stage
 
 
 @dataclass
@@ -60,21 +63,22 @@ class SynthConfig:
     """Stage 1b — Self-Instruct long tasks and short chat data (llm.py, synth.py)."""
 
     backend: str = "local"  # local | openai | anthropic
-    model: str = DEFAULT_MODEL
+    model: str = DEFAULT_MODEL  # model name for the backend (API model id, or a model spec for `local`)
     base_url: str | None = None  # any OpenAI-compatible server (vLLM, llama.cpp, Ollama)
     api_key_env: str | None = None  # name of the environment variable holding the key
+    # task_types: Self-Instruct task types to draw from (general, summary, reasoning, extraction)
     task_types: list[str] = field(default_factory=lambda: ["general", "summary", "reasoning", "extraction"])
-    n_questions: int = 5
-    temperature: float = 0.7
-    max_new_tokens: int = 256
-    concurrency: int = 4
-    max_retries: int = 5
-    timeout_s: float = 120.0
-    n_short: int = 4
+    n_questions: int = 5  # questions asked for per document (one is chosen)
+    temperature: float = 0.7  # sampling temperature for question generation
+    max_new_tokens: int = 256  # token limit of each answer
+    concurrency: int = 4  # requests in flight at once
+    max_retries: int = 5  # retries on 429, 5xx and time-outs (exponential backoff)
+    timeout_s: float = 120.0  # per-request time-out (seconds)
+    n_short: int = 4  # short general-chat records to add (Magpie-style generation or import)
     short_files: list[str] = field(default_factory=list)  # ShareGPT-style JSON/JSONL to import
     question_max_new_tokens: int | None = None  # budget of the question-list call; default max_new_tokens
     question_attempts: int = 2  # fresh samples of the question list when none could be parsed
-    answer_temperature: float = 0.3
+    answer_temperature: float = 0.3  # sampling temperature for answers
     min_answer_words: int = 8  # filter: shorter answers are rejected (words, or Han characters)
     max_repetition: float = 0.5  # filter: share of repeated word 3-grams above which an answer is degenerate
     min_grounding: float = 0.3  # filter: share of answer content words that must occur in the document
@@ -82,11 +86,12 @@ class SynthConfig:
     max_docs: int = 0  # 0 = every corpus document
     cache_dir: str | None = None  # LLM request cache; default $LONGALIGN_HOME/llm_cache
     short_backend: str = "local"  # Magpie needs raw completions: local, or an OpenAI-compatible server
-    short_model: str = DEFAULT_MODEL
-    short_question_tokens: int = 64
-    short_max_new_tokens: int = 192
+    short_model: str = DEFAULT_MODEL  # model for short data (default: synth.model)
+    short_question_tokens: int = 64  # token limit of a Magpie-style self-written question
+    short_max_new_tokens: int = 192  # token limit of a short answer
     local_threads: int = 0  # torch CPU threads for the local backend (0 = torch default; 1 on shared machines)
     local_prefix_cache: bool = True  # local backend: reuse the document's KV cache between question and answer
+    # prices: USD per 1M tokens [input, output] by model name, for cost estimates
     prices: dict = field(
         default_factory=lambda: {
             # USD per 1M tokens (input, output); edit to your provider's current prices.
@@ -94,7 +99,7 @@ class SynthConfig:
             "claude-3-5-haiku": [0.80, 4.00],
         }
     )
-    seed: int = 0
+    seed: int = 0  # random seed of this stage
 
 
 @dataclass
@@ -104,15 +109,15 @@ class DataConfig:
     long_file: str | None = None  # default: <run_dir>/long.jsonl
     short_file: str | None = None  # default: <run_dir>/short.jsonl
     extra_files: list[str] = field(default_factory=list)  # any LongAlign-10k-format JSONL
-    max_length: int = 2048
+    max_length: int = 2048  # longest training sequence (tokens); longer records follow data.truncation
     truncation: str = "middle"  # middle | right | skip
     long_ratio: float | None = None  # share of long records in the mix; None keeps all
     n_long: int | None = None  # exact counts instead of a ratio (more than available = repeat records)
-    n_short: int | None = None
-    num_proc: int = 1
+    n_short: int | None = None  # short records to keep (None: all)
+    num_proc: int = 1  # tokenizer worker processes
     tokenized_dir: str | None = None  # default: <run_dir>/tokenized
     buckets: list[int] | None = None  # length-bucket edges for `analyze`; default: max_length × 1/8, 1/4, 1/2, 1
-    seed: int = 0
+    seed: int = 0  # random seed of this stage
 
 
 @dataclass
@@ -121,16 +126,17 @@ class BatchConfig:
 
     strategy: str = "packed"  # naive | sorted | packed
     packer: str = "bfd"  # bfd | next_fit
-    max_pack_tokens: int = 2048
+    max_pack_tokens: int = 2048  # tokens per packed row
     batch_size: int = 1  # sequences per micro-batch (naive/sorted) or packs per micro-batch (packed)
-    grad_accum: int = 1
-    world_size: int = 1
+    grad_accum: int = 1  # micro-batches per rank per optimizer step
+    world_size: int = 1  # data-parallel ranks the plan is made for (torchrun's world size)
     loss_reduction: str = "sequence"  # token | pack_mean | sequence
     overlong: str = "truncate"  # truncate | skip | split (sequences longer than max_pack_tokens)
     truncate_side: str = "middle"  # right | middle (keep the start and the end)
     sorted_mode: str = "fixed"  # fixed: groups of batch_size | token_budget: groups fill sort_token_budget
     sort_token_budget: int | None = None  # padded tokens per sorted group; default batch_size * max_pack_tokens
-    balance: str = "none"  # none | tokens | cost: group micro-batches into steps/ranks by token count or modelled cost
+    # balance: none | tokens | cost: group micro-batches into steps/ranks by token count or modelled cost
+    balance: str = "none"
     balance_window: int = 8  # steps per window regrouped by the balancer
     drop_last: bool = False  # drop a last, incomplete optimizer step
     cost_a: float = 1.0e-4  # cost model: seconds per token (linear layers), 7B-class model on one H100, bf16
@@ -139,33 +145,34 @@ class BatchConfig:
     sim_world_size: int = 8  # K devices in the idle-time simulation of `longalign pack`
     plan_epochs: int = 1  # epoch plans written by `longalign pack`
     dataset_dir: str | None = None  # tokenized dataset; default: the stage-2 output in the run directory
-    seed: int = 0
+    seed: int = 0  # random seed of this stage
 
 
 @dataclass
 class TrainConfig:
     """Stage 4 — supervised fine-tuning (train.py, loss.py, attention.py)."""
 
-    lr: float = 2e-5
-    lr_scheduler: str = "cosine"
-    warmup_ratio: float = 0.03
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0
-    epochs: float = 2.0
-    max_steps: int = -1
-    bf16: bool = True
-    gradient_checkpointing: bool = True
-    loss_chunk_tokens: int = 4096
-    save_steps: int = 50
-    logging_steps: int = 1
-    seed: int = 42
-    max_grad_norm: float = 1.0
+    lr: float = 2e-5  # peak learning rate (the paper: 2e-5)
+    lr_scheduler: str = "cosine"  # transformers scheduler name (the paper: cosine)
+    warmup_ratio: float = 0.03  # share of steps for linear warm-up (the paper: 3 %)
+    adam_beta1: float = 0.9  # Adam beta1
+    adam_beta2: float = 0.95  # Adam beta2 (the paper: 0.95)
+    weight_decay: float = 0.0  # AdamW weight decay (the paper: 0)
+    epochs: float = 2.0  # passes over the data (the paper: 2)
+    max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
+    bf16: bool = True  # bf16 autocast on GPUs that support it
+    gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    loss_chunk_tokens: int = 4096  # target tokens per LM-head chunk in the loss
+    save_steps: int = 50  # checkpoint every N optimizer steps
+    logging_steps: int = 1  # log every N optimizer steps
+    seed: int = 42  # random seed of this stage
+    max_grad_norm: float = 1.0  # gradient clipping norm
     master_fp32: bool = True  # full fine-tuning keeps fp32 weights + Adam states and computes in bf16 (autocast)
     max_pack_tokens: int | None = None  # override batching.max_pack_tokens for training (cpu-demo: short rows)
-    train_file: str | None = None  # records to train on when <run_dir>/tokenized is absent (default: bundled sample)
-    save_total_limit: int = 2
-    tensorboard: bool = True
+    # train_file: records to train on when <run_dir>/tokenized is absent (default: bundled sample)
+    train_file: str | None = None
+    save_total_limit: int = 2  # checkpoints kept
+    tensorboard: bool = True  # also write TensorBoard events
     matmul_tflops: float | None = None  # MFU denominator; None: measured once per device and cached
     cpu_threads: int = 0  # torch threads while training on CPU (0 = torch default; 1 is faster on shared cores)
 
@@ -174,39 +181,46 @@ class TrainConfig:
 class EvalConfig:
     """Stage 5 — generation, judge and needle test (generate.py, judge.py, needle.py)."""
 
-    model: str | None = None  # evaluated model (eval, needle); default: <run_dir>/model from `train`, else model.name
+    # model: evaluated model (eval, needle); default: <run_dir>/model from `train`, else model.name
+    model: str | None = None
     bench_file: str | None = None  # JSONL: idx, query, context, answer, few_shots (benchmarks.py documents it)
     bench_limit: int | None = None  # evaluate only the first N cases
     bench_context_tokens: int = 1500  # offline set (no bench_file): context length of each built case
     bench_n_per_task: int = 1  # offline set: cases per task type (retrieve, count, order, multihop, quote)
     max_input_tokens: int | None = None  # default: the model's window; longer prompts lose their middle
-    max_new_tokens: int = 128
+    max_new_tokens: int = 128  # answer length limit during evaluation
     batch_size: int = 4  # prompts generated together (grouped by length)
-    local_threads: int = 0  # torch CPU threads while generating / judging locally (0 = torch default; 1 on shared machines)
+    # local_threads: torch CPU threads while generating / judging locally (0 = torch default; 1 on shared machines)
+    local_threads: int = 0
     max_batch_tokens: int = 16384  # padded prompt+answer tokens per generation batch
     judge_mode: str = "llm"  # llm (LongBench-Chat judge + proxy scores) | proxy (reference overlap only, offline)
     judge_backend: str = "local"  # local | openai (any OpenAI-compatible server: vLLM, llama.cpp) | anthropic
-    judge_model: str = DEFAULT_MODEL
+    judge_model: str = DEFAULT_MODEL  # judge model name (API id or model spec for `local`)
     judge_base_url: str | None = None  # set it (e.g. http://localhost:8000/v1) and local switches to openai
     judge_api_key_env: str | None = None  # env variable holding the key (default OPENAI_/ANTHROPIC_API_KEY)
     judge_runs: int = 2  # each case judged this many times (few-shots reshuffled), scores averaged
     judge_prompt_file: str | None = None  # a template path, or a bundled name: default | rating_first
-    judge_temperature: float = 0.0
-    judge_max_new_tokens: int = 256
+    judge_temperature: float = 0.0  # judge sampling temperature
+    judge_max_new_tokens: int = 256  # judge reply length limit
     judge_max_attempts: int = 3  # tries per run when the reply has no parseable [[rating]]
-    judge_concurrency: int = 4
+    judge_concurrency: int = 4  # judge requests in flight
     judge_cache_dir: str | None = None  # judge replies cache; default $LONGALIGN_HOME/llm_cache
+    # judge_prices: USD per 1M tokens [input, output] for judge cost
     judge_prices: dict = field(default_factory=lambda: {"gpt-4o": [2.50, 10.00], "gpt-4o-mini": [0.15, 0.60],
                                                          "claude-3-5-sonnet": [3.00, 15.00]})  # USD / 1M tokens
+    # needle_lengths: context lengths of the needle grid (tokens)
     needle_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    # needle_depths: needle positions as a fraction of the context (0 = start, 1 = end)
     needle_depths: list[float] = field(default_factory=lambda: [0.0, 0.5, 1.0])
     needle_haystack_dir: str | None = None  # folder of .txt files; default: the bundled data/kjv_*.txt
+    # needle_text: the planted sentence
     needle_text: str = "The secret ingredient in Grandmother Odile's plum cake is a spoonful of smoked cardamom."
+    # needle_question: the question asked about it
     needle_question: str = "What is the secret ingredient in Grandmother Odile's plum cake?"
     needle_key_fact: str = "smoked cardamom"  # an answer scores 1 when it contains these words
     needle_scorer: str = "contains"  # contains | judge
-    needle_max_new_tokens: int = 32
-    seed: int = 0
+    needle_max_new_tokens: int = 32  # answer length limit in the needle test
+    seed: int = 0  # random seed of this stage
 
 
 @dataclass

@@ -17,9 +17,9 @@ from .config import Config, list_presets, load_config
 def _field_comments(cls) -> dict[str, str]:
     comments = {}
     for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.+)$", line)
+        m = re.match(r"\s+(\w+):[^=]+=.*?#\s*(.+)$", line) or re.match(r"\s+#\s*(\w+):\s*(.+)$", line)
         if m:
-            comments[m.group(1)] = m.group(2).strip()
+            comments.setdefault(m.group(1), m.group(2).strip())
     return comments
 
 
