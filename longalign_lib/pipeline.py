@@ -42,7 +42,7 @@ def run_one(name: str, cfg: Config, run_dir: Path, args: argparse.Namespace | No
     result.setdefault("metrics", {})
     result["stage"] = name
     result["seconds"] = round(time.time() - t0, 2)
-    if not result.get("dry_run"):  # a dry run spends nothing and must not mark the stage finished
+    if not (result.get("dry_run") or result.get("rank_only")):  # a dry run or a non-zero rank marks nothing
         write_json(run_dir / "stages" / f"{name}.json", result)
     return result
 

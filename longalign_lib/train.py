@@ -668,6 +668,10 @@ def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = Tru
     info["log"] = read_jsonl(log) if log.exists() else []
     if not save_model:
         return {"trainer": trainer, **info}
+    if not trainer.is_world_process_zero():  # one writer for the final model; the others wait for it
+        _barrier()
+        info["model_dir"] = str(run_dir / "model")
+        return {"trainer": trainer, **info}
     final = run_dir / "model"
     tmp = run_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -681,9 +685,22 @@ def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = Tru
         trainer.processing_class.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
+    _barrier()
     info["model_dir"] = str(final)
     info["log"] = read_jsonl(log) if log.exists() else []
     return {"trainer": trainer, **info}
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def finish_distributed() -> None:
+    """Tear the process group down before exit (torchrun): gloo/NCCL threads left running abort the process."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def summarize_log(rows: list[dict]) -> dict:
@@ -778,6 +795,9 @@ def run_stage(cfg, run_dir: Path, args) -> dict:
     from . import plots
 
     res = train(cfg, run_dir, resume=bool(getattr(args, "resume", False)))
+    if not res["trainer"].is_world_process_zero():  # under torchrun, rank 0 alone writes the stage's files
+        finish_distributed()
+        return {"metrics": {"rank": res["trainer"].args.process_index}, "rank_only": True}
     rows = res["log"]
     summ = summarize_log(rows)
     fig = loss_figure({f"{res['strategy']} ({res['reduction']})": rows})
@@ -793,6 +813,7 @@ def run_stage(cfg, run_dir: Path, args) -> dict:
               f"{summ.get('tokens_per_s', 0):,.0f} tokens/s, MFU {100 * summ.get('mfu', 0):.1f}% of a measured "
               f"{res['ceiling_tflops']:.0f} TFLOP/s matmul ceiling, peak memory {summ.get('peak_mem_gib', 0):.1f} GiB.\n\n"
               f"![training loss]({fig_path.relative_to(run_dir)})")
+    finish_distributed()
     return {"metrics": metrics, "outputs": [LOG_NAME, "model", "train_summary.json", str(fig_path.relative_to(run_dir))],
             "report": report}
 

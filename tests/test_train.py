@@ -197,6 +197,7 @@ def test_two_rank_ddp_matches_one_process(tiny, rows, tmp_path):
         hist = [h for h in res["trainer"].state.log_history if "grad_norm" in h]
         if res["trainer"].is_world_process_zero():
             json.dump({{"loss": res["log"][0]["loss"], "grad_norm": hist[0]["grad_norm"]}}, open(sys.argv[1] + "/out.json", "w"))
+        train.finish_distributed()
     """))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one")], env=env, capture_output=True,
