@@ -810,8 +810,10 @@ def run_stage(cfg, run_dir: Path, args) -> dict:
     report = (f"Trained `{cfg.model.name}` for {summ.get('steps')} steps ({res['strategy']} batches, "
               f"{res['reduction']} loss weighting, attention `{res['attn']}`, {res['device']}). Data: {res['data']}.\n\n"
               f"Loss {summ.get('loss_first', float('nan')):.3f} → {summ.get('loss_last', float('nan')):.3f}; "
-              f"{summ.get('tokens_per_s', 0):,.0f} tokens/s, MFU {100 * summ.get('mfu', 0):.1f}% of a measured "
-              f"{res['ceiling_tflops']:.0f} TFLOP/s matmul ceiling, peak memory {summ.get('peak_mem_gib', 0):.1f} GiB.\n\n"
+              f"{summ.get('tokens_per_s', 0):,.0f} tokens/s, "
+              + (f"MFU {100 * summ.get('mfu', 0):.1f}% of a measured {res['ceiling_tflops']:.0f} TFLOP/s matmul ceiling, "
+                 if res["device"] == "cuda" else "(MFU is reported on GPUs only), ")
+              + f"peak memory {summ.get('peak_mem_gib', 0):.1f} GiB.\n\n"
               f"![training loss]({fig_path.relative_to(run_dir)})")
     finish_distributed()
     return {"metrics": metrics, "outputs": [LOG_NAME, "model", "train_summary.json", str(fig_path.relative_to(run_dir))],
