@@ -314,6 +314,12 @@ class LongAlignTrainer(Trainer):
 
     def __init__(self, *args, plan_batches: PlanBatches, log_dir: Path, flops_fn=None, ceiling_tflops: float = 0.0,
                  tensorboard: bool = True, **kwargs):
+        targs = kwargs.get("args") or (args[1] if len(args) > 1 else None)
+        if targs is not None and targs.n_gpu > 1:
+            # One process sees several GPUs (no torchrun): the plan already says what each device trains, so never
+            # let Trainer fall back to nn.DataParallel, whose replica threads would also run without autocast.
+            # (transformers pins n_gpu to 1 the same way for model parallelism.) Use torchrun for several GPUs.
+            targs._n_gpu = 1
         super().__init__(*args, **kwargs)
         self.plan_batches = plan_batches
         self.log_dir = Path(log_dir)
