@@ -274,39 +274,19 @@ def format_batch(records: list, tokenizer, max_length: int | None = None, trunca
     return out
 
 
-def format_records(records, tokenizer, max_length=None, truncation="middle", source: str = "<records>",
-                   first_line: int = 1):
-    """Format many records; returns (examples, FormatStats). Rejections are counted by reason, never trained on."""
+def _format_numbered(numbered, tokenizer, max_length, truncation, where: str, strict: bool = False):
+    """Format (line, record) pairs; rejections are counted by reason with `where:line` for the first 20."""
     stats, examples = FormatStats(), []
-    for k, rec in enumerate(records):
-        stats.total += 1
-        try:
-            ex = format_record(rec, tokenizer, max_length, truncation)
-        except RecordError as e:
-            stats.rejected[e.reason] += 1
-            if len(stats.errors) < 20:
-                stats.errors.append(f"{source}:{first_line + k}: {e}")
-            continue
-        stats.kept += 1
-        stats.truncated += ex.truncated
-        stats.dropped_trailing_user += ex.meta["dropped_trailing_user"]
-        examples.append(ex)
-    return examples, stats
-
-
-def format_file(path: str | Path, tokenizer, max_length=None, truncation="middle", strict: bool = False):
-    """Format a LongAlign-10k-format JSONL file. With `strict`, the first bad record raises file:line: reason."""
-    stats, examples = FormatStats(), []
-    for line, rec in iter_jsonl(path):
+    for line, rec in numbered:
         stats.total += 1
         try:
             ex = format_record(rec, tokenizer, max_length, truncation)
         except RecordError as e:
             if strict:
-                raise LongAlignError(f"{path}:{line}: {e}") from None
+                raise LongAlignError(f"{where}:{line}: {e}") from None
             stats.rejected[e.reason] += 1
             if len(stats.errors) < 20:
-                stats.errors.append(f"{path}:{line}: {e}")
+                stats.errors.append(f"{where}:{line}: {e}")
             continue
         stats.kept += 1
         stats.truncated += ex.truncated
@@ -314,6 +294,17 @@ def format_file(path: str | Path, tokenizer, max_length=None, truncation="middle
         ex.meta.setdefault("line", line)
         examples.append(ex)
     return examples, stats
+
+
+def format_records(records, tokenizer, max_length=None, truncation="middle", source: str = "<records>",
+                   first_line: int = 1):
+    """Format many records; returns (examples, FormatStats). Rejections are counted by reason, never trained on."""
+    return _format_numbered(enumerate(records, start=first_line), tokenizer, max_length, truncation, source)
+
+
+def format_file(path: str | Path, tokenizer, max_length=None, truncation="middle", strict: bool = False):
+    """Format a LongAlign-10k-format JSONL file. With `strict`, the first bad record raises file:line: reason."""
+    return _format_numbered(iter_jsonl(path), tokenizer, max_length, truncation, str(path), strict)
 
 
 def label_segments(tokenizer, ex: Example) -> list[tuple[str, bool]]:

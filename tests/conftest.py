@@ -41,3 +41,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def _single_thread():
+    """One torch thread: on a 2-core machine shared with other processes, two OpenMP threads waiting on each other
+    ran model code several times slower than one (measured). Restores the setting afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+one_torch_thread = pytest.fixture(_single_thread, name="one_torch_thread")
+one_torch_thread_module = pytest.fixture(_single_thread, scope="module", name="one_torch_thread_module")

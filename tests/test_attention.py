@@ -8,14 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 from longalign_lib import attention
 from longalign_lib.io import LongAlignError
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine it is several times faster than two waiting on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 LENS = [5, 11, 3, 8]
 ARCHS = {

@@ -15,17 +15,7 @@ from longalign_lib.generate import (
 )
 from longalign_lib.io import LongAlignError, read_jsonl
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Model tests on a shared 2-core box: two OpenMP threads competing with other processes ran ~6x slower
-    than one (measured); use one thread here and restore the setting afterwards."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 @pytest.mark.parametrize("n, keep", [(10, 10), (10, 4), (11, 5), (100, 1), (7, 20)])

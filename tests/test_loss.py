@@ -6,14 +6,7 @@ import torch
 
 from longalign_lib.loss import reference_weighted_ce, select_targets, weighted_chunked_ce
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a shared 2-core machine it is several times faster than two waiting on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _case(seed=0, B=2, T=48, H=32, V=300, bias=False):

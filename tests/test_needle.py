@@ -18,17 +18,7 @@ from longalign_lib.needle import (
     token_depth,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Model tests on a shared 2-core box: two OpenMP threads competing with other processes ran ~6x slower
-    than one (measured); use one thread here and restore the setting afterwards."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread_module")
 
 
 @pytest.fixture(scope="module")
