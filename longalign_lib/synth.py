@@ -405,6 +405,14 @@ def _done_ids(*paths: Path) -> tuple[set[str], set[str]]:
     return ids, used
 
 
+def _start_streams(out: Path, rejects: Path, resume: bool):
+    """Fresh output streams unless resuming; returns what earlier runs already finished (see _done_ids)."""
+    if not resume:
+        for p in (out, rejects):
+            p.unlink(missing_ok=True)
+    return _done_ids(out, rejects)
+
+
 def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, resume: bool = False,
                progress: bool = True) -> dict:
     """Self-Instruct every document; append each record to `out` (rejections to `rejects`) as it completes."""
@@ -412,11 +420,7 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
 
     from .llm import run_sync
 
-    if not resume:
-        for p in (out, rejects):
-            if p.exists():
-                p.unlink()
-    done, used = _done_ids(out, rejects)
+    done, used = _start_streams(out, rejects, resume)
     todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
     counts: Counter = Counter()
     tasks: Counter = Counter()
@@ -560,11 +564,7 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
 
     from .llm import ContextTooLong, run_sync
 
-    if not resume:
-        for p in (out, rejects):
-            if p.exists():
-                p.unlink()
-    done, used = _done_ids(out, rejects)
+    done, used = _start_streams(out, rejects, resume)
     prefix = magpie_prefix(tokenizer)
     stops = [s for s in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>") if s in tokenizer.get_vocab()]
     counts: Counter = Counter()
