@@ -158,25 +158,31 @@ def _varlen_fn():
     return varlen_attn, "enable_gqa" in params, "window_size" in params, "is_causal" in params
 
 
+def _varlen_layout(query, key, value, kwargs):
+    """[b, h, t, d] q/k/v in the compute dtype → token-major [b·t, h, d] tensors plus (cu_seqlens, max_seqlen) of
+    the documents (each row is one document when no boundaries were passed): the varlen kernels' input."""
+    query, key, value = _compute_dtype(query, key, value)
+    b, hq, t, d = query.shape
+    hk = key.shape[1]
+    seg = _segments(query, key, kwargs)
+    if seg is None:
+        seg = (torch.arange(0, (b + 1) * t, t, device=query.device, dtype=torch.int32), t)
+    q = query.transpose(1, 2).reshape(b * t, hq, d)
+    k = key.transpose(1, 2).reshape(b * t, hk, d)
+    v = value.transpose(1, 2).reshape(b * t, hk, d)
+    return q, k, v, *seg
+
+
 def varlen_attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0,
                              scaling: float | None = None, **kwargs):
     """PyTorch's variable-length flash kernel: each document is its own causal sequence."""
     if _is_generic(query, key, attention_mask):
         return _generic(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _check_module(module)
-    query, key, value = _compute_dtype(query, key, value)
     b, hq, t, d = query.shape
     hk = key.shape[1]
-    seg = _segments(query, key, kwargs)
-    if seg is None:
-        cu = torch.arange(0, (b + 1) * t, t, device=query.device, dtype=torch.int32)
-        mx = t
-    else:
-        cu, mx = seg
+    q, k, v, cu, mx = _varlen_layout(query, key, value, kwargs)
     varlen_attn, has_gqa, has_window, has_causal = _varlen_fn()
-    q = query.transpose(1, 2).reshape(b * t, hq, d)
-    k = key.transpose(1, 2).reshape(b * t, hk, d)
-    v = value.transpose(1, 2).reshape(b * t, hk, d)
     extra = {}
     if hq != hk:
         if has_gqa:
@@ -245,16 +251,12 @@ def flash_attention_forward(module, query, key, value, attention_mask, dropout: 
     if _is_generic(query, key, attention_mask):
         return _generic(module, query, key, value, attention_mask, dropout, scaling, kwargs)
     _check_module(module)
-    query, key, value = _compute_dtype(query, key, value)
     from flash_attn import flash_attn_varlen_func
 
     b, hq, t, d = query.shape
-    hk = key.shape[1]
-    seg = _segments(query, key, kwargs)
-    cu, mx = seg if seg is not None else (torch.arange(0, (b + 1) * t, t, device=query.device, dtype=torch.int32), t)
-    out = flash_attn_varlen_func(query.transpose(1, 2).reshape(b * t, hq, d), key.transpose(1, 2).reshape(b * t, hk, d),
-                                 value.transpose(1, 2).reshape(b * t, hk, d), cu, cu, mx, mx,
-                                 dropout_p=dropout if module.training else 0.0, softmax_scale=scaling, causal=True)
+    q, k, v, cu, mx = _varlen_layout(query, key, value, kwargs)
+    out = flash_attn_varlen_func(q, k, v, cu, cu, mx, mx, dropout_p=dropout if module.training else 0.0,
+                                 softmax_scale=scaling, causal=True)
     return out.view(b, t, hq, d), None
 
 

@@ -347,15 +347,20 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
     n_packs = n_big
     room = _NextAtLeast(capacity)
     buckets: dict[int, list[int]] = {}
+
+    def file_pack(left: int, pack: int) -> None:
+        """Index an open pack under the room it has left."""
+        lst = buckets.get(left)
+        if lst is None:
+            buckets[left] = [pack]
+            room.add(left)
+        else:
+            lst.append(pack)
+
     if n_big:
         rem = capacity - sl[:n_big]
         for r, b in zip(rem.tolist(), range(n_big), strict=False):
-            lst = buckets.get(r)
-            if lst is None:
-                buckets[r] = [b]
-                room.add(r)
-            else:
-                lst.append(b)
+            file_pack(r, b)
     rest = sl[n_big:]
     if len(rest):
         # runs of equal size: starts and sizes (rest is non-increasing)
@@ -382,13 +387,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
                     pos += k
                     for j in range(nb):
                         took = t if j < nb - 1 else k - t * (nb - 1)
-                        nr = capacity - took * s
-                        lst = buckets.get(nr)
-                        if lst is None:
-                            buckets[nr] = [n_packs + j]
-                            room.add(nr)
-                        else:
-                            lst.append(n_packs + j)
+                        file_pack(capacity - took * s, n_packs + j)
                     n_packs += nb
                     k = 0
                     break
@@ -407,13 +406,7 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
                     else:
                         out[pos:pos + took] = b
                     pos += took
-                    nr = r - took * s
-                    lst2 = buckets.get(nr)
-                    if lst2 is None:
-                        buckets[nr] = [b]
-                        room.add(nr)
-                    else:
-                        lst2.append(b)
+                    file_pack(r - took * s, b)
                 k -= min(k, q * t)
     # group sorted positions by pack, map back to original indices
     by_pack = np.argsort(pack_of, kind="stable")

@@ -327,16 +327,23 @@ def shape_genre(raws: Iterator[RawDoc], count: Callable[[str], int], lo: int, hi
     target = draw_target(rng, lo, hi_target, upsample)
     parts: list[str] = []
     origin: list[RawDoc] = []
-    n = 0
+    n = emitted = 0
+
+    def flush():
+        """The finished chunk; start the next one with a fresh target length."""
+        nonlocal parts, origin, n, emitted, target
+        chunk = ("\n\n".join(parts), origin, n)
+        parts, origin, n = [], [], 0
+        emitted += 1
+        target = draw_target(rng, lo, hi_target, upsample)
+        return chunk
+
     for raw in raws:
         emitted = 0
         for u in _units(raw.text, cap_chars):
             t = count(u) + 1
             if n + t > hi and n >= lo:
-                yield "\n\n".join(parts), origin, n
-                parts, origin, n = [], [], 0
-                emitted += 1
-                target = draw_target(rng, lo, hi_target, upsample)
+                yield flush()
                 if emitted >= max_chunks_per_doc:
                     break
             if n + t > hi:  # even alone too big (a dense unit): skip it
@@ -346,10 +353,7 @@ def shape_genre(raws: Iterator[RawDoc], count: Callable[[str], int], lo: int, hi
             parts.append(u)
             n += t
             if n >= target:
-                yield "\n\n".join(parts), origin, n
-                parts, origin, n = [], [], 0
-                emitted += 1
-                target = draw_target(rng, lo, hi_target, upsample)
+                yield flush()
                 if emitted >= max_chunks_per_doc:
                     break
 
