@@ -7,7 +7,7 @@ MODE    ?= smoke
 PRESET  ?= cpu-demo
 export LONGALIGN_HOME ?= $(CURDIR)/.longalign_home
 
-.PHONY: help setup demo test lint notebooks bench clean corpus-extras docs
+.PHONY: help setup demo test lint notebooks bench clean corpus-extras docs browser-deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -21,7 +21,12 @@ $(BIN)/.setup-done: pyproject.toml
 	$(BIN)/python -m ipykernel install --user --name longalign --display-name "LongAlign (.venv)" >/dev/null
 	touch $@
 
-setup: $(BIN)/.setup-done  ## build .venv (CPU torch here; TORCH=torch for your CUDA build), offline model, Jupyter kernel
+# JupyterLab opens notebooks/*.py as notebooks on double-click (jupyter/README.md): a per-package settings override.
+LAB_OVERRIDES := $(VENV)/share/jupyter/lab/settings/overrides.d/longalign-cookbook.json
+$(LAB_OVERRIDES): jupyter/lab-overrides.json $(BIN)/.setup-done
+	mkdir -p $(dir $@) && cp $< $@
+
+setup: $(BIN)/.setup-done $(LAB_OVERRIDES)  ## build .venv (CPU torch here; TORCH=torch for your CUDA build), offline model, Jupyter kernel, JupyterLab settings
 
 demo: setup  ## run the main job end to end on the offline SmolLM2 default (PRESET=cpu-demo; rerun resumes)
 	$(BIN)/longalign run --preset $(PRESET) --run-dir runs/demo
@@ -38,6 +43,9 @@ notebooks: setup  ## pair notebooks/*.py to .ipynb and execute them headless (MO
 bench: setup  ## GPU benchmarks (on a CUDA machine): stage-4 tests, gpu-small training, throughput → bench/results/
 	LONGALIGN_HOME=$(LONGALIGN_HOME) PATH=$(CURDIR)/$(BIN):$$PATH bash bench/run_device_stage4.sh bench/results/device
 	$(BIN)/python bench/train_throughput.py --shape qwen2.5-1.5b --seq 32768 --attn varlen flex sdpa --mix 8docs
+
+browser-deps:  ## Debian's chromium for tests/test_browser.py (Playwright drives it; no browser download)
+	command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium; }
 
 corpus-extras:  ## optional: install Debian documentation packages used as extra long-document sources
 	apt-get update -q && apt-get install -y -q python3.11-doc perl-doc vim-runtime bible-kjv-text dict-jargon || true

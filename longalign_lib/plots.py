@@ -4,7 +4,8 @@ Usage:
     from longalign_lib import plots
     fig, ax = plots.figure()            # styled figure
     plots.save(fig, "runs/demo/figures/lengths.png")
-Each stage module builds its figures with these helpers; notebooks display the returned figure.
+    plots.show(fig, "runs/notebooks/00/label_mask.png")   # in a notebook: save, close, display once
+Each stage module builds its figures with these helpers; notebooks show them with `show`.
 """
 from __future__ import annotations
 
@@ -65,6 +66,24 @@ def save(fig, path: str | os.PathLike, close: bool = False) -> Path:
     if close:
         plt.close(fig)
     return path
+
+
+def show(fig, path: str | os.PathLike) -> None:
+    """Save `fig` as PNG (atomically), close it, and display that PNG once in a notebook; returns None, so a
+    cell ending with it prints nothing else.
+
+    Closing the figure keeps matplotlib's inline backend from drawing it a second time at the end of the cell,
+    and displaying the saved PNG puts the same picture into the notebook whatever the kernel's backend (Agg under
+    papermill, inline in JupyterLab), so executed and rendered notebooks carry it. Outside IPython it only saves.
+    """
+    save(fig, path, close=True)
+    try:
+        from IPython import get_ipython
+        from IPython.display import Image, display
+    except ImportError:
+        return
+    if get_ipython() is not None:
+        display(Image(filename=str(path)))
 
 
 def label_mask_figure(segments: list[tuple[str, bool]], max_chars: int = 1400, title: str | None = None):
