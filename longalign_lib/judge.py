@@ -116,14 +116,19 @@ def parse_rating(text: str, strict: bool = False) -> tuple[float | None, str | N
 
 # ---------------------------------------------------------------- judging
 def judge_items(client, items: list[dict], template: str | None = None, runs: int = 2, max_attempts: int = 3,
-                seed: int = 0, temperature: float = 0.0, max_new_tokens: int = 256, progress: bool = True) -> list[dict]:
+                seed: int = 0, temperature: float = 0.0, max_new_tokens: int = 256, progress: bool = True,
+                scorer=None) -> list[dict]:
     """Judge each item ({idx, query, answer (reference), prediction, few_shots}) `runs` times; returns one row each.
 
-    A row: idx, score (mean of the runs that gave a rating, or None), runs (per run: example order, rating,
-    attempts with raw reply, parse pattern, usage, cost, cached), n_failed_runs, failed, usage, cost_usd.
+    A row: idx, score (mean of the runs that gave a rating, or None), score_method (how the runs' ratings were
+    obtained: parsed | prob_weighted | mixed), runs (per run: example order, rating, method, attempts with raw
+    reply, parse pattern, usage, cost, cached), n_failed_runs, failed, usage, cost_usd.
     The runs of a case show the rated examples in different orders and use seeds seed, seed+1, ...; each try
     goes out through client.chat_many (concurrent for HTTP backends); unparseable replies are retried with the
     reply and a reminder appended.
+    `scorer` (rating_probs.LocalRatingScorer / OpenAIRatingScorer): each run's rating is then the expectation of
+    the judge's probability distribution over 1..10 at the rating position (method `prob_weighted`, with the
+    distribution and its mass recorded); a reply without a readable rating position falls back to parsing.
     """
     template = template or load_template()
     if runs < 1 or max_attempts < 1:
@@ -141,9 +146,14 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
                 if order not in seen or len(seen) >= n_orders:
                     break
             seen.append(order)
-            jobs.append({"item": i, "run": r, "order": order, "rating": None, "parsed_by": None,
+            jobs.append({"item": i, "run": r, "order": order, "rating": None, "parsed_by": None, "method": None,
                          "messages": [{"role": "user", "content": prompt}], "attempts": []})
     pending = jobs
+    if scorer is not None:
+        _score_by_probs(scorer, jobs, progress)
+        pending = [j for j in jobs if j["rating"] is None and j["attempts"] and j["attempts"][-1]["raw"]] \
+            if client is not None else []
+        max_attempts = max(0, max_attempts - 1)  # the scorer's call was the first try
     for attempt in range(max_attempts):
         if not pending:
             break
@@ -163,7 +173,7 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
                                                  {"role": "user", "content": REMINDER}]
                 retry.append(j)
             else:
-                j["rating"], j["parsed_by"] = rating, how
+                j["rating"], j["parsed_by"], j["method"] = rating, how, "parsed"
         pending = retry
     rows = []
     for i, it in enumerate(items):
@@ -174,13 +184,39 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
             for a in j["attempts"]:
                 for k in usage:
                     usage[k] += int(a["usage"].get(k, 0) or 0)
+        methods = sorted({j["method"] for j in mine if j["rating"] is not None})
         rows.append({"idx": it["idx"], "score": sum(ratings) / len(ratings) if ratings else None,
+                     "score_method": (methods[0] if len(methods) == 1 else "mixed") if methods else None,
                      "runs": [{"run": j["run"], "order": j["order"], "rating": j["rating"], "parsed_by": j["parsed_by"],
-                               "attempts": j["attempts"]} for j in mine],
+                               "method": j["method"], "attempts": j["attempts"]} for j in mine],
                      "n_failed_runs": len(mine) - len(ratings), "failed": not ratings, "usage": usage,
                      "cost_usd": sum(a["cost_usd"] or 0.0 for j in mine for a in j["attempts"]),
-                     "judge": {"backend": client.backend_name, "model": client.model}})
+                     "judge": {"backend": client.backend_name, "model": client.model} if client is not None else
+                     {"backend": getattr(scorer, "backend_name", "local"), "model": getattr(scorer, "name", None)}})
     return rows
+
+
+def _score_by_probs(scorer, jobs: list[dict], progress: bool) -> None:
+    """Each job's rating from the scorer's distribution (expectation over 1..10); the attempt records it all."""
+    from tqdm.auto import tqdm
+
+    for j in tqdm(jobs, desc="judge (rating probabilities)", disable=not progress, leave=False):
+        d = scorer.distribution(j["messages"]) or {}
+        text = d.get("text", "")
+        parsed, how = parse_rating(text) if text else (None, None)
+        att = {"raw": text, "rating": None, "parsed_by": None, "usage": dict(d.get("usage") or {}),
+               "cost_usd": d.get("cost_usd", 0.0), "cached": d.get("cached", False), "parsed_rating": parsed}
+        if d.get("expected") is not None:
+            att.update(rating=d["expected"], parsed_by="prob_weighted", probs=d["probs"], mass=d["mass"],
+                       mode=d["mode"])
+            j.update(rating=d["expected"], parsed_by="prob_weighted", method="prob_weighted")
+        elif parsed is not None:
+            att.update(rating=parsed, parsed_by=how)
+            j.update(rating=parsed, parsed_by=how, method="parsed")
+        if text and j["rating"] is None:
+            j["messages"] = j["messages"] + [{"role": "assistant", "content": text.strip()},
+                                             {"role": "user", "content": REMINDER}]
+        j["attempts"].append(att)
 
 
 def judge_config(ec):

@@ -56,6 +56,7 @@ class Reply:
     model: str = ""
     cached: bool = False
     cost_usd: float = 0.0
+    logprobs: list | None = None  # per-token log-probabilities, when asked for (openai: logprobs=True, top_logprobs=k)
 
 
 class ContextTooLong(LongAlignError):
@@ -208,7 +209,8 @@ class _OpenAIBackend(_HTTPBackend):
             raise _Retryable("bad_reply", detail=str(j)[:120]) from None
         u = j.get("usage") or {}
         usage = {"input_tokens": int(u.get("prompt_tokens") or 0), "output_tokens": int(u.get("completion_tokens") or 0)}
-        return text, usage, j.get("model") or self.model
+        logprobs = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+        return (text, usage, j.get("model") or self.model) + ((logprobs,) if logprobs else ())
 
     async def complete(self, prompt, params):
         p = dict(params)
@@ -458,7 +460,8 @@ class LLMClient:
             return None
         try:
             j = json.loads(path.read_text(encoding="utf-8"))
-            return Reply(j["text"], dict(j["usage"]), j.get("model", self.model), cached=True, cost_usd=0.0)
+            return Reply(j["text"], dict(j["usage"]), j.get("model", self.model), cached=True, cost_usd=0.0,
+                         logprobs=j.get("logprobs"))
         except (ValueError, KeyError, OSError):
             return None  # a damaged entry is simply recomputed
 
@@ -466,7 +469,8 @@ class LLMClient:
         path = self._cache_path(key)
         if path is not None:
             write_json(path, {"backend": self.backend_name, "model": reply.model, "params": _norm_params(params),
-                              "text": reply.text, "usage": reply.usage, "created": time.time()})
+                              "text": reply.text, "usage": reply.usage, "created": time.time(),
+                              **({"logprobs": reply.logprobs} if reply.logprobs else {})})
 
     def is_cached(self, messages, **params) -> bool:
         p = self._cache_path(self.cache_key(messages, params))
@@ -530,8 +534,8 @@ class LLMClient:
                 if hit is not None:
                     return self._account(hit)
                 fn = self.backend.call if kind == "chat" else self.backend.complete
-                text, usage, model = await self._with_retries(lambda: fn(payload, params), kind)
-        reply = self._account(Reply(text, usage, model, cached=False))
+                text, usage, model, *extra = await self._with_retries(lambda: fn(payload, params), kind)
+        reply = self._account(Reply(text, usage, model, cached=False, logprobs=extra[0] if extra else None))
         self._cache_put(key, reply, params)
         return reply
 

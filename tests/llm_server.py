@@ -5,6 +5,7 @@ Usage (the fixture is registered in tests/conftest.py):
         llm_server.push(status=429)                       # next answer: HTTP 429
         llm_server.push(text="1. A?\n2. B?", delay=0.5)   # then a slow 200 answer
         llm_server.responder = lambda body, path: "..."  # default text once the queue is empty
+        llm_server.logprobs = lambda body, text: [...]    # OpenAI logprobs.content for requests with logprobs=true
         client = make_client("openai", "m", base_url=llm_server.openai_url, cache_dir=tmp_path)
         client = make_client("anthropic", "m", base_url=llm_server.anthropic_url, cache_dir=tmp_path)
         llm_server.count, .bodies, .headers, .by_path, .max_inflight   # what the server saw
@@ -55,6 +56,7 @@ class LLMServer:
     def __init__(self):
         self.queue: deque[Scripted] = deque()
         self.responder = default_responder
+        self.logprobs = None  # (body, text) -> OpenAI `logprobs.content` list, sent when a request asks for logprobs
         self.count = 0
         self.by_path: dict[str, int] = {}
         self.bodies: list[dict] = []
@@ -151,6 +153,8 @@ class LLMServer:
                                     "finish_reason": "stop"}],
                        "usage": {"prompt_tokens": usage_in, "completion_tokens": usage_out,
                                  "total_tokens": usage_in + usage_out}}
+            if body.get("logprobs") and self.logprobs is not None:
+                payload["choices"][0]["logprobs"] = {"content": self.logprobs(body, text)}
         self._send(h, 200, payload, s.headers)
 
     @staticmethod

@@ -1,0 +1,178 @@
+"""Probability-weighted judge ratings: the judge's whole distribution over the ratings 1..10, not one sampled digit.
+
+Usage:
+    from longalign_lib.rating_probs import LocalRatingScorer, OpenAIRatingScorer, distribution_from_top_logprobs
+    scorer = LocalRatingScorer(model, tokenizer)         # any transformers causal LM with a chat template
+    d = scorer.distribution([{"role": "user", "content": judge_prompt}])
+    d["expected"], d["probs"][7], d["mass"]              # Σ r·p(r), p(7), how much probability sat on 1..10
+    scorer = OpenAIRatingScorer(client)                  # an llm.py openai client (OpenAI, vLLM): logprobs + top_logprobs
+
+Why: a judge that writes "[[7]]" was perhaps 40 % sure of 7 and 35 % of 8; the digit it wrote throws that away,
+and a small judge often writes no rating at all. Reading the next-token probabilities *at the rating position*
+gives a score for every item and a finer one (G-Eval, Liu et al. 2023, weights ratings the same way).
+
+Local models: the judge's reply is prefilled with "[[" (the assistant turn of the chat template starts with it),
+one forward pass gives p(first token of each rating), and ratings whose tokens are a prefix of another rating's
+(SmolLM2 writes 10 as "1" "0") get one more step: p(10) = p("1")·p("0" | "1"), p(1) = p("1")·(1 − p("0" | "1")).
+OpenAI-compatible servers: the reply is requested with `logprobs` and `top_logprobs`; the position right after
+"[[" in the reply (or the first token, when the reply starts with the digit) is read. `mass` (the probability on
+valid ratings before renormalising) says how much the judge itself believed it was giving a rating.
+"""
+from __future__ import annotations
+
+import math
+
+from .io import LongAlignError
+
+RATINGS = tuple(range(1, 11))
+
+
+def summarize_probs(raw: dict[int, float]) -> dict | None:
+    """{rating: unnormalised prob} → {probs (sum 1), mass, expected, mode}; None when no mass at all.
+
+    >>> d = summarize_probs({7: 0.3, 8: 0.1})
+    >>> round(d["expected"], 2), d["mode"], round(d["mass"], 2)
+    (7.25, 7, 0.4)
+    """
+    mass = float(sum(max(0.0, p) for p in raw.values()))
+    if mass <= 0 or not math.isfinite(mass):
+        return None
+    probs = {r: float(max(0.0, raw.get(r, 0.0))) / mass for r in RATINGS}
+    expected = sum(r * p for r, p in probs.items())
+    mode = max(RATINGS, key=lambda r: probs[r])
+    return {"probs": probs, "mass": mass, "expected": expected, "mode": mode}
+
+
+class LocalRatingScorer:
+    """Rating distribution from a local transformers judge, with its reply prefilled by `prefix` ("[[")."""
+
+    backend_name = "local"
+
+    def __init__(self, model, tokenizer, prefix: str = "[[", threads: int = 0, name: str | None = None):
+        self.model, self.tok, self.prefix, self.threads = model, tokenizer, prefix, int(threads or 0)
+        self.name = name or getattr(tokenizer, "name_or_path", None)
+        self.stats = {"forward_passes": 0, "items": 0}
+        self._seqs = self._rating_sequences()
+
+    def _rating_sequences(self) -> dict[int, tuple[int, ...]]:
+        """Token ids of each rating as written right after the prefix (tokenized together, then the prefix cut)."""
+        enc = lambda s: list(self.tok(s, add_special_tokens=False)["input_ids"])  # noqa: E731
+        pre = enc(self.prefix)
+        seqs = {}
+        for r in RATINGS:
+            both = enc(self.prefix + str(r))
+            seqs[r] = tuple(both[len(pre):]) if both[:len(pre)] == pre else tuple(enc(str(r)))
+        return seqs
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """The chat-templated judge prompt (generation prompt on) followed by the prefix tokens."""
+        ids = self.tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                           return_dict=True)["input_ids"]
+        return list(ids) + list(self.tok(self.prefix, add_special_tokens=False)["input_ids"])
+
+    def _logprobs(self, ids: list[int]):
+        import torch
+
+        x = torch.tensor([ids], device=self.model.device)
+        with torch.no_grad():
+            logits = self.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].float()
+        self.stats["forward_passes"] += 1
+        return torch.log_softmax(logits, dim=-1)
+
+    def distribution(self, messages: list[dict]) -> dict | None:
+        """{probs, mass, expected, mode} of the judge's rating for this judge chat (see summarize_probs)."""
+        import torch
+
+        before = torch.get_num_threads()
+        if self.threads and self.model.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        try:
+            base = self.prompt_ids(messages)
+            cache: dict[tuple[int, ...], object] = {}
+
+            def lp(ctx: tuple[int, ...]):  # log-probs of the next token after base + ctx
+                if ctx not in cache:
+                    cache[ctx] = self._logprobs(base + list(ctx))
+                return cache[ctx]
+
+            raw = {}
+            for r, seq in self._seqs.items():
+                logp = sum(float(lp(seq[:k])[t]) for k, t in enumerate(seq))
+                nexts = {s[len(seq)] for s in self._seqs.values() if len(s) > len(seq) and s[:len(seq)] == seq}
+                stop = 1.0 - sum(math.exp(float(lp(seq)[t])) for t in nexts) if nexts else 1.0
+                raw[r] = math.exp(logp) * max(0.0, stop)
+        finally:
+            torch.set_num_threads(before)
+        self.stats["items"] += 1
+        out = summarize_probs(raw)
+        if out is not None:
+            out.update(method="prob_weighted", text="", usage={"input_tokens": len(base), "output_tokens": 0},
+                       cost_usd=0.0, cached=False)
+        return out
+
+
+def distribution_from_top_logprobs(content: list[dict] | None, marker: str = "[[") -> dict | None:
+    """Rating distribution from an OpenAI-style `choices[0].logprobs.content` list.
+
+    Reads the `top_logprobs` at the first token after `marker` (or at the first token, when the reply starts
+    with a digit). A rating written as two tokens ("1" "0") is resolved with the next position when the reply
+    took that path; otherwise "1" counts as rating 1 and the result is marked approximate.
+    """
+    if not content:
+        return None
+    text, k = "", None
+    for i, t in enumerate(content):
+        if text.rstrip().endswith(marker):
+            k = i
+            break
+        text += t.get("token") or ""
+    if k is None and (content[0].get("token") or "").strip()[:1].isdigit():
+        k = 0
+    if k is None:
+        return None
+
+    def tops(pos):
+        c = content[pos]
+        cands = list(c.get("top_logprobs") or [])
+        if not any(x.get("token") == c.get("token") for x in cands):
+            cands.append({"token": c.get("token"), "logprob": c.get("logprob")})
+        return cands
+
+    raw, approximate = {}, False
+    for cand in tops(k):
+        s = (cand.get("token") or "").strip()
+        if s.isdigit() and 1 <= int(s) <= 10 and cand.get("logprob") is not None:
+            raw[int(s)] = raw.get(int(s), 0.0) + math.exp(float(cand["logprob"]))
+    if 1 in raw and 10 not in raw:  # the server's tokenizer may write 10 as "1" "0"
+        chosen = (content[k].get("token") or "").strip()
+        if chosen == "1" and k + 1 < len(content):
+            p0 = sum(math.exp(float(c["logprob"])) for c in tops(k + 1)
+                     if (c.get("token") or "").strip() == "0" and c.get("logprob") is not None)
+            raw[10], raw[1] = raw[1] * p0, raw[1] * (1 - p0)
+        else:
+            approximate = True
+    out = summarize_probs(raw)
+    if out is not None:
+        out["approximate"] = approximate
+    return out
+
+
+class OpenAIRatingScorer:
+    """Rating distribution from an OpenAI-compatible chat endpoint that returns `logprobs` (OpenAI, vLLM)."""
+
+    def __init__(self, client, top_logprobs: int = 20, max_new_tokens: int = 16, seed: int = 0):
+        if client.backend_name != "openai":
+            raise LongAlignError(f"probability-weighted ratings need token log-probabilities; backend "
+                                 f"{client.backend_name!r} does not return them (use an OpenAI-compatible server, "
+                                 "or set eval.judge_scoring=parse)")
+        self.client, self.top_logprobs, self.max_new_tokens, self.seed = client, int(top_logprobs), max_new_tokens, seed
+
+    def distribution(self, messages: list[dict]) -> dict | None:
+        from .judge import parse_rating
+
+        rep = self.client.chat(messages, max_new_tokens=self.max_new_tokens, temperature=0.0, seed=self.seed,
+                               logprobs=True, top_logprobs=self.top_logprobs)
+        out = distribution_from_top_logprobs(getattr(rep, "logprobs", None)) or {}
+        out.update(method="prob_weighted" if out else "parsed", text=rep.text, usage=dict(rep.usage),
+                   cost_usd=rep.cost_usd, cached=rep.cached, parsed_rating=parse_rating(rep.text)[0])
+        return out
