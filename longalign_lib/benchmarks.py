@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .io import LongAlignError, iter_jsonl, write_jsonl
+from .models import load_tokenizer
 from .needle import Haystack, load_haystack
 
 VERIFIABLE = ("retrieve", "count", "order", "multihop")
@@ -280,7 +281,6 @@ def score_exact(case, prediction: str) -> float | None:
 def main(argv=None) -> int:
     import argparse
 
-    from .models import load_tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)

@@ -1,62 +1,24 @@
-"""`longalign <stage>`: one subcommand per recipe stage, thin wrappers over the library modules.
+"""`longalign <stage>`: one subcommand per recipe stage (the registry in stages/), plus `run` and `config`.
 
 Run as: longalign --help | longalign <stage> --preset cpu-demo [--set section.key=value ...] [--run-dir DIR]
 
-A stage is a function of a longalign_lib module: `run_<stage>(cfg, run_dir, args) -> dict` (or `run_stage` when the
-module holds one stage) returning keys `metrics`, `outputs`, `report` (markdown); optionally
-`add_<stage>_arguments(parser)` (or `add_arguments`) for its own flags. STAGES lists them in recipe order;
-`longalign run` chains every stage that is built (pipeline.py).
+Each stage's driver and flags live in longalign_lib/stages/<stage>.py; `stages.STAGES` lists them in recipe order.
+`longalign run` chains them (pipeline.py) and accepts every stage's flags: a flag two stages define identically
+(e.g. `--resume`, from stages.base.add_resume_flag) is one flag; two different flags under one name are an error.
 """
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from pathlib import Path
 
+import yaml
+
+from . import pipeline
 from .config import list_presets, load_config
 from .io import LongAlignError
-
-# name: (module, one-line help) — in the order `longalign run` chains them.
-STAGES: dict[str, tuple[str, str]] = {
-    "check": ("check", "setup check: load the model, format a record, generate a reply"),
-    "corpus": ("corpus", "stage 1a: collect long documents into corpus.jsonl"),
-    "synth": ("synth", "stage 1b: Self-Instruct long tasks + short chat data → long.jsonl, short.jsonl"),
-    "tokenize": ("dataset", "stage 2: mix and tokenize records into a datasets Dataset"),
-    "analyze": ("lengths", "stage 2: length-distribution statistics and figures → lengths.json"),
-    "pack": ("batching", "stage 3: naive / sorted / packed batch plans and loss weights → batching.json"),
-    "train": ("train", "stage 4: long-context SFT with packing and loss weighting"),
-    "eval": ("generate", "stage 5: generate answers on a long-context benchmark → predictions.jsonl"),
-    "judge": ("judge", "stage 5: LongBench-Chat-style LLM judge → judgments.jsonl"),
-    "needle": ("needle", "stage 5: needle-in-a-haystack grid → needle.json + heatmap"),
-}
-
-
-def _module(name: str):
-    mod_name = STAGES[name][0]
-    try:
-        return importlib.import_module(f"longalign_lib.{mod_name}")
-    except ModuleNotFoundError as e:
-        if e.name == f"longalign_lib.{mod_name}":
-            return None
-        raise
-
-
-def stage_runner(name: str):
-    """The function that runs stage `name` (`run_<name>` or `run_stage`); None if it is not built yet."""
-    mod = _module(name)
-    if mod is None:
-        return None
-    return getattr(mod, f"run_{name}", None) or getattr(mod, "run_stage", None)
-
-
-def stage_arguments(name: str):
-    """The function that adds stage `name`'s own flags to a parser, or None."""
-    mod = _module(name)
-    if mod is None:
-        return None
-    return getattr(mod, f"add_{name}_arguments", None) or getattr(mod, "add_arguments", None)
+from .stages import STAGES, Stage
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,25 +28,49 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=None, help="folder for every artifact of this run (default: preset's run_dir)")
 
 
+def _signature(a: argparse.Action) -> tuple:
+    return (type(a), a.dest, a.default, a.type, a.choices, a.help, a.nargs, a.const, a.metavar)
+
+
+def add_stage_flags(p: argparse.ArgumentParser, stages: tuple[Stage, ...] = STAGES) -> dict[str, str]:
+    """Add every stage's own flags to `p` (the `run` parser): {option: owning stage}. A flag defined identically
+    by several stages is added once; a flag that differs from another stage's, or from one `p` already has,
+    raises ValueError naming both owners."""
+    owners: dict[str, tuple[str, tuple]] = {o: ("run", _signature(a)) for a in p._actions for o in a.option_strings}
+    for stage in stages:
+        if stage.add_arguments is None:
+            continue
+        scratch = argparse.ArgumentParser(add_help=False)
+        stage.add_arguments(scratch)
+        fresh = False
+        for a in scratch._actions:
+            for o in a.option_strings:
+                if o in owners and owners[o][1] != _signature(a):
+                    raise ValueError(f"flag {o} of stage {stage.name!r} clashes with the one of {owners[o][0]!r}: "
+                                     "rename one, or share one definition (see stages.base.add_resume_flag)")
+                fresh = fresh or o not in owners
+                owners.setdefault(o, (stage.name, _signature(a)))
+        if fresh:  # identical duplicates are replaced by an equal definition ("resolve"), nothing else changes
+            group = p.add_argument_group(f"{stage.name} flags")
+            group.conflict_handler = "resolve"
+            stage.add_arguments(group)
+    return {o: s for o, (s, _) in owners.items()}
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="longalign", description="LongAlign cookbook: long-context alignment, stage by stage.",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="stage", metavar="<stage>")
-    for name, (_, help_) in STAGES.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+    for stage in STAGES:
+        p = sub.add_parser(stage.name, help=stage.help, description=stage.help)
         _common(p)
-        if stage_arguments(name):
-            stage_arguments(name)(p)
-    p = sub.add_parser("run", help="chain every built stage over one run directory (resumable) and write report.md")
+        if stage.add_arguments:
+            stage.add_arguments(p)
+    p = sub.add_parser("run", help="chain every stage over one run directory (resumable) and write report.md")
     _common(p)
     p.add_argument("--force", action="store_true", help="redo stages that already finished")
     p.add_argument("--stages", default=None, help="comma-separated subset, e.g. check,corpus")
-    for name in STAGES:  # `run` accepts every stage's own flags too
-        if stage_arguments(name):
-            try:
-                stage_arguments(name)(p)
-            except argparse.ArgumentError:
-                pass
+    add_stage_flags(p)  # `run` accepts every stage's own flags too
     p = sub.add_parser("config", help="print the resolved configuration as YAML")
     _common(p)
     return ap
@@ -102,20 +88,15 @@ def main(argv: list[str] | None = None) -> int:
             cfg.run_dir = args.run_dir
         run_dir = Path(cfg.run_dir)
         if args.stage == "config":
-            import yaml
-
             print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             return 0
-        from . import pipeline
-
         if args.stage == "run":
             stages = args.stages.split(",") if args.stages else None
-            result = pipeline.run_all(cfg, run_dir, args, stages=stages, force=args.force)
+            results = pipeline.run_all(cfg, run_dir, args, stages=stages, force=args.force)
+            metrics = {n: r.metrics for n, r in results.items()}
         else:
-            if stage_runner(args.stage) is None:
-                raise LongAlignError(f"stage '{args.stage}' is not built yet in this version of the cookbook")
-            result = pipeline.run_one(args.stage, cfg, run_dir, args)
-        print(json.dumps(result.get("metrics", {}), indent=2, default=str))
+            metrics = pipeline.run_one(args.stage, cfg, run_dir, args).metrics
+        print(json.dumps(metrics, indent=2, default=str))
         return 0
     except LongAlignError as e:
         print(f"longalign: error: {e}", file=sys.stderr)

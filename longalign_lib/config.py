@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from .io import LongAlignError
+from .io import LongAlignError, write_text
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -341,6 +341,4 @@ def load_config(preset: str | None = "cpu-demo", overrides: list[str] | None = N
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
-    from .io import write_text
-
     return write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))

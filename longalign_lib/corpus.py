@@ -27,14 +27,14 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-import sys
 import sysconfig
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .io import LongAlignError, write_jsonl
+from .io import LongAlignError, iter_jsonl
+from .llm import approx_tokens
 
 REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 CODE_EXTS = {".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh", ".pl", ".pm", ".rb", ".lua"}
@@ -361,8 +361,6 @@ def shape_genre(raws: Iterator[RawDoc], count: Callable[[str], int], lo: int, hi
 def make_counter(tokenizer=None) -> Callable[[str], int]:
     """Token counter: the given tokenizer's, else ~4 characters per token."""
     if tokenizer is None:
-        from .llm import approx_tokens
-
         return approx_tokens
     return lambda s: len(tokenizer(s, add_special_tokens=False)["input_ids"])
 
@@ -489,38 +487,8 @@ def corpus_figure(docs: list[Document]):
     return fig
 
 
-def run_stage(cfg, run_dir: Path, args) -> dict:
-    from . import plots
-    from .models import load_tokenizer
-
-    tok_name = cfg.corpus.tokenizer or cfg.model.name
-    try:
-        tok = load_tokenizer(tok_name)
-    except LongAlignError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise LongAlignError(f"corpus.tokenizer={tok_name!r}: could not load ({e}); set corpus.tokenizer") from None
-    docs, notes = build_corpus(cfg.corpus, make_counter(tok))
-    out = write_jsonl(run_dir / "corpus.jsonl", [d.to_dict() for d in docs])
-    fig = plots.save(corpus_figure(docs), run_dir / "figures" / "corpus_genres.png", close=True)
-    lengths = sorted(d.n_tokens for d in docs)
-    genres = Counter(d.genre for d in docs)
-    metrics = {"n_docs": len(docs), "n_genres": len(genres), "tokens_min": lengths[0], "tokens_max": lengths[-1],
-               "tokens_mean": round(sum(lengths) / len(lengths), 1), "tokens_total": sum(lengths),
-               "sources_skipped": sum(1 for v in notes.values() if v.startswith("skipped")),
-               **{f"genre_{g}": c for g, c in sorted(genres.items())}}
-    rows = "\n".join(f"| {n} | {v} |" for n, v in notes.items())
-    report = (f"{len(docs)} documents, {sum(lengths):,} tokens ({tok_name} tokenizer), "
-              f"{lengths[0]}–{lengths[-1]} tokens each, genres: "
-              + ", ".join(f"{g} {c}" for g, c in sorted(genres.items()))
-              + f".\n\n| source | status |\n|---|---|\n{rows}\n\n![genres]({fig.relative_to(run_dir)})")
-    return {"metrics": metrics, "outputs": [out.name, str(fig.relative_to(run_dir))], "report": report}
-
-
 def load_corpus(path: str | Path) -> list[Document]:
     """Read corpus.jsonl back (errors name file:line and the missing field)."""
-    from .io import iter_jsonl
-
     docs = []
     need = ("id", "genre", "text")
     for line, row in iter_jsonl(path):
@@ -531,10 +499,3 @@ def load_corpus(path: str | Path) -> list[Document]:
                              lang=row.get("lang") or detect_lang(row["text"]), title=row.get("title", ""),
                              text=row["text"], license=row.get("license", ""), n_tokens=int(row.get("n_tokens", 0))))
     return docs
-
-
-if __name__ == "__main__":
-    from .cli import main
-
-    sys.exit(main(["corpus", *sys.argv[1:]]))
-

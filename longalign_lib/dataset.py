@@ -29,7 +29,8 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .io import LongAlignError, write_json
+from .formatting import IGNORE, RecordError, assistant_char_spans, format_batch
+from .io import LongAlignError, iter_jsonl, read_jsonl, write_json
 
 COLUMNS = ("input_ids", "labels", "length", "n_target", "source")  # the contract stages 3 and 4 read
 META_FILE = "longalign_dataset.json"  # inside the dataset folder: cache key + build summary
@@ -193,7 +194,6 @@ def _tokenize_chunk(lines: list[str]) -> dict:
     """
     import numpy as np
 
-    from .formatting import IGNORE, RecordError, format_batch
 
     n = len(lines)
     status, error = [""] * n, [""] * n
@@ -359,7 +359,6 @@ def build_dataset(files_or_records, tokenizer, cfg, out_dir: str | os.PathLike, 
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-    from .formatting import assistant_char_spans
 
     t0 = time.time()
     out_dir = Path(out_dir)
@@ -443,8 +442,6 @@ def load_tokenized(path: str | os.PathLike):
 def find_record(inputs, source: str, origin: str) -> dict:
     """The input record behind a dataset row, from its `source` and `origin` ("file:line", read back from the file,
     or "<source>:index" into the in-memory records given for `source` in `inputs`)."""
-    from .io import iter_jsonl
-
     where, _, pos_s = origin.rpartition(":")
     pos = int(pos_s)
     if not where.startswith("<"):  # "file:line": read it back from the file
@@ -459,7 +456,7 @@ def find_record(inputs, source: str, origin: str) -> dict:
     return list(value)[pos - 1]
 
 
-# ----------------------------------------------------------------------------------------------- stage
+# ---------------------------------------------------------------------- inputs of the `tokenize` stage
 def split_sample(records: list[dict]) -> dict[str, list[dict]]:
     """The bundled sample holds both kinds: meta.task_type == 'short' → short, everything else → long."""
     out: dict[str, list[dict]] = {"long": [], "short": []}
@@ -470,8 +467,6 @@ def split_sample(records: list[dict]) -> dict[str, list[dict]]:
 
 def resolve_inputs(cfg, run_dir: Path) -> tuple[list, str]:
     """[(source, path | records)] for the stage, and a sentence saying where they came from."""
-    from .io import read_jsonl
-
     d = cfg.data
     inputs: list = []
     for source, given in (("long", d.long_file), ("short", d.short_file)):
@@ -492,51 +487,3 @@ def resolve_inputs(cfg, run_dir: Path) -> tuple[list, str]:
     return list(sample.items()), (
         f"No stage-1 output in `{run_dir}` (long.jsonl / short.jsonl) and no data.extra_files: fell back to the "
         f"bundled sample `data/{SAMPLE.name}` ({len(sample['long'])} long + {len(sample['short'])} short records).")
-
-
-def add_tokenize_arguments(p) -> None:
-    p.add_argument("--rebuild", action="store_true", help="tokenize again even if the cached dataset matches")
-
-
-def run_tokenize(cfg, run_dir: Path, args) -> dict:
-    from .models import load_tokenizer
-
-    run_dir = Path(run_dir)
-    inputs, where = resolve_inputs(cfg, run_dir)
-    tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    out_dir = Path(cfg.data.tokenized_dir) if cfg.data.tokenized_dir else run_dir / "tokenized"
-    ds, summary = build_dataset(inputs, tok, cfg.data, out_dir, num_proc=cfg.data.num_proc,
-                                rebuild=bool(getattr(args, "rebuild", False)))
-    summary["where"] = where
-    write_json(run_dir / "tokenize.json", summary)
-    import pyarrow.compute as pc
-
-    metrics = {"records": summary["kept"], "rejected": sum(summary["rejected"].values()),
-               "truncated": sum(summary["truncated"].values()), "tokens": summary["tokens"],
-               "target_tokens": summary["target_tokens"], "max_len": pc.max(ds.data.column("length")).as_py(),
-               "mean_len": round(summary["tokens"] / max(1, summary["kept"]), 1), "cached": summary["cached"]}
-    rows = ["| source | records | kept | truncated | tokens | target tokens | rejected |", "|---|---|---|---|---|---|---|"]
-    for src, s in summary["by_source"].items():
-        rej = ", ".join(f"{k}: {v}" for k, v in s["rejected"].items()) or "—"
-        rows.append(f"| {src} | {s['total']} | {s['kept']} | {s['truncated']} | {s['tokens']:,} | "
-                    f"{s['target_tokens']:,} | {rej} |")
-    mixed = ""
-    if summary.get("mix") and "long" in summary["mix"]:
-        m = summary["mix"]
-        mixed = (f"\n\nMix (seed {m['seed']}): {m['long']['selected']}/{m['long']['available']} long, "
-                 f"{m['short']['selected']}/{m['short']['available']} short records.")
-    elif summary.get("mix"):
-        mixed = f"\n\nMix skipped: {summary['mix']['skipped']}."
-    report = (f"{where} Tokenized with `{cfg.model.name}`'s chat template, max_length {cfg.data.max_length} "
-              f"(truncation: {cfg.data.truncation}), no padding: {summary['kept']} sequences, "
-              f"{summary['tokens']:,} tokens ({summary['target_tokens']:,} trained on) in `{out_dir}`"
-              f"{' (cached: inputs unchanged)' if summary['cached'] else ''}.{mixed}\n\n" + "\n".join(rows))
-    return {"metrics": metrics, "outputs": ["tokenize.json", str(out_dir)], "report": report}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["tokenize", *sys.argv[1:]]))

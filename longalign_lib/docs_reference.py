@@ -11,6 +11,7 @@ import re
 from contextlib import redirect_stdout
 
 from . import config as config_mod
+from .cli import build_parser
 from .config import Config, list_presets, load_config
 
 
@@ -56,8 +57,6 @@ def config_reference() -> str:
 
 
 def cli_reference() -> str:
-    from .cli import build_parser
-
     ap = build_parser()
     out = ["## Command line", "", "```text", ap.format_help().rstrip(), "```"]
     sub = next(a for a in ap._actions if a.__class__.__name__ == "_SubParsersAction")

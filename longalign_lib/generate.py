@@ -19,7 +19,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .io import LongAlignError, append_jsonl, read_jsonl
+from .io import LongAlignError
+from .models import load_model_and_tokenizer
 
 
 def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 64, do_sample: bool = False,
@@ -188,7 +189,7 @@ def client_generate_fn(client, max_new_tokens: int = 64, **params):
     return fn
 
 
-# ---------------------------------------------------------------- the `eval` stage
+# ----------------------------------------------------- the model stage 5 evaluates
 def eval_model_config(cfg, run_dir: Path):
     """Which model stage 5 evaluates, as a ModelConfig, and its label.
 
@@ -211,95 +212,8 @@ def load_eval_model(cfg, run_dir: Path):
     """(model, tokenizer, label) for generation. The packed-training attention backends of attention.py isolate
     documents inside one row; generation needs left padding and a KV cache instead, so the model is switched to
     transformers' own SDPA (unless model.attn_implementation names eager or flash explicitly)."""
-    from .models import load_model_and_tokenizer
-
     mc, name = eval_model_config(cfg, run_dir)
     model, tok = load_model_and_tokenizer(cfg=mc)
     if mc.attn_implementation not in ("eager", "flash", "flash_attention_2"):
         model.set_attn_implementation("sdpa")
     return model, tok, name
-
-
-def load_or_build_bench(cfg, run_dir: Path, bench: str | None = None, tokenizer=None):
-    """The benchmark cases and where they came from: a file, or the offline set (saved as <run_dir>/bench.jsonl)."""
-    from .benchmarks import load_benchmark, make_offline_set, save_benchmark
-
-    ec = cfg.eval
-    path = bench or ec.bench_file
-    if path:
-        return load_benchmark(path, ec.bench_limit), str(path)
-    saved = Path(run_dir) / "bench.jsonl"
-    if saved.exists():
-        return load_benchmark(saved, ec.bench_limit), f"{saved} (offline set, built earlier)"
-    if tokenizer is None:
-        from .models import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model.name)
-    cases = make_offline_set(tokenizer, ec.bench_context_tokens, ec.bench_n_per_task, ec.seed, ec.needle_haystack_dir)
-    save_benchmark(saved, cases)
-    cases = cases[: ec.bench_limit] if ec.bench_limit else cases
-    return cases, f"{saved} (offline set built from local text: no eval.bench_file given)"
-
-
-def run_eval(cfg, run_dir: Path, args) -> dict:
-    from .benchmarks import score_exact
-    from .scoring import bootstrap_ci
-
-    ec = cfg.eval
-    run_dir = Path(run_dir)
-    pred_path = run_dir / "predictions.jsonl"
-    if getattr(args, "eval_fresh", False) and pred_path.exists():
-        pred_path.unlink()
-    model, tok, model_name = load_eval_model(cfg, run_dir)
-    cases, source = load_or_build_bench(cfg, run_dir, getattr(args, "bench", None), tok)
-    if getattr(args, "eval_limit", None):
-        cases = cases[: args.eval_limit]
-    done = {}
-    if pred_path.exists():
-        for row in read_jsonl(pred_path, allow_partial_last_line=True):
-            if row.get("model") != model_name:
-                raise LongAlignError(f"{pred_path} holds predictions of model {row.get('model')!r}, not "
-                                     f"{model_name!r}; use --eval-fresh or another --run-dir")
-            done[str(row["idx"])] = row
-    todo = [c for c in cases if c.idx not in done]
-    resumed = len(cases) - len(todo)
-
-    def stream(indices, results):
-        for i, r in zip(indices, results, strict=False):
-            c = todo[i]
-            meta = {k: v for k, v in c.meta.items()}
-            row = {"idx": c.idx, "task": c.task, "query": c.query, "answer": c.answer, "few_shots": c.few_shots,
-                   "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": model_name}
-            append_jsonl(pred_path, row)
-            done[c.idx] = row
-
-    t0 = time.time()
-    if todo:
-        generate_replies(model, tok, [case_messages(c.query, c.context) for c in todo],
-                         max_new_tokens=ec.max_new_tokens, max_input_tokens=ec.max_input_tokens,
-                         batch_size=ec.batch_size, max_batch_tokens=ec.max_batch_tokens, seed=ec.seed,
-                         on_batch=stream, desc="eval", threads=ec.local_threads)
-    gen_s = time.time() - t0
-    rows = [done[c.idx] for c in cases]
-    exact = [r["exact"] for r in rows if r.get("exact") is not None]
-    ci = bootstrap_ci(exact, seed=ec.seed)
-    by_task = {}
-    for r in rows:
-        if r.get("exact") is not None:
-            by_task.setdefault(r["task"], []).append(r["exact"])
-    new_tokens = sum(r["n_new_tokens"] for r in rows if r["idx"] in {c.idx for c in todo})
-    metrics = {"model": model_name, "cases": len(rows), "resumed": resumed, "truncated": sum(bool(r["truncated"]) for r in rows),
-               "mean_input_tokens": round(sum(r["n_input_tokens"] for r in rows) / len(rows), 1),
-               "exact_mean": round(ci["mean"], 4) if exact else None, "exact_n": len(exact),
-               **{f"exact_{t}": round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
-               "generate_s": round(gen_s, 2), "new_tokens_per_s": round(new_tokens / gen_s, 2) if gen_s > 0 else None}
-    lines = [f"Model `{model_name}` answered {len(rows)} cases from {source} "
-             f"({metrics['truncated']} truncated in the middle to the window; {resumed} resumed from an earlier run)."]
-    if exact:
-        lines.append(f"Exact score on the verifiable tasks: **{ci['mean']:.2f}** (95% CI {ci['lo']:.2f}–{ci['hi']:.2f}, "
-                     f"n={len(exact)}).")
-    lines += ["", "| idx | task | input tokens | exact | prediction |", "|---|---|---|---|---|"]
-    for r in rows[:8]:
-        pred = r["prediction"].replace("\n", " ").replace("|", "/")[:90]
-        lines.append(f"| {r['idx']} | {r['task']} | {r['n_input_tokens']} | {r.get('exact')} | {pred} |")
-    return {"metrics": metrics, "outputs": ["predictions.jsonl"], "report": "\n".join(lines)}

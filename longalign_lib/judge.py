@@ -24,11 +24,11 @@ import dataclasses
 import math
 import random
 import re
-import time
 from pathlib import Path
 
-from .io import LongAlignError, append_jsonl, read_jsonl
-from .scoring import PROXY_LABEL, agreement, bootstrap_ci, proxy_scores
+from .io import LongAlignError, iter_jsonl
+from .llm import client_from_config
+from .scoring import agreement, bootstrap_ci
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 FIELDS = ("question", "reference", "answer", "examples")
@@ -227,8 +227,6 @@ def judge_config(ec):
 
 
 def make_judge_client(ec, model_cfg=None, **overrides):
-    from .llm import client_from_config
-
     return client_from_config(judge_config(ec), prefix="judge_", model_cfg=model_cfg, **overrides)
 
 
@@ -262,8 +260,6 @@ def meta_eval_items(cases) -> list[dict]:
 
 def read_human_scores(path) -> dict[str, float]:
     """A JSONL of {idx, score} human ratings (1-10); errors name file:line."""
-    from .io import iter_jsonl
-
     out = {}
     for line, obj in iter_jsonl(path):
         if not isinstance(obj, dict) or "idx" not in obj or not isinstance(obj.get("score"), (int, float)) \
@@ -331,104 +327,3 @@ def scores_figure(rows: list[dict], title: str | None = None):
     ax.set_title(title or "Judge ratings per case")
     ax.legend(loc="upper right", fontsize=7)
     return fig
-
-
-# ---------------------------------------------------------------- the `judge` stage
-def add_judge_arguments(p) -> None:
-    p.add_argument("--predictions", default=None, help="predictions JSONL to judge (default: <run_dir>/predictions.jsonl;"
-                   " without one, the benchmark's rated example answers are judged: a meta-evaluation)")
-    p.add_argument("--human-scores", default=None, help="JSONL of {idx, score} human ratings: adds Spearman/Kendall")
-    p.add_argument("--judge-proxy-only", action="store_true", help="skip the LLM judge; reference-overlap proxy only")
-    p.add_argument("--judge-fresh", action="store_true", help="discard judgments.jsonl and start over")
-
-
-def run_judge(cfg, run_dir: Path, args) -> dict:
-    from . import plots
-    from .generate import load_or_build_bench
-    from .io import write_json
-
-    ec = cfg.eval
-    run_dir = Path(run_dir)
-    out_path = run_dir / "judgments.jsonl"
-    if getattr(args, "judge_fresh", False) and out_path.exists():
-        out_path.unlink()
-    mode = "proxy" if getattr(args, "judge_proxy_only", False) else ec.judge_mode
-    if mode not in ("llm", "proxy"):
-        raise LongAlignError(f"eval.judge_mode={mode!r}: choose llm or proxy")
-    pred_path = Path(getattr(args, "predictions", None) or run_dir / "predictions.jsonl")
-    if pred_path.exists():
-        items, source = read_jsonl(pred_path, allow_partial_last_line=True), str(pred_path)
-        for k, it in enumerate(items, 1):
-            missing = [f for f in ("idx", "query", "answer", "prediction") if f not in it]
-            if missing:
-                raise LongAlignError(f"{pred_path}:{k}: missing field(s) {missing}; predictions come from `longalign eval`")
-            it["idx"] = str(it["idx"])
-    elif getattr(args, "predictions", None):
-        raise LongAlignError(f"{pred_path}: file not found")
-    else:
-        cases, bench = load_or_build_bench(cfg, run_dir)
-        items = meta_eval_items(cases)
-        source = f"the rated example answers of {bench} (meta-evaluation: no predictions.jsonl in {run_dir})"
-    if getattr(args, "human_scores", None):
-        human = read_human_scores(args.human_scores)
-        for it in items:
-            if it["idx"] in human:
-                it["human_score"] = human[it["idx"]]
-    done = {}
-    if out_path.exists():
-        for r in read_jsonl(out_path, allow_partial_last_line=True):
-            if r.get("mode") == mode:  # switching proxy <-> llm redoes the cases
-                done[str(r["idx"])] = r
-    todo = [it for it in items if it["idx"] not in done]
-    client = make_judge_client(ec, cfg.model) if mode == "llm" and todo else None
-    template = load_template(ec.judge_prompt_file) if mode == "llm" else None
-    t0 = time.time()
-    step = max(8, 2 * ec.judge_concurrency)
-    for s in range(0, len(todo), step):
-        chunk = todo[s:s + step]
-        judged = judge_items(client, chunk, template, runs=ec.judge_runs, max_attempts=ec.judge_max_attempts,
-                             seed=ec.seed, temperature=ec.judge_temperature, max_new_tokens=ec.judge_max_new_tokens
-                             ) if client else [{"idx": it["idx"], "score": None} for it in chunk]
-        for it, j in zip(chunk, judged, strict=False):
-            row = {**j, "task": it.get("task"), "prediction": it.get("prediction", ""), "reference": it["answer"],
-                   "proxy": proxy_scores(it.get("prediction", ""), it["answer"]), "exact": it.get("exact"),
-                   "human_score": it.get("human_score"), "mode": mode}
-            append_jsonl(out_path, row)
-            done[it["idx"]] = row
-    rows = [done[it["idx"]] for it in items]
-    summary = summarize(rows, ec.seed)
-    summary.update(mode=mode, source=source, seconds=round(time.time() - t0, 2), proxy_label=PROXY_LABEL,
-                   judge={"backend": judge_config(ec).judge_backend, "model": ec.judge_model,
-                          "base_url": ec.judge_base_url, "runs": ec.judge_runs,
-                          "template": ec.judge_prompt_file or "default"} if mode == "llm" else None,
-                   client_stats=client.stats if client else None)
-    write_json(run_dir / "judge_summary.json", summary)
-    fig = scores_figure(rows)
-    png = plots.save(fig, run_dir / "figures" / "judge_scores.png", close=True)
-    r3 = lambda v: None if v is None else round(v, 3)  # noqa: E731
-    metrics = {"judge_mean": r3(summary["judge_mean"]), "judge_ci_lo": r3(summary["judge_ci_lo"]),
-               "judge_ci_hi": r3(summary["judge_ci_hi"]), "judged": summary["judged"], "cases": summary["n"],
-               "failed_cases": summary["failed_cases"], "unparseable_replies": summary["unparseable_replies"],
-               "proxy_token_f1": r3(summary["proxy_token_f1"]), "proxy_rouge_l": r3(summary["proxy_rouge_l"]),
-               "cost_usd": summary["cost_usd"], "mode": mode}
-    for k in ("agreement_judge_human", "agreement_judge_exact"):
-        if k in summary:
-            metrics[k.replace("agreement_", "spearman_")] = r3(summary[k]["spearman"])
-    judge_txt = (f"Judge `{ec.judge_model}` ({judge_config(ec).judge_backend}), {ec.judge_runs} runs per case: mean "
-                 f"**{summary['judge_mean']:.2f}**/10 (95% bootstrap CI {summary['judge_ci_lo']:.2f}–"
-                 f"{summary['judge_ci_hi']:.2f}, {summary['judged']}/{summary['n']} cases rated, "
-                 f"{summary['unparseable_replies']} of {summary['judge_calls']} replies unparseable), "
-                 f"{summary['input_tokens']}+{summary['output_tokens']} tokens, ${summary['cost_usd']:.4f}."
-                 if summary["judge_mean"] is not None else
-                 f"No LLM judge ratings (mode `{mode}`{', every judge reply unparseable' if mode == 'llm' else ''})."
-                 + (" A small local judge rarely follows the `[[n]]` format: point it at a capable model with "
-                    "`eval.judge_backend`/`eval.judge_base_url` + `eval.judge_model`." if mode == "llm" else ""))
-    report = (f"Judged {summary['n']} answers from {source}.\n\n{judge_txt}\n\n"
-              f"Proxy scores ({PROXY_LABEL.removeprefix('proxy (').rstrip(')')}): token F1 {summary['proxy_token_f1']:.3f}, ROUGE-L {summary['proxy_rouge_l']:.3f}."
-              f"\n\n![judge scores]({png.relative_to(run_dir)})")
-    if "agreement_judge_human" in summary:
-        a = summary["agreement_judge_human"]
-        if a["spearman"] is not None:
-            report += f"\n\nAgreement with human scores (n={a['n']}): Spearman {a['spearman']:.3f}, Kendall {a['kendall']:.3f}."
-    return {"metrics": metrics, "outputs": ["judgments.jsonl", "judge_summary.json", str(png.relative_to(run_dir))],
-            "report": report}

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .io import LongAlignError, write_json
+from .models import load_model_and_tokenizer, load_tokenizer, longalign_home
 
 BACKENDS = ("openai", "anthropic", "local")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -288,15 +289,11 @@ class _LocalBackend:
     @property
     def tokenizer(self):
         if self._tok is None:
-            from .models import load_tokenizer
-
             self._tok = load_tokenizer(self.model)
         return self._tok
 
     def _load(self):
         if self._m is None:
-            from .models import load_model_and_tokenizer
-
             self._m, self._tok = load_model_and_tokenizer(self.model, dtype=self.dtype, device=self.device)
         return self._m, self._tok
 
@@ -429,8 +426,6 @@ class LLMClient:
         if cache_dir is False:
             self.cache_dir = None
         else:
-            from .models import longalign_home
-
             self.cache_dir = Path(cache_dir) if cache_dir else longalign_home() / "llm_cache"
         self.concurrency = max(1, int(concurrency))
         self.max_retries = max(0, int(max_retries))

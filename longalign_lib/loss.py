@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .attention import packed_kwargs
+
 IGNORE = -100
 
 
@@ -152,8 +154,6 @@ def model_loss(model, batch: dict, chunk_tokens: int = 4096) -> tuple[torch.Tens
 
     `batch`: input_ids, labels, loss_weights, and position_ids / cu_seq_lens / max_seqlen for packed rows.
     """
-    from .attention import packed_kwargs
-
     kwargs = {"use_cache": False}
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]

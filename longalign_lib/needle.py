@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .io import LongAlignError, append_jsonl, read_jsonl, write_json
+from .io import LongAlignError, append_jsonl, read_jsonl
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Our own needle: a made-up fact that appears nowhere in the default haystack.
@@ -244,57 +244,3 @@ def heatmap(result: dict, title: str | None = None):
     ax.set_title(title or f"Needle in a haystack — mean score {mean:.2f}" if mean is not None else "Needle in a haystack")
     fig.colorbar(im, ax=ax, label="score (1 = key fact recalled)", fraction=0.046, pad=0.04)
     return fig
-
-
-def add_needle_arguments(p) -> None:
-    p.add_argument("--needle-scorer", choices=["contains", "judge"], default=None,
-                   help="score by the key fact appearing in the answer (default) or by the LLM judge")
-    p.add_argument("--needle-fresh", action="store_true", help="ignore finished cells and rerun the whole grid")
-
-
-def run_needle(cfg, run_dir: Path, args) -> dict:
-    from . import plots
-    from .generate import load_eval_model, make_generate_fn, model_window
-
-    ec = cfg.eval
-    run_dir = Path(run_dir)
-    cells_file = run_dir / "needle_cells.jsonl"
-    if getattr(args, "needle_fresh", False) and cells_file.exists():
-        cells_file.unlink()
-    model, tok, model_name = load_eval_model(cfg, run_dir)
-    window = model_window(model, tok, ec.max_input_tokens)
-    gen = make_generate_fn(model, tok, max_new_tokens=ec.needle_max_new_tokens, seed=ec.seed,
-                           max_batch_tokens=ec.max_batch_tokens, progress=False, threads=ec.local_threads)
-    scorer_name = getattr(args, "needle_scorer", None) or ec.needle_scorer
-    scorer = None
-    if scorer_name == "judge":
-        from .judge import needle_judge_scorer
-
-        scorer = needle_judge_scorer(ec, ec.needle_text, ec.needle_question)
-    elif scorer_name != "contains":
-        raise LongAlignError(f"eval.needle_scorer={scorer_name!r}: choose contains or judge")
-    hay = load_haystack(ec.needle_haystack_dir)
-    result = run_grid(gen, tok, list(ec.needle_lengths), list(ec.needle_depths), haystack=hay,
-                      needle=ec.needle_text, question=ec.needle_question, key_fact=ec.needle_key_fact,
-                      window=window, reserve=ec.needle_max_new_tokens + 32, scorer=scorer, cells_file=cells_file,
-                      batch=ec.batch_size, model_label=model_name)
-    if not result["cells"]:
-        raise LongAlignError(f"every needle length {ec.needle_lengths} exceeds the model window ({window} tokens); "
-                             "choose smaller eval.needle_lengths")
-    result.update(model=model_name, scorer=scorer_name,
-                  haystack=str(ec.needle_haystack_dir or "data/kjv_*.txt (bundled)"))
-    write_json(run_dir / "needle.json", result)
-    fig = heatmap(result)
-    png = plots.save(fig, run_dir / "figures" / "needle_heatmap.png", close=True)
-    by_len = {n: sum(c["score"] for c in result["cells"] if c["length"] == n) / len(result["depths"])
-              for n in result["lengths"]}
-    metrics = {"needle_mean": round(result["mean_score"], 4), "cells": len(result["cells"]),
-               "skipped_lengths": len(result["skipped_lengths"]), "window": window, "scorer": scorer_name,
-               **{f"needle_len_{n}": round(v, 4) for n, v in by_len.items()}}
-    skipped = (f" Lengths {result['skipped_lengths']} exceed the model window ({window} tokens) and were skipped."
-               if result["skipped_lengths"] else "")
-    report = (f"Needle *{result['needle']}* planted in {len(result['lengths'])} context lengths × "
-              f"{len(result['depths'])} depths of {result['haystack']}; scored by `{scorer_name}`. "
-              f"Mean score **{result['mean_score']:.2f}**.{skipped}\n\n![needle heatmap]({png.relative_to(run_dir)})")
-    return {"metrics": metrics, "outputs": ["needle.json", "needle_cells.jsonl", str(png.relative_to(run_dir))],
-            "report": report}

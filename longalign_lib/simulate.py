@@ -20,36 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .batching import CostModel, collate, plan_epoch, step_token_weights, weighted_loss_sum
 from .io import LongAlignError
-
-
-@dataclass
-class CostModel:
-    a: float = 1.0e-4  # seconds per token
-    b: float = 2.0e-9  # seconds per token² of attention span
-    c: float = 0.0  # seconds per micro-batch
-
-    @classmethod
-    def from_config(cls, cfg) -> CostModel:
-        return cls(float(cfg.cost_a), float(cfg.cost_b), float(getattr(cfg, "cost_c", 0.0)))
-
-    def features(self, mb) -> tuple[float, float]:
-        """(linear tokens, quadratic term) the micro-batch runs: padded rows count their padding."""
-        if not mb.packs:
-            return 0.0, 0.0
-        if mb.padded:
-            L = max(mb.row_lengths)
-            return float(len(mb.packs) * L), float(len(mb.packs) * L * L)
-        return float(mb.tokens), float(sum(n * n for row in mb.lengths for n in row))
-
-    def micro_batch(self, mb) -> float:
-        if not mb.packs:
-            return 0.0
-        x, x2 = self.features(mb)
-        return self.a * x + self.b * x2 + self.c
-
-    def to_dict(self) -> dict:
-        return {"a": self.a, "b": self.b, "c": self.c}
 
 
 @dataclass
@@ -194,7 +166,6 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
     import torch
     from tqdm.auto import tqdm
 
-    from .batching import collate, step_token_weights, weighted_loss_sum
 
     device = next(model.parameters()).device
     cm = CostModel()
@@ -261,7 +232,6 @@ def compare_strategies(lengths, n_target, cfg, world_size: int | None = None, ep
     """Plan and simulate every strategy variant on the same sequences: {name: (plan, Simulation)}."""
     import dataclasses
 
-    from .batching import plan_epoch
 
     cost = cost or CostModel.from_config(cfg)
     out = {}

@@ -32,16 +32,19 @@ import torch
 from torch import nn
 
 from . import batching
+from .attention import packed_kwargs
+from .dataset import load_tokenized
+from .formatting import format_file
+from .inputs import sample_path
 from .io import LongAlignError, append_jsonl, read_jsonl, write_json, write_jsonl
 from .loss import lm_head_of, weighted_chunked_ce
+from .models import apply_lora, auto_device, load_model_and_tokenizer, load_tokenizer, longalign_home, resolve
 
 LOG_NAME = "train_log.jsonl"
 
 
 # -------------------------------------------------------------------------------------------------------- data
 def _sample_file() -> Path:
-    from .check import sample_path
-
     return sample_path()
 
 
@@ -52,11 +55,8 @@ def load_training_data(cfg, run_dir: Path, tok) -> tuple[object, str]:
     """
     tok_dir = Path(getattr(cfg.data, "tokenized_dir", None) or Path(run_dir) / "tokenized")
     if tok_dir.exists():
-        from .dataset import load_tokenized
-
         ds = load_tokenized(tok_dir)
         return ds, f"stage-2 dataset {tok_dir} ({len(ds)} rows)"
-    from .formatting import format_file
 
     src = Path(cfg.train.train_file) if cfg.train.train_file else _sample_file()
     examples, stats = format_file(src, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
@@ -198,8 +198,6 @@ class ChunkedLossLM(nn.Module):
 
     def forward(self, input_ids, labels, loss_weights, position_ids=None, cu_seq_lens=None, max_seqlen=None,
                 attention_mask=None):
-        from .attention import packed_kwargs
-
         kwargs = {"use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -251,8 +249,6 @@ def matmul_ceiling_tflops(device: str, cache_dir: Path | None = None) -> float:
 
         name = f"cpu-{platform.processor() or platform.machine()}-{torch.get_num_threads()}t"
     if cache_dir is None:
-        from .models import longalign_home
-
         cache_dir = longalign_home()
     cache = Path(cache_dir) / "matmul_ceiling.json"
     table = {}
@@ -524,7 +520,6 @@ def tiny_model_dir(out_dir: str | Path, base: str = "smollm2-135m-instruct", hid
     """
     from transformers import AutoConfig
 
-    from .models import load_tokenizer, resolve
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -551,7 +546,6 @@ def load_model_for_training(cfg, device: str | None = None):
     """(model, tokenizer, full_ft) with RoPE scaling, LoRA and the precision policy of the config applied."""
     import dataclasses
 
-    from .models import apply_lora, auto_device, load_model_and_tokenizer
 
     mcfg = dataclasses.replace(cfg.model)
     dev = device or auto_device(mcfg.device)
@@ -579,7 +573,6 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from .models import auto_device
 
     dev = device or auto_device(cfg.model.device)
     full_ft = not cfg.model.lora
@@ -608,7 +601,6 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
         n_steps = min(n_steps, cfg.train.max_steps)
     use_bf16 = cfg.train.bf16 and dev == "cuda"
     ceiling = cfg.train.matmul_tflops or matmul_ceiling_tflops("cuda" if dev == "cuda" else "cpu")
-    from .models import longalign_home
 
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=1,
@@ -790,45 +782,3 @@ def wall_time_figure(times: dict[str, float], title: str = "Wall time for the sa
     ax.set_ylim(0, worst * 1.3)
     ax.set_title(title)
     return fig
-
-
-# -------------------------------------------------------------------------------------------------------- stage
-def add_arguments(p) -> None:
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <run_dir>/checkpoints")
-
-
-def run_stage(cfg, run_dir: Path, args) -> dict:
-    from . import plots
-
-    res = train(cfg, run_dir, resume=bool(getattr(args, "resume", False)))
-    if not res["trainer"].is_world_process_zero():  # under torchrun, rank 0 alone writes the stage's files
-        finish_distributed()
-        return {"metrics": {"rank": res["trainer"].args.process_index}, "rank_only": True}
-    rows = res["log"]
-    summ = summarize_log(rows)
-    fig = loss_figure({f"{res['strategy']} ({res['reduction']})": rows})
-    fig_path = plots.save(fig, Path(run_dir) / "figures" / "train_loss.png", close=True)
-    metrics = {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()},
-               "strategy": res["strategy"], "reduction": res["reduction"], "device": res["device"],
-               "attn": res["attn"], "train_s": res["train_s"]}
-    write_json(Path(run_dir) / "train_summary.json", {**metrics, "info": {k: v for k, v in res.items()
-                                                                           if k not in ("trainer", "log")}})
-    report = (f"Trained `{cfg.model.name}` for {summ.get('steps')} steps ({res['strategy']} batches, "
-              f"{res['reduction']} loss weighting, attention `{res['attn']}`, {res['device']}). Data: {res['data']}.\n\n"
-              f"Loss {summ.get('loss_first', float('nan')):.3f} → {summ.get('loss_last', float('nan')):.3f}; "
-              f"{summ.get('tokens_per_s', 0):,.0f} tokens/s, "
-              + (f"MFU {100 * summ.get('mfu', 0):.1f}% of a measured {res['ceiling_tflops']:.0f} TFLOP/s matmul ceiling, "
-                 if res["device"] == "cuda" else "(MFU is reported on GPUs only), ")
-              + f"peak memory {summ.get('peak_mem_gib', 0):.1f} GiB.\n\n"
-              f"![training loss]({fig_path.relative_to(run_dir)})")
-    finish_distributed()
-    return {"metrics": metrics, "outputs": [LOG_NAME, "model", "train_summary.json", str(fig_path.relative_to(run_dir))],
-            "report": report}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["train", *sys.argv[1:]]))

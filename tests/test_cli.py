@@ -5,13 +5,14 @@ import json
 import subprocess
 import sys
 
-from longalign_lib.cli import STAGES, main
+from longalign_lib.cli import main
+from longalign_lib.stages import NAMES
 
 
 def test_help_lists_every_stage():
     out = subprocess.run([sys.executable, "-m", "longalign_lib.cli", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for name in [*STAGES, "run", "config"]:
+    for name in [*NAMES, "run", "config"]:
         assert f"    {name}" in out
 
 
@@ -45,13 +46,16 @@ def test_unknown_stage_in_run(tmp_path, capsys):
 
 
 def test_dry_run_does_not_mark_stage_done(tmp_path, monkeypatch):
-    from longalign_lib import cli, pipeline
+    from longalign_lib import pipeline
     from longalign_lib.config import load_config
+    from longalign_lib.stages import Stage, StageResult
 
-    monkeypatch.setattr(cli, "stage_arguments", lambda name: None)
-    monkeypatch.setattr(cli, "stage_runner", lambda name: lambda cfg, run_dir, args: {"metrics": {}, "dry_run": True})
+    def fake(result):
+        monkeypatch.setattr(pipeline, "get", lambda name: Stage(name, "fake", lambda cfg, run_dir, args: result))
+
+    fake(StageResult(dry_run=True))
     pipeline.run_one("synth", load_config("cpu-demo"), tmp_path)
     assert not (tmp_path / "stages" / "synth.json").exists()
-    monkeypatch.setattr(cli, "stage_runner", lambda name: lambda cfg, run_dir, args: {"metrics": {"n": 1}})
+    fake(StageResult({"n": 1}))
     pipeline.run_one("synth", load_config("cpu-demo"), tmp_path)
     assert (tmp_path / "stages" / "synth.json").exists()

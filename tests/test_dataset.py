@@ -193,16 +193,16 @@ def test_tokenize_stage_falls_back_to_sample_then_uses_stage1_files(tmp_path, sa
     cfg = load_config("cpu-demo", ["data.max_length=4096"])
     run = tmp_path / "run"
     r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
-    assert "fell back to the bundled sample" in r["report"] and r["metrics"]["records"] == 5
+    assert "fell back to the bundled sample" in r.report and r.metrics["records"] == 5
     summary = json.loads((run / "tokenize.json").read_text())
     assert summary["by_source"]["long"]["kept"] == 3 and summary["by_source"]["short"]["kept"] == 2
     shutil.rmtree(run)
     write_jsonl(run / "long.jsonl", sample[:3])
     write_jsonl(run / "short.jsonl", sample[3:] + chats(4))
     r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
-    assert "long.jsonl" in r["report"] and r["metrics"]["records"] == 9 and not r["metrics"]["cached"]
+    assert "long.jsonl" in r.report and r.metrics["records"] == 9 and not r.metrics["cached"]
     r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
-    assert r["metrics"]["cached"]
+    assert r.metrics["cached"]
     assert set(D.load_tokenized(run / "tokenized")["source"]) == {"long", "short"}
 
 

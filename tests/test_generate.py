@@ -90,14 +90,14 @@ def test_eval_stage_streams_and_resumes(tmp_path):
     res = run_one("eval", cfg, tmp_path)
     rows = read_jsonl(tmp_path / "predictions.jsonl")
     assert [r["idx"] for r in sorted(rows, key=lambda r: r["idx"])] == ["c0", "c1", "c2"]
-    assert res["metrics"]["cases"] == 3 and res["metrics"]["resumed"] == 0 and res["metrics"]["model"] == cfg.model.name
+    assert res.metrics["cases"] == 3 and res.metrics["resumed"] == 0 and res.metrics["model"] == cfg.model.name
     assert all(r["n_new_tokens"] <= 6 and r["exact"] in (0.0, 1.0) and "context" not in r for r in rows)
     # a run killed mid-write: one finished row, then a torn line
     keep = next(r for r in rows if r["idx"] == "c1")
     (tmp_path / "predictions.jsonl").write_text(json.dumps(keep) + "\n" + '{"idx": "c0", "predic', encoding="utf-8")
     res2 = run_one("eval", cfg, tmp_path)
     rows2 = read_jsonl(tmp_path / "predictions.jsonl")
-    assert res2["metrics"]["resumed"] == 1 and sorted(r["idx"] for r in rows2) == ["c0", "c1", "c2"]
+    assert res2.metrics["resumed"] == 1 and sorted(r["idx"] for r in rows2) == ["c0", "c1", "c2"]
     assert next(r for r in rows2 if r["idx"] == "c1") == keep  # kept, not regenerated
     for r in rows2:  # rows of another model in the same run dir: refuse to mix them
         r["model"] = "some/other-model"
@@ -115,7 +115,7 @@ def test_truncation_is_reported_when_the_window_is_small(tmp_path):
     res = run_one("eval", cfg, tmp_path)
     row = read_jsonl(tmp_path / "predictions.jsonl")[0]
     assert row["truncated"] and row["n_input_tokens"] == 60 and row["n_prompt_tokens"] > 150
-    assert res["metrics"]["truncated"] == 1
+    assert res.metrics["truncated"] == 1
 
 
 def test_evaluated_model_is_the_trained_one_when_present(tmp_path):

@@ -166,7 +166,7 @@ def test_judge_stage_over_http_with_human_scores_and_resume(llm_server, tmp_path
     out = read_jsonl(tmp_path / "judgments.jsonl")
     assert [r["score"] for r in out] == [8.0, 2.0, 5.0] and all(r["judge"]["backend"] == "openai" for r in out)
     assert all(0 <= r["proxy"]["rouge_l"] <= 1 for r in out)
-    m = res["metrics"]
+    m = res.metrics
     assert m["judge_mean"] == 5.0 and m["judge_ci_lo"] <= 5.0 <= m["judge_ci_hi"] and m["spearman_judge_human"] == 1.0
     summary = read_json(tmp_path / "judge_summary.json")
     assert summary["agreement_judge_human"]["kendall"] == pytest.approx(1.0) and summary["unparseable_replies"] == 2
@@ -186,7 +186,7 @@ def test_judge_stage_without_predictions_runs_the_meta_evaluation(llm_server, tm
     res = run_one("judge", _stage_cfg(llm_server, tmp_path, f"eval.bench_file={bench}"), tmp_path)
     out = read_jsonl(tmp_path / "judgments.jsonl")
     assert [r["idx"] for r in out] == ["q1#0", "q1#1", "q1#2"] and [r["human_score"] for r in out] == [9, 2, 8]
-    assert "meta-evaluation" in res["report"]
+    assert "meta-evaluation" in res.report
     held_out = [b for b in llm_server.bodies if "[Answer to grade]\nbad one" in b["messages"][0]["content"]]
     assert held_out and all("rated 2/10]\nbad one" not in b["messages"][0]["content"] for b in held_out)
 
@@ -198,8 +198,8 @@ def test_proxy_only_mode_needs_no_server(tmp_path):
     (tmp_path / "predictions.jsonl").write_text(json.dumps(
         {"idx": 1, "query": "Q", "answer": "Ruth is the great-grandmother of David", "prediction": "Ruth is David's great-grandmother"}) + "\n")
     res = run_one("judge", load_config("cpu-demo", ["eval.judge_mode=proxy"]), tmp_path)
-    assert res["metrics"]["mode"] == "proxy" and res["metrics"]["judge_mean"] is None
-    assert 0.5 < res["metrics"]["proxy_token_f1"] < 1.0
+    assert res.metrics["mode"] == "proxy" and res.metrics["judge_mean"] is None
+    assert 0.5 < res.metrics["proxy_token_f1"] < 1.0
 
 
 def test_needle_judge_scorer_over_http(llm_server, tmp_path):

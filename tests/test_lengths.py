@@ -121,7 +121,7 @@ def test_analyze_stage_matches_independent_count(tmp_path, smol_tokenizer):
     run = tmp_path / "run"
     result = run_one("analyze", cfg, run, Namespace(tokenized=None))  # no tokenized set yet: builds it first
     out = json.loads((run / "lengths.json").read_text())
-    assert "tokenized it first" in result["report"]
+    assert "tokenized it first" in result.report
 
     records = read_jsonl(SAMPLE)
     by_source: dict[str, list[tuple[int, int]]] = {"long": [], "short": []}
@@ -144,7 +144,7 @@ def test_analyze_stage_matches_independent_count(tmp_path, smol_tokenizer):
                                                               for i in range(5)]
         assert got["targets"]["tokens"] == sum(t for _, t in pairs)
     all_lens = [n for pairs in by_source.values() for n, _ in pairs]
-    assert out["all"]["lengths"]["tokens"] == sum(all_lens) == result["metrics"]["tokens"]
+    assert out["all"]["lengths"]["tokens"] == sum(all_lens) == result.metrics["tokens"]
     long_sq = sum(n * n for n, _ in by_source["long"])
     assert out["compute_share"]["long"]["attention"] == pytest.approx(long_sq / sum(n * n for n in all_lens), abs=1e-6)
     for name in ("histogram", "cdf", "bucket_share", "targets"):

@@ -137,4 +137,4 @@ def test_needle_stage_with_the_offline_model(tmp_path):
     assert data["skipped_lengths"] == [100000] and data["window"] == 8192
     assert [c["measured_depth"] for c in data["cells"]] == [0.0, 1.0]
     assert all(isinstance(c["prediction"], str) for c in data["cells"])
-    assert res["metrics"]["cells"] == 2 and (tmp_path / "figures" / "needle_heatmap.png").stat().st_size > 5_000
+    assert res.metrics["cells"] == 2 and (tmp_path / "figures" / "needle_heatmap.png").stat().st_size > 5_000

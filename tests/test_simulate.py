@@ -97,10 +97,10 @@ def test_measure_step_times_on_a_tiny_model():
 
 
 def test_pack_stage_writes_plans_json_and_figures(tmp_path, smol_tokenizer):
-    from longalign_lib.batching import run_stage
-    from longalign_lib.check import sample_path
     from longalign_lib.dataset import build_dataset, split_sample
+    from longalign_lib.inputs import sample_path
     from longalign_lib.io import read_jsonl
+    from longalign_lib.stages.pack import run as run_stage
 
     cfg = load_config("cpu-demo", ["batching.max_pack_tokens=1024", "batching.sim_world_size=4",
                                    "batching.plan_epochs=2"])
@@ -108,7 +108,7 @@ def test_pack_stage_writes_plans_json_and_figures(tmp_path, smol_tokenizer):
     res = run_stage(cfg, tmp_path, argparse.Namespace(synthetic_n=300))
     info = json.loads((tmp_path / "batching.json").read_text())
     assert "stage-2 tokenized dataset" in info["data"]
-    assert res["metrics"]["sequences"] == 5 and res["metrics"]["truncated"] == 3  # 3 long records > 1024 tokens
+    assert res.metrics["sequences"] == 5 and res.metrics["truncated"] == 3  # 3 long records > 1024 tokens
     for e in (0, 1):
         plan = json.loads((tmp_path / "plans" / f"plan_epoch{e}.json").read_text())
         ids = [i for step in plan["steps"] for rank in step for m in rank for p in m["packs"] for i in p]

@@ -348,7 +348,7 @@ def test_resume_after_kill_has_no_duplicates_and_no_losses(llm_server, tmp_path)
 
 
 def test_stage_errors_are_clear(tmp_path):
-    from longalign_lib.synth import run_stage
+    from longalign_lib.stages.synth import run as run_stage
 
     cfg = load_config("cpu-demo", ["synth.corpus_file=/nonexistent/corpus.jsonl"])
     with pytest.raises(LongAlignError, match="corpus_file"):

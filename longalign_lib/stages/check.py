@@ -1,6 +1,6 @@
-"""Setup check: the model loads, a record is formatted with its chat template, and the model replies.
+"""`longalign check`: the model loads, a record is formatted with its chat template, and the model replies.
 
-Run as: longalign check --preset cpu-demo   (or: python -m longalign_lib.check)
+Run as: longalign check --preset cpu-demo [--prompt "..."]
 Notebook 00 walks through the same steps.
 """
 from __future__ import annotations
@@ -8,19 +8,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .formatting import format_file, label_segments
-from .io import write_json
-
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample_longalign.jsonl"
-
-
-def sample_path() -> Path:
-    """The bundled LongAlign-10k-format sample (data/sample_longalign.jsonl)."""
-    if SAMPLE.exists():
-        return SAMPLE
-    import importlib.resources
-
-    return Path(str(importlib.resources.files("longalign_lib"))) / "data" / "sample_longalign.jsonl"
+from .. import plots
+from ..formatting import format_file, label_segments
+from ..generate import generate_reply
+from ..inputs import sample_path
+from ..io import write_json
+from ..models import load_model_and_tokenizer, model_info
+from .base import StageResult
 
 
 def add_arguments(p) -> None:
@@ -28,11 +22,7 @@ def add_arguments(p) -> None:
                    help="the question the check asks the model")
 
 
-def run_stage(cfg, run_dir: Path, args) -> dict:
-    from . import plots
-    from .generate import generate_reply
-    from .models import load_model_and_tokenizer, model_info
-
+def run(cfg, run_dir: Path, args) -> StageResult:
     t0 = time.time()
     model, tok = load_model_and_tokenizer(cfg=cfg.model)
     load_s = time.time() - t0
@@ -51,12 +41,4 @@ def run_stage(cfg, run_dir: Path, args) -> dict:
     report = (f"Model `{cfg.model.name}` ({info.n_params/1e6:.0f}M parameters, {info.dtype} on {info.device}) loaded in "
               f"{load_s:.1f}s. {stats.kept}/{stats.total} sample records formatted.\n\n"
               f"> **Q:** {args.prompt}\n>\n> **A:** {reply}\n\n![label mask]({fig_path.relative_to(run_dir)})")
-    return {"metrics": metrics, "outputs": ["check.json", str(fig_path.relative_to(run_dir))], "report": report}
-
-
-if __name__ == "__main__":
-    import sys
-
-    from .cli import main
-
-    sys.exit(main(["check", *sys.argv[1:]]))
+    return StageResult(metrics, ["check.json", str(fig_path.relative_to(run_dir))], report)

@@ -1,0 +1,44 @@
+"""The recipe stages, in the order `longalign run` chains them: one module per stage, one typed registry.
+
+Usage:
+    from longalign_lib.stages import STAGES, get
+    for stage in STAGES: print(stage.name, stage.help)
+    result = get("check").run(cfg, run_dir, args)          # a StageResult
+Each stage module holds its driver (`run`), its flags (`add_arguments`), its report section and figure saving;
+the library modules it calls never import a stage.
+"""
+from __future__ import annotations
+
+from ..io import LongAlignError
+from . import analyze, check, corpus, eval, judge, needle, pack, synth, tokenize, train
+from .base import Stage, StageResult
+
+STAGES: tuple[Stage, ...] = (
+    Stage("check", "setup check: load the model, format a record, generate a reply", check.run, check.add_arguments),
+    Stage("corpus", "stage 1a: collect long documents into corpus.jsonl", corpus.run),
+    Stage("synth", "stage 1b: Self-Instruct long tasks + short chat data → long.jsonl, short.jsonl", synth.run,
+          synth.add_arguments),
+    Stage("tokenize", "stage 2: mix and tokenize records into a datasets Dataset", tokenize.run,
+          tokenize.add_arguments),
+    Stage("analyze", "stage 2: length-distribution statistics and figures → lengths.json", analyze.run,
+          analyze.add_arguments),
+    Stage("pack", "stage 3: naive / sorted / packed batch plans and loss weights → batching.json", pack.run,
+          pack.add_arguments),
+    Stage("train", "stage 4: long-context SFT with packing and loss weighting", train.run, train.add_arguments),
+    Stage("eval", "stage 5: generate answers on a long-context benchmark → predictions.jsonl", eval.run,
+          eval.add_arguments),
+    Stage("judge", "stage 5: LongBench-Chat-style LLM judge → judgments.jsonl", judge.run, judge.add_arguments),
+    Stage("needle", "stage 5: needle-in-a-haystack grid → needle.json + heatmap", needle.run, needle.add_arguments),
+)
+NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
+_BY_NAME = {s.name: s for s in STAGES}
+
+
+def get(name: str) -> Stage:
+    """The stage called `name`; a clear error naming the known stages otherwise."""
+    if name not in _BY_NAME:
+        raise LongAlignError(f"unknown stage {name!r}; known: {', '.join(NAMES)}")
+    return _BY_NAME[name]
+
+
+__all__ = ["STAGES", "NAMES", "Stage", "StageResult", "get"]

@@ -1,0 +1,85 @@
+"""`longalign eval`: generate answers on a long-context benchmark with the trained (or given) model → predictions.jsonl.
+
+Run as: longalign eval --preset cpu-demo [--bench FILE] [--eval-limit N] [--eval-fresh]
+Predictions are appended one batch at a time, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..benchmarks import score_exact
+from ..generate import case_messages, generate_replies, load_eval_model
+from ..inputs import load_or_build_bench
+from ..io import LongAlignError, append_jsonl, read_jsonl
+from ..scoring import bootstrap_ci
+from .base import StageResult
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--bench", default=None, help="benchmark JSONL to answer (default: eval.bench_file, else the "
+                                                 "offline verifiable set saved as <run_dir>/bench.jsonl)")
+    p.add_argument("--eval-limit", type=int, default=None, help="answer only the first N cases")
+    p.add_argument("--eval-fresh", action="store_true", help="discard predictions.jsonl and start over")
+
+
+def run(cfg, run_dir: Path, args) -> StageResult:
+    ec = cfg.eval
+    run_dir = Path(run_dir)
+    pred_path = run_dir / "predictions.jsonl"
+    if getattr(args, "eval_fresh", False) and pred_path.exists():
+        pred_path.unlink()
+    model, tok, model_name = load_eval_model(cfg, run_dir)
+    cases, source = load_or_build_bench(cfg, run_dir, getattr(args, "bench", None), tok)
+    if getattr(args, "eval_limit", None):
+        cases = cases[: args.eval_limit]
+    done = {}
+    if pred_path.exists():
+        for row in read_jsonl(pred_path, allow_partial_last_line=True):
+            if row.get("model") != model_name:
+                raise LongAlignError(f"{pred_path} holds predictions of model {row.get('model')!r}, not "
+                                     f"{model_name!r}; use --eval-fresh or another --run-dir")
+            done[str(row["idx"])] = row
+    todo = [c for c in cases if c.idx not in done]
+    resumed = len(cases) - len(todo)
+
+    def stream(indices, results):
+        for i, r in zip(indices, results, strict=False):
+            c = todo[i]
+            meta = {k: v for k, v in c.meta.items()}
+            row = {"idx": c.idx, "task": c.task, "query": c.query, "answer": c.answer, "few_shots": c.few_shots,
+                   "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": model_name}
+            append_jsonl(pred_path, row)
+            done[c.idx] = row
+
+    t0 = time.time()
+    if todo:
+        generate_replies(model, tok, [case_messages(c.query, c.context) for c in todo],
+                         max_new_tokens=ec.max_new_tokens, max_input_tokens=ec.max_input_tokens,
+                         batch_size=ec.batch_size, max_batch_tokens=ec.max_batch_tokens, seed=ec.seed,
+                         on_batch=stream, desc="eval", threads=ec.local_threads)
+    gen_s = time.time() - t0
+    rows = [done[c.idx] for c in cases]
+    exact = [r["exact"] for r in rows if r.get("exact") is not None]
+    ci = bootstrap_ci(exact, seed=ec.seed)
+    by_task = {}
+    for r in rows:
+        if r.get("exact") is not None:
+            by_task.setdefault(r["task"], []).append(r["exact"])
+    new_tokens = sum(r["n_new_tokens"] for r in rows if r["idx"] in {c.idx for c in todo})
+    metrics = {"model": model_name, "cases": len(rows), "resumed": resumed, "truncated": sum(bool(r["truncated"]) for r in rows),
+               "mean_input_tokens": round(sum(r["n_input_tokens"] for r in rows) / len(rows), 1),
+               "exact_mean": round(ci["mean"], 4) if exact else None, "exact_n": len(exact),
+               **{f"exact_{t}": round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
+               "generate_s": round(gen_s, 2), "new_tokens_per_s": round(new_tokens / gen_s, 2) if gen_s > 0 else None}
+    lines = [f"Model `{model_name}` answered {len(rows)} cases from {source} "
+             f"({metrics['truncated']} truncated in the middle to the window; {resumed} resumed from an earlier run)."]
+    if exact:
+        lines.append(f"Exact score on the verifiable tasks: **{ci['mean']:.2f}** (95% CI {ci['lo']:.2f}–{ci['hi']:.2f}, "
+                     f"n={len(exact)}).")
+    lines += ["", "| idx | task | input tokens | exact | prediction |", "|---|---|---|---|---|"]
+    for r in rows[:8]:
+        pred = r["prediction"].replace("\n", " ").replace("|", "/")[:90]
+        lines.append(f"| {r['idx']} | {r['task']} | {r['n_input_tokens']} | {r.get('exact')} | {pred} |")
+    return StageResult(metrics, ["predictions.jsonl"], "\n".join(lines))
+

@@ -1,0 +1,117 @@
+"""`longalign synth`: Self-Instruct long tasks over the corpus + short chat data (Magpie, ShareGPT) → long.jsonl, short.jsonl.
+
+Run as: longalign synth --preset cpu-demo [--dry-run] [--resume] [--set synth.backend=openai --set synth.model=...]
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from .. import plots
+from ..corpus import Document, build_corpus, load_corpus, make_counter
+from ..io import LongAlignError, iter_jsonl, write_json, write_jsonl
+from ..llm import client_from_config, make_client
+from ..models import load_tokenizer
+from ..synth import _done_ids, dry_run, import_sharegpt, magpie_records, mix_figure, synth_long
+from .base import StageResult, add_resume_flag
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--dry-run", action="store_true", help="print calls, estimated tokens and cost; spend nothing")
+    add_resume_flag(p)
+
+
+def _docs_for(cfg, run_dir: Path) -> tuple[list[Document], str]:
+    path = Path(cfg.synth.corpus_file) if cfg.synth.corpus_file else run_dir / "corpus.jsonl"
+    if path.exists():
+        return load_corpus(path), str(path)
+    if cfg.synth.corpus_file:
+        raise LongAlignError(f"synth.corpus_file={path}: file not found")
+    docs, _ = build_corpus(cfg.corpus, make_counter(load_tokenizer(cfg.corpus.tokenizer or cfg.model.name)))
+    write_jsonl(run_dir / "corpus.jsonl", [d.to_dict() for d in docs])
+    return docs, f"{run_dir / 'corpus.jsonl'} (built now: no corpus stage output was found)"
+
+
+def _short_client(cfg, long_client):
+    s = cfg.synth
+    if s.short_backend == long_client.backend_name and s.short_model == long_client.model:
+        return long_client
+    if s.short_backend == "local":
+        return make_client("local", s.short_model, cache_dir=s.cache_dir, dtype=cfg.model.dtype,
+                           device=cfg.model.device, threads=s.local_threads, prefix_cache=s.local_prefix_cache)
+    return make_client(s.short_backend, s.short_model, base_url=s.base_url, api_key_env=s.api_key_env,
+                       cache_dir=s.cache_dir, concurrency=s.concurrency, max_retries=s.max_retries,
+                       timeout_s=s.timeout_s, prices=s.prices)
+
+
+def run(cfg, run_dir: Path, args) -> StageResult:
+    s = cfg.synth
+    run_dir = Path(run_dir)
+    docs, corpus_from = _docs_for(cfg, run_dir)
+    if s.max_docs:
+        docs = docs[: s.max_docs]
+    client = client_from_config(s, model_cfg=cfg.model)
+    long_path, short_path = run_dir / "long.jsonl", run_dir / "short.jsonl"
+    rej_long, rej_short = run_dir / "synth_rejects.jsonl", run_dir / "short_rejects.jsonl"
+    resume = bool(getattr(args, "resume", False))
+    if getattr(args, "dry_run", False):
+        done = _done_ids(long_path, rej_long)[0] if resume else set()
+        plan = dry_run(client, docs, s, done)
+        print(f"[longalign] synth --dry-run: {plan['documents']} documents → {plan['calls']} calls "
+              f"({plan['questions']['cached']} question calls cached), ~{plan['input_tokens']:,} input + "
+              f"≤{plan['output_tokens']:,} output tokens, ≈ ${plan['cost_usd']:.4f} on {plan['backend']}:{plan['model']}",
+              flush=True)
+        write_json(run_dir / "synth_plan.json", plan)
+        return StageResult({"dry_run": True, "calls": plan["calls"], "input_tokens": plan["input_tokens"],
+                            "output_tokens": plan["output_tokens"], "cost_usd": plan["cost_usd"]},
+                           ["synth_plan.json"],
+                           f"Dry run only: {plan['calls']} calls, ≈ ${plan['cost_usd']:.4f}. Nothing was generated.",
+                           dry_run=True)
+
+    long_stats = synth_long(client, docs, s, long_path, rej_long, resume=resume)
+    # short data
+    short_recs = []
+    imported = Counter()
+    for f in s.short_files:
+        recs, c = import_sharegpt(f)
+        short_recs += recs
+        imported.update(c)
+    short_client = _short_client(cfg, client) if s.n_short > 0 else None
+    magpie_path = run_dir / "short_magpie.jsonl"
+    magpie = {"kept": 0, "attempts": 0, "rejected": {}}
+    if short_client is not None:
+        tok = short_client.backend.tokenizer if short_client.backend_name == "local" else load_tokenizer(s.short_model)
+        magpie = magpie_records(short_client, tok, s.n_short, s, magpie_path, rej_short, resume=resume)
+        short_recs += [r for _, r in iter_jsonl(magpie_path, allow_partial_last_line=True)]
+    write_jsonl(short_path, short_recs)
+
+    records = [r for _, r in iter_jsonl(long_path)] if long_path.exists() else []
+    fig = plots.save(mix_figure(records, long_stats["rejected"], long_stats["planned_task_types"]),
+                     run_dir / "figures" / "synth_mix.png", close=True)
+    stats = dict(client.stats)
+    if short_client is not None and short_client is not client:
+        for k in ("requests", "cache_hits", "retries", "input_tokens", "output_tokens", "cost_usd"):
+            stats[k] += short_client.stats[k]
+    summary = {"corpus": corpus_from, "long": long_stats, "short": {"imported": dict(imported), "magpie": magpie,
+                                                                       "total": len(short_recs)},
+               "llm": {**stats, "backend": client.backend_name, "model": client.model}}
+    write_json(run_dir / "synth.json", summary)
+    metrics = {"long_records": len(records), "docs": len(docs), "rejected": sum(long_stats["rejected"].values()),
+               "short_records": len(short_recs), "requests": stats["requests"], "cache_hits": stats["cache_hits"],
+               "retries": stats["retries"], "cost_usd": round(stats["cost_usd"], 4),
+               "seconds_long": long_stats["seconds"],
+               **{f"reject_{k}": v for k, v in sorted(long_stats["rejected"].items())}}
+    rej = ", ".join(f"{k} {v}" for k, v in long_stats["rejected"].items()) or "none"
+    example = ""
+    if records:
+        m = records[0]["meta"]
+        example = (f"\n\nExample ({m['genre']}, {m['task_type']}): **Q:** {m['question']}\n\n"
+                   f"> {records[0]['messages'][1]['content'][:400]}")
+    report = (f"Self-Instruct with `{client.backend_name}:{client.model}` over {len(docs)} documents from "
+              f"{corpus_from}: {len(records)} long records kept, rejected: {rej}. Short records: {len(short_recs)} "
+              f"({magpie['kept']} Magpie, {imported.get('kept', 0)} imported). Requests {stats['requests']}, cache hits "
+              f"{stats['cache_hits']}, retries {stats['retries']}, cost ${stats['cost_usd']:.4f}."
+              f"{example}\n\n![task mix]({fig.relative_to(run_dir)})")
+    return StageResult(metrics, ["long.jsonl", "short.jsonl", "synth.json", str(fig.relative_to(run_dir))],
+                       report)
+
