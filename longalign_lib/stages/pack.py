@@ -31,6 +31,7 @@ class _LazyLabels:
     def __getitem__(self, i):
         return self.ds[int(i)]["labels"]
 
+
 def load_lengths(cfg, run_dir: Path):
     """(lengths, n_target, labels, dataset, note): the stage-2 tokenized dataset, or the bundled sample tokenized
     on the fly when there is none (said in `note`)."""
@@ -51,12 +52,13 @@ def load_lengths(cfg, run_dir: Path):
             rows, f"no tokenized dataset in the run directory: the bundled sample `{data.name}` "
                   f"({len(exs)} sequences), tokenized on the fly")
 
+
 def add_arguments(p) -> None:
     p.add_argument("--synthetic-n", type=int, default=2000,
                    help="sequences of the synthetic LongAlign-like mix (64k) used for the idle-time comparison")
 
-def run(cfg, run_dir: Path, args) -> StageResult:
 
+def run(cfg, run_dir: Path, args) -> StageResult:
     run_dir = Path(run_dir)
     b = cfg.batching
     _check_cfg(b)
@@ -128,6 +130,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
               f"{K} devices, cost model t = {cost.a:g}·Σlen + {cost.b:g}·Σlen²:\n\n" + "\n".join(rows) +
               "\n\n![gantt](figures/gantt.png)\n\n![fill](figures/pack_fill.png)\n\n![weights](figures/loss_weights.png)")
     return StageResult(metrics, outputs, report)
+
 
 def _eff(plan: Plan) -> dict:
     c = plan.counters

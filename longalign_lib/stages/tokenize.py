@@ -15,6 +15,7 @@ from .base import StageResult
 def add_arguments(p) -> None:
     p.add_argument("--rebuild", action="store_true", help="tokenize again even if the cached dataset matches")
 
+
 def run(cfg, run_dir: Path, args) -> StageResult:
     run_dir = Path(run_dir)
     inputs, where = resolve_inputs(cfg, run_dir)
