@@ -30,17 +30,22 @@ IGNORE = -100
 
 
 def select_targets(hidden: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None,
-                   ignore_index: int = IGNORE):
-    """Shift and keep only target positions: (hidden rows [N, H], targets [N], weights [N] fp32)."""
+                   ignore_index: int = IGNORE, shift: bool = True):
+    """Shift and keep only target positions: (hidden rows [N, H], targets [N], weights [N] fp32).
+
+    `shift=False`: labels/weights are already shifted (`labels[t]` is predicted AT t, as sequence_parallel.py
+    builds them for a slice of a row), so hidden[t] pairs with labels[t].
+    """
     if hidden.dim() == 2:
         hidden, labels = hidden[None], labels.reshape(1, -1)
         weights = weights.reshape(1, -1) if weights is not None else None
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
-    y = labels[:, 1:].reshape(-1)
+    k = 1 if shift else 0
+    h = hidden[:, :hidden.shape[1] - k].reshape(-1, hidden.shape[-1])
+    y = labels[:, k:].reshape(-1)
     if weights is None:
         w = torch.ones(y.shape, dtype=torch.float32, device=y.device)
     else:
-        w = weights[:, 1:].reshape(-1).to(torch.float32)
+        w = weights[:, k:].reshape(-1).to(torch.float32)
     keep = (y != ignore_index) & (w != 0)
     idx = keep.nonzero(as_tuple=True)[0]
     return h.index_select(0, idx), y.index_select(0, idx), w.index_select(0, idx)
@@ -115,13 +120,14 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype:
 def weighted_chunked_ce(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                         loss_weights: torch.Tensor | None = None, chunk_tokens: int = 4096,
                         bias: torch.Tensor | None = None, softcap: float | None = None,
-                        ignore_index: int = IGNORE) -> torch.Tensor:
+                        ignore_index: int = IGNORE, shift: bool = True) -> torch.Tensor:
     """Σ_t w[t]·CE(hidden[t-1] @ weightᵀ, labels[t]) computed `chunk_tokens` target positions at a time.
 
     hidden [B, T, H] (or [T, H]); weight [V, H] (the LM head); labels, loss_weights [B, T]. `loss_weights=None`
     means weight 1 (a summed loss). Returns a 0-dim fp32 tensor; differentiable w.r.t. hidden, weight and bias.
+    `shift=False`: labels and weights are already shifted (Σ_t w[t]·CE(hidden[t], labels[t])).
     """
-    h, y, w = select_targets(hidden, labels, loss_weights, ignore_index)
+    h, y, w = select_targets(hidden, labels, loss_weights, ignore_index, shift)
     if h.shape[0] == 0:
         return (hidden.sum() * 0.0).float() + (weight.sum() * 0.0).float()  # keeps the graph connected
     return _ChunkedLinearCE.apply(h, weight, bias, y, w, max(1, int(chunk_tokens)), _compute_dtype(h), softcap)

@@ -190,14 +190,17 @@ class ChunkedLossLM(nn.Module):
     (gradient sync, autocast) on the path. `self.lm` is the transformers (or peft) model.
     """
 
-    def __init__(self, lm, chunk_tokens: int = 4096):
+    def __init__(self, lm, chunk_tokens: int = 4096, sp_group=None):
         super().__init__()
         self.lm = lm
         self.chunk_tokens = int(chunk_tokens)
         self.config = lm.config
+        self.sp_group = sp_group  # sequence_parallel.SPGroup: rows arrive split over the group (shift_labels)
 
-    def forward(self, input_ids, labels, loss_weights, position_ids=None, cu_seq_lens=None, max_seqlen=None,
-                attention_mask=None):
+    def forward(self, input_ids, labels=None, loss_weights=None, position_ids=None, cu_seq_lens=None,
+                max_seqlen=None, attention_mask=None, shift_labels=None, shift_weights=None, row_tokens=None):
+        """`labels`/`loss_weights` as collated, or `shift_labels`/`shift_weights` (already shifted over the whole
+        row: this rank's slice under sequence parallelism, see sequence_parallel.shard_batch)."""
         kwargs = {"use_cache": False}
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -205,12 +208,17 @@ class ChunkedLossLM(nn.Module):
             kwargs.update(packed_kwargs(cu_seq_lens, int(max_seqlen)))
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
+        if self.sp_group is not None and self.sp_group.size > 1:
+            kwargs["sp_group"] = self.sp_group
         hidden = self.lm.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
         weight, bias, softcap = lm_head_of(self.lm)
         scale = getattr(self.lm.config, "logit_scale", None)
         if scale:
             hidden = hidden * scale
-        loss = weighted_chunked_ce(hidden, weight, labels, loss_weights, self.chunk_tokens, bias=bias, softcap=softcap)
+        shifted = shift_labels is not None
+        loss = weighted_chunked_ce(hidden, weight, shift_labels if shifted else labels,
+                                   shift_weights if shifted else loss_weights, self.chunk_tokens, bias=bias,
+                                   softcap=softcap, shift=not shifted)
         return {"loss": loss}
 
 
