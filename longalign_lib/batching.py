@@ -488,10 +488,12 @@ class CostModel:
     a: float = 1.0e-4  # seconds per token
     b: float = 2.0e-9  # seconds per token² of attention span
     c: float = 0.0  # seconds per micro-batch
+    sequence_parallel: int = 1  # GPUs sharing a row: each runs T/N tokens and 1/N of the heads' attention
 
     @classmethod
-    def from_config(cls, cfg) -> CostModel:
-        return cls(float(cfg.cost_a), float(cfg.cost_b), float(getattr(cfg, "cost_c", 0.0)))
+    def from_config(cls, cfg, sequence_parallel: int = 1) -> CostModel:
+        return cls(float(cfg.cost_a), float(cfg.cost_b), float(getattr(cfg, "cost_c", 0.0)),
+                   max(1, int(sequence_parallel)))
 
     def features(self, mb) -> tuple[float, float]:
         """(linear tokens, quadratic term) the micro-batch runs: padded rows count their padding."""
@@ -506,29 +508,34 @@ class CostModel:
         if not mb.packs:
             return 0.0
         x, x2 = self.features(mb)
-        return self.a * x + self.b * x2 + self.c
+        return (self.a * x + self.b * x2) / self.sequence_parallel + self.c
 
     def to_dict(self) -> dict:
-        return {"a": self.a, "b": self.b, "c": self.c}
+        out = {"a": self.a, "b": self.b, "c": self.c}
+        if self.sequence_parallel > 1:
+            out["sequence_parallel"] = self.sequence_parallel
+        return out
 
 
-def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None) -> Plan:
+def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None, sequence_parallel: int = 1) -> Plan:
     """Plan one epoch: which micro-batches each rank runs at each optimizer step. Deterministic in (cfg.seed, epoch).
 
     `lengths[i]`, `n_target[i]`: tokens and target tokens of dataset row i (`n_target` None: all but the first).
     `labels` (optional, a sequence of label lists) makes target counts of truncated/split items exact.
+    `sequence_parallel` N (train.sequence_parallel): a plan "rank" is a group of N GPUs that splits each row, so
+    a row of T tokens costs each GPU T/N tokens (and 1/N of its attention); counters record the per-GPU tokens.
     """
     _check_cfg(cfg)
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small lists and no cycles: the cyclic collector would only rescan them
     try:
-        return _plan_epoch(lengths, n_target, cfg, epoch, labels)
+        return _plan_epoch(lengths, n_target, cfg, epoch, labels, max(1, int(sequence_parallel)))
     finally:
         if gc_was_on:
             gc.enable()
 
 
-def _plan_epoch(lengths, n_target, cfg, epoch, labels) -> Plan:
+def _plan_epoch(lengths, n_target, cfg, epoch, labels, sequence_parallel=1) -> Plan:
     items = prepare_items(lengths, n_target, cfg, labels)
     rng = np.random.default_rng([int(cfg.seed), int(epoch)])
     strategy = cfg.strategy
@@ -545,7 +552,7 @@ def _plan_epoch(lengths, n_target, cfg, epoch, labels) -> Plan:
         units = units[:n_full * per_step]
     key_of = None
     if cfg.balance != "none":
-        cm = CostModel.from_config(cfg)
+        cm = CostModel.from_config(cfg, sequence_parallel)
         key_of = (lambda u: float(u.computed_tokens)) if cfg.balance == "tokens" else cm.micro_batch
         # regroup within windows of `balance_window` steps: similar-cost micro-batches share a step
         win = per_step * int(cfg.balance_window)
@@ -570,6 +577,12 @@ def _plan_epoch(lengths, n_target, cfg, epoch, labels) -> Plan:
                 views=items.views, counters=dict(items.counters))
     plan.counters.update(efficiency(plan))
     plan.counters["dropped_micro_batches"] = dropped
+    if sequence_parallel > 1:
+        from .sequence_parallel import tokens_per_gpu
+
+        longest = max((mb.tokens for mb in plan.micro_batches() if mb.packs), default=0)
+        plan.counters["sequence_parallel"] = sequence_parallel
+        plan.counters["max_tokens_per_gpu"] = tokens_per_gpu(longest, sequence_parallel)
     return plan
 
 

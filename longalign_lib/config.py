@@ -175,6 +175,9 @@ class TrainConfig:
     tensorboard: bool = True  # also write TensorBoard events
     matmul_tflops: float | None = None  # MFU denominator; None: measured once per device and cached
     cpu_threads: int = 0  # torch threads while training on CPU (0 = torch default; 1 is faster on shared cores)
+    # sequence_parallel: GPUs that share one packed row (Ulysses, sequence_parallel.py); each runs T/N tokens of
+    # a T-token row. The processes form world/N data-parallel groups: set batching.world_size = world / N
+    sequence_parallel: int = 1
 
 
 @dataclass

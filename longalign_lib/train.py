@@ -84,14 +84,17 @@ def batch_config(cfg):
     return b
 
 
-def make_plans(ds, bcfg, epochs: float) -> list:
-    """One plan per (started) epoch; fractional epochs keep a prefix of the last plan's steps."""
+def make_plans(ds, bcfg, epochs: float, sequence_parallel: int = 1) -> list:
+    """One plan per (started) epoch; fractional epochs keep a prefix of the last plan's steps.
+
+    With sequence parallelism a plan rank is a group of `sequence_parallel` GPUs sharing each row."""
     lengths = _column(ds, "length")
     n_target = _column(ds, "n_target")
     labels = _column(ds, "labels")
     plans = []
     for e in range(max(1, math.ceil(epochs))):
-        plan = batching.plan_epoch(lengths, n_target, bcfg, epoch=e, labels=labels)
+        plan = batching.plan_epoch(lengths, n_target, bcfg, epoch=e, labels=labels,
+                                   sequence_parallel=sequence_parallel)
         frac = epochs - e
         if frac < 1:
             plan.steps = plan.steps[:max(1, int(round(len(plan.steps) * frac)))]
@@ -107,11 +110,18 @@ class MicroRef:
 
 
 class PlanBatches(torch.utils.data.Dataset):
-    """This rank's micro-batches over all plans, grad_accum per optimizer step, collated on access."""
+    """This rank's micro-batches over all plans, grad_accum per optimizer step, collated on access.
 
-    def __init__(self, plans, dataset, rank: int, reduction: str, pad_id: int, flops_fn=None):
+    `rank` is the plan rank (the data-parallel group). With sequence parallelism (`sp_size` > 1) every GPU of a
+    group collates the same row and keeps its slice `sp_rank` (sequence_parallel.shard_batch); the row's tokens
+    and FLOPs are counted once per group (by its first GPU), so step sums over all processes stay exact.
+    """
+
+    def __init__(self, plans, dataset, rank: int, reduction: str, pad_id: int, flops_fn=None, sp_rank: int = 0,
+                 sp_size: int = 1):
         self.plans, self.dataset, self.rank, self.reduction, self.pad_id = plans, dataset, rank, reduction, pad_id
         self.flops_fn = flops_fn
+        self.sp_rank, self.sp_size = int(sp_rank), int(sp_size)
         self.grad_accum = max(1, max(len(s.ranks[rank]) for p in plans for s in p.steps))
         self.refs: list[MicroRef] = []
         self.step_refs: list[tuple[int, int]] = []
@@ -162,9 +172,19 @@ class PlanBatches(torch.utils.data.Dataset):
                 _check_right_padded(batch)
                 batch.pop("attention_mask")  # right padding + causal attention: real tokens never see pads
                 batch.pop("position_ids")  # positions 0..L-1 per row, the model's default
+        if self.sp_size > 1:
+            batch, docs, n_tgt = self._shard(batch, docs, n_tgt)
         batch["meta"] = {"plan": ref.plan, "step": ref.step, "micro": ref.micro, "docs": docs, "n_target": n_tgt,
                          "computed": int(batch["input_ids"].numel()) if ref.micro >= 0 else 0}
         return batch
+
+    def _shard(self, batch: dict, docs: list, n_tgt: int):
+        """This GPU's slice of the row; the row's documents and targets are reported by the group's first GPU."""
+        from .sequence_parallel import shard_batch
+
+        batch = shard_batch(batch, self.sp_rank, self.sp_size, self.pad_id)
+        batch.pop("row_tokens")
+        return batch, (docs if self.sp_rank == 0 else []), (n_tgt if self.sp_rank == 0 else 0)
 
 
 def _empty_batch(pad_id: int) -> dict:
@@ -590,20 +610,21 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
     if dataset is None:
         dataset, data_note = load_training_data(cfg, run_dir, tok)
     bcfg = batch_config(cfg)
-    plans = make_plans(dataset, bcfg, cfg.train.epochs)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world != bcfg.world_size:
+    sp_size, rank, sp_rank, dp_world = _parallel_layout(cfg, bcfg, world, int(os.environ.get("RANK", "0")))
+    plans = make_plans(dataset, bcfg, cfg.train.epochs, sp_size)
+    if dp_world != bcfg.world_size:
         if world > 1:
+            need = f"{dp_world} (= {world} processes / train.sequence_parallel {sp_size})" if sp_size > 1 else world
             raise LongAlignError(f"running on {world} processes but batching.world_size={bcfg.world_size}: "
-                                 f"set --set batching.world_size={world}")
+                                 f"set --set batching.world_size={need}")
         # one process simulating a W-rank plan: run every rank's micro-batches here, in rank order
         plans = [_flatten_ranks(p) for p in plans]
         rank = 0
     trainable_head = any(p.requires_grad for p in model.get_output_embeddings().parameters())
     flops_fn = flops_counter(model, trainable_head, full_ft)
     pad_id = (tok.pad_token_id or 0) if tok is not None else 0
-    pb = PlanBatches(plans, dataset, rank, bcfg.loss_reduction, pad_id, flops_fn)
+    pb = PlanBatches(plans, dataset, rank, bcfg.loss_reduction, pad_id, flops_fn, sp_rank=sp_rank, sp_size=sp_size)
     n_steps = pb.n_steps
     if cfg.train.max_steps and cfg.train.max_steps > 0:
         n_steps = min(n_steps, cfg.train.max_steps)
@@ -622,14 +643,39 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
         remove_unused_columns=False, dataloader_num_workers=0, use_cpu=dev != "cuda",
         disable_tqdm=quiet,
     )
-    wrapper = ChunkedLossLM(model, cfg.train.loss_chunk_tokens)
+    sp_group = None
+    if sp_size > 1:
+        from . import sequence_parallel
+
+        _ = args.device  # initialises torch.distributed under torchrun / accelerate launch
+        sequence_parallel.attach(model)
+        sp_group = sequence_parallel.init_groups(sp_size)
+    wrapper = ChunkedLossLM(model, cfg.train.loss_chunk_tokens, sp_group=sp_group)
     trainer = LongAlignTrainer(model=wrapper, args=args, processing_class=tok, plan_batches=pb, log_dir=run_dir,
                                flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard)
     info = {"data": data_note, "plans": [p.counters for p in plans], "steps": n_steps, "grad_accum": pb.grad_accum,
             "strategy": bcfg.strategy, "reduction": bcfg.loss_reduction, "max_pack_tokens": bcfg.max_pack_tokens,
             "ceiling_tflops": ceiling, "device": dev, "full_ft": full_ft, "bf16": use_bf16,
-            "attn": model.config._attn_implementation, "home": str(longalign_home())}
+            "attn": model.config._attn_implementation, "home": str(longalign_home()), "sequence_parallel": sp_size}
     return trainer, info
+
+
+def _parallel_layout(cfg, bcfg, world: int, rank: int) -> tuple[int, int, int, int]:
+    """(sequence-parallel size N, plan rank, position in the group, data-parallel groups) of this process."""
+    sp_size = max(1, int(getattr(cfg.train, "sequence_parallel", 1) or 1))
+    if sp_size == 1:
+        return 1, rank, 0, world
+    from .sequence_parallel import layout
+
+    if world < sp_size:
+        raise LongAlignError(f"train.sequence_parallel={sp_size} splits each row over {sp_size} processes but "
+                             f"{world} run: launch with torchrun --nproc_per_node={sp_size} (or accelerate launch "
+                             f"--config_file configs/accelerate/sequence_parallel.yaml)")
+    if bcfg.strategy != "packed":
+        raise LongAlignError(f"train.sequence_parallel={sp_size} splits packed rows: set batching.strategy=packed "
+                             f"(now {bcfg.strategy!r})")
+    dp_rank, sp_rank, dp_world = layout(world, sp_size, rank)
+    return sp_size, dp_rank, sp_rank, dp_world
 
 
 def _flatten_ranks(plan):
