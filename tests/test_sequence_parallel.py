@@ -288,3 +288,19 @@ def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_
     assert b["tokens"] == a["tokens"]  # counted once per group, not once per GPU
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # step 2 also checks the optimizer step matched
     assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+
+
+def test_plan_knows_a_row_costs_T_over_N_per_gpu():
+    from longalign_lib.batching import CostModel, plan_epoch
+    from longalign_lib.config import BatchConfig
+
+    lengths = [300, 900, 250, 700, 120, 640, 480, 999]
+    cfg = BatchConfig(strategy="packed", max_pack_tokens=1000, world_size=1, grad_accum=2, balance="cost", cost_c=0.5)
+    one = plan_epoch(lengths, None, cfg)
+    two = plan_epoch(lengths, None, cfg, sequence_parallel=2)
+    assert [s.ranks for s in two.steps] == [s.ranks for s in one.steps]  # same rows: only the cost per GPU halves
+    longest = max(mb.tokens for mb in two.micro_batches())
+    assert two.counters["max_tokens_per_gpu"] == sp.tokens_per_gpu(longest, 2) and "sequence_parallel" not in one.counters
+    mb = next(iter(two.micro_batches()))
+    c1, c2 = CostModel.from_config(cfg), CostModel.from_config(cfg, sequence_parallel=2)
+    assert c2.micro_batch(mb) - cfg.cost_c == pytest.approx((c1.micro_batch(mb) - cfg.cost_c) / 2)
