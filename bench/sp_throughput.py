@@ -123,6 +123,7 @@ def run_throughput(a, rank: int, world: int) -> dict:
             fully_shard(layer, mp_policy=mp)
         fully_shard(wrapper, mp_policy=root_mp)
         autocast = False  # FSDP2 computes in bf16 itself
+    wrapper.train()  # gradient checkpointing applies in training mode only
     opt = torch.optim.AdamW(wrapper.parameters(), lr=1e-5, betas=(0.9, 0.95), weight_decay=0.0, foreach=True)
     ceiling = matmul_ceiling_tflops("cuda" if dev == "cuda" else "cpu", cache_dir=Path(a.work))
 
