@@ -14,6 +14,9 @@ What happens, per optimizer step of a stage-3 plan (batching.plan_epoch):
   mean / pack mean). The trainer therefore sums micro-batch losses (no division by grad_accum) and multiplies by
   the world size before backward (DDP averages gradients over ranks);
 - the loss is loss.weighted_chunked_ce on the final hidden states (only target positions reach the LM head);
+- `train.sequence_parallel: N` splits each packed row over N GPUs (sequence_parallel.py, Ulysses): the plan is
+  made for world/N data-parallel ranks, each GPU of a group trains its T/N-token slice with labels shifted over
+  the whole row, and the group's losses and gradients add up to the unsplit row's;
 - every step appends to train_log.jsonl (and TensorBoard): loss, lr, tokens/s, MFU, fill, M (sequences),
   K (packed rows), peak memory. Checkpoints resume bit-exactly (`--resume`).
 """
