@@ -1,38 +1,46 @@
-"""Chat backends for data synthesis and judging: OpenAI(-compatible), Anthropic and local transformers, one interface.
+"""Chat backends for data synthesis and judging: the official OpenAI and Anthropic SDKs and local transformers.
 
 Usage:
     from longalign_lib.llm import make_client, client_from_config
     client = make_client("openai", "gpt-4o-mini")                       # key from $OPENAI_API_KEY
     client = make_client("openai", "qwen", base_url="http://localhost:8000/v1")   # vLLM / llama.cpp / Ollama
-    client = make_client("anthropic", "claude-3-5-haiku-latest")        # key from $ANTHROPIC_API_KEY
+    client = make_client("anthropic", "claude-haiku-4-5")               # key from $ANTHROPIC_API_KEY
     client = make_client("local", "smollm2-135m-instruct")              # offline, transformers + chat template
     reply = client.chat([{"role": "user", "content": "Hi"}], max_new_tokens=64, temperature=0.0)
     replies = client.chat_many([msgs1, msgs2], desc="answers", max_new_tokens=256)
     client.estimate([msgs1, msgs2], max_new_tokens=256)   # calls, tokens, cost before spending anything
     client.stats                                         # requests, cache_hits, retries, tokens, cost_usd
 
-What sits around the backends (all ours, observable in `client.stats`):
+The wire formats, retries (exponential backoff, `Retry-After`, 408/409/429/5xx, time-outs, dropped
+connections) and typed errors come from `openai.AsyncOpenAI` (any `base_url`: OpenAI, vLLM, llama.cpp server,
+Ollama, OpenRouter) and `anthropic.AsyncAnthropic`; `max_retries` and `timeout_s` are passed to them. Around
+them, ours (observable in `client.stats`):
 - bounded async concurrency (`concurrency` requests in flight) and a tqdm bar in `chat_many`;
-- retries with exponential backoff and jitter on HTTP 429, 408, 409, 5xx (incl. Anthropic's 529), timeouts and
-  dropped connections; `Retry-After` is honoured (capped); other 4xx answers fail at once with a clear message;
 - a persistent cache keyed by (backend, model, messages, params) under `cache_dir`
   (default $LONGALIGN_HOME/llm_cache): a rerun or a resumed run repeats no request;
-- usage and cost accounting from a price table (USD per 1M input/output tokens, `SynthConfig.prices`).
-API keys are read from the environment only (`api_key_env`), sent only in the request header and never
-written to logs, caches or outputs.
+- usage (input, output, cache-read and cache-write tokens) and cost from a price table (USD per 1M tokens,
+  `SynthConfig.prices`), batch results at the batch discount;
+- prompt caching: a message may carry `cache_prefix` = the number of leading characters of its content that
+  stay identical across calls (the document); Anthropic requests mark that block with `cache_control`, OpenAI
+  caches identical prefixes by itself. The marker is not part of the cache key;
+- deferral for Batch APIs: inside `with client.deferring():` a cache miss is recorded and raises `Deferred`
+  instead of calling the model; llm_batch.py sends the recorded requests as one batch and folds the results
+  into the cache, after which the same code runs again on cache hits.
+API keys are read from the environment only (`api_key_env`), handed to the SDK client and never written to
+logs, caches, errors or outputs.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import hashlib
+import importlib
 import json
 import os
-import random
 import re
 import threading
 import time
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,18 +50,23 @@ from .models import load_model_and_tokenizer, load_tokenizer, longalign_home
 
 BACKENDS = ("openai", "anthropic", "local")
 DEFAULT_KEY_ENV = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
-DEFAULT_BASE_URL = {"openai": "https://api.openai.com/v1", "anthropic": "https://api.anthropic.com"}
-RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504, 529}
-ANTHROPIC_VERSION = "2023-06-01"
+RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 CJK = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uff00-\uffef]")
+USAGE_KEYS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens")
+BATCH_DISCOUNT = 0.5  # both providers' Batch APIs bill 50 % of the interactive price
+
+
+def empty_usage() -> dict:
+    """{input_tokens (all prompt tokens, cached ones included), output_tokens, cache_read_tokens, cache_write_tokens}."""
+    return dict.fromkeys(USAGE_KEYS, 0)
 
 
 @dataclass
 class Reply:
-    """One model answer. `usage` = {"input_tokens", "output_tokens"}; `cached` replies cost nothing again."""
+    """One model answer. `usage`: see `empty_usage`; `cached` replies cost nothing again."""
 
     text: str
-    usage: dict = field(default_factory=lambda: {"input_tokens": 0, "output_tokens": 0})
+    usage: dict = field(default_factory=empty_usage)
     model: str = ""
     cached: bool = False
     cost_usd: float = 0.0
@@ -64,10 +77,12 @@ class ContextTooLong(LongAlignError):
     """The prompt does not fit the local model's window (callers may skip that one item)."""
 
 
-class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None, detail: str = ""):
-        super().__init__(f"{reason}{': ' + detail if detail else ''}")
-        self.reason, self.retry_after, self.detail = reason, retry_after, detail
+class Deferred(Exception):  # noqa: N818  (a signal, not an error)
+    """Raised inside `client.deferring()` for a request that is not cached yet: it waits for the next batch."""
+
+    def __init__(self, n: int = 1):
+        super().__init__(f"{n} request(s) deferred to a batch")
+        self.n = n
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -83,30 +98,58 @@ def messages_tokens(messages: list[dict], count=approx_tokens) -> int:
     return sum(count(m.get("content") or "") + 4 for m in messages) + 2
 
 
-def price_for(model: str, prices: dict | None) -> tuple[float, float] | None:
-    """(input, output) USD per 1M tokens for `model`: exact key, else the longest key that prefixes the name."""
+@dataclass(frozen=True)
+class Price:
+    """USD per 1M tokens. Cache rates default to the input rate (a provider without prompt caching)."""
+
+    input: float
+    output: float
+    cache_read: float
+    cache_write: float
+
+    @classmethod
+    def parse(cls, p, model: str = "?") -> Price:
+        """From [input, output], [input, output, cache_read, cache_write] or a dict with those keys."""
+        if isinstance(p, dict):
+            try:
+                i, o = float(p["input"]), float(p["output"])
+            except (KeyError, TypeError, ValueError):
+                raise LongAlignError(f"prices[{model!r}]={p!r}: needs numeric 'input' and 'output'") from None
+            return cls(i, o, float(p.get("cache_read", i)), float(p.get("cache_write", i)))
+        if isinstance(p, (list, tuple)) and len(p) in (2, 4) and all(isinstance(v, (int, float)) for v in p):
+            v = [float(x) for x in p]
+            return cls(v[0], v[1], v[2] if len(v) == 4 else v[0], v[3] if len(v) == 4 else v[0])
+        raise LongAlignError(f"prices[{model!r}]={p!r}: expected [input, output] or [input, output, cache_read, "
+                             "cache_write] in USD per 1M tokens")
+
+
+def price_for(model: str, prices: dict | None) -> Price | None:
+    """The Price of `model`: exact key, else the longest key that prefixes the name (dated snapshots match)."""
     if not prices:
         return None
     if model in prices:
-        p = prices[model]
-    else:
-        keys = [k for k in prices if model.startswith(k) or model.split("/")[-1].startswith(k)]
-        if not keys:
-            return None
-        p = prices[max(keys, key=len)]
-    if not (isinstance(p, (list, tuple)) and len(p) == 2):
-        raise LongAlignError(f"prices[{model!r}]={p!r}: expected [input_usd_per_1M, output_usd_per_1M]")
-    return float(p[0]), float(p[1])
+        return Price.parse(prices[model], model)
+    keys = [k for k in prices if model.startswith(k) or model.split("/")[-1].startswith(k)]
+    return Price.parse(prices[max(keys, key=len)], model) if keys else None
 
 
-def cost_of(usage: dict, price: tuple[float, float] | None) -> float:
+def cost_of(usage: dict, price: Price | None, batch: bool = False, batch_discount: float = BATCH_DISCOUNT) -> float:
+    """USD of one usage record: uncached input, cache reads, cache writes and output at their own rates.
+
+    >>> round(cost_of({"input_tokens": 1000, "output_tokens": 100, "cache_read_tokens": 800}, Price(1, 2, 0.1, 1.25)), 6)
+    0.00048
+    """
     if not price:
         return 0.0
-    return (usage.get("input_tokens", 0) * price[0] + usage.get("output_tokens", 0) * price[1]) / 1e6
+    read, write = int(usage.get("cache_read_tokens", 0) or 0), int(usage.get("cache_write_tokens", 0) or 0)
+    plain = max(0, int(usage.get("input_tokens", 0) or 0) - read - write)
+    usd = (plain * price.input + read * price.cache_read + write * price.cache_write
+           + int(usage.get("output_tokens", 0) or 0) * price.output) / 1e6
+    return usd * (batch_discount if batch else 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# backends: one request each, no retries (the client retries)
+# SDK backends: one logical call each; the SDK retries inside it
 # ----------------------------------------------------------------------------------------------------------------
 def _norm_params(params: dict) -> dict:
     p = dict(params)
@@ -115,127 +158,260 @@ def _norm_params(params: dict) -> dict:
     return {k: v for k, v in sorted(p.items()) if v is not None}
 
 
-def _http_error_text(resp) -> str:
-    try:
-        j = resp.json()
-        err = j.get("error", j) if isinstance(j, dict) else j
-        msg = err.get("message", err) if isinstance(err, dict) else err
-        return str(msg)[:300]
-    except Exception:
-        return resp.text[:300]
+def _plain(messages: list[dict]) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-class _HTTPBackend:
-    name = "http"
+def _num(obj, *names) -> int:
+    for n in names:
+        obj = getattr(obj, n, None) if not isinstance(obj, dict) else obj.get(n)
+        if obj is None:
+            return 0
+    return int(obj or 0)
 
-    def __init__(self, model: str, base_url: str | None, api_key_env: str | None, timeout_s: float, **kw):
-        import httpx  # noqa: F401  (fail early if missing)
 
+class _SDKBackend:
+    """What the OpenAI and Anthropic backends share: key lookup, the SDK client's life, error messages, counting."""
+
+    name = "sdk"
+    sdk_module = ""
+    OPTIONS: tuple = ()
+
+    def __init__(self, model: str, base_url: str | None, api_key_env: str | None, timeout_s: float,
+                 max_retries: int, **extra):
         self.model = model
-        self.base_url = (base_url or DEFAULT_BASE_URL[self.name]).rstrip("/")
+        self.base_url = base_url.rstrip("/") if base_url else None
         self.key_env = api_key_env or DEFAULT_KEY_ENV[self.name]
-        self._key = os.environ.get(self.key_env) or None
-        if self._key is None and base_url is None:
+        if not os.environ.get(self.key_env) and base_url is None:
             raise LongAlignError(f"backend '{self.name}' needs an API key: set the environment variable "
                                  f"{self.key_env} (or point base_url at a server that needs none)")
-        self.timeout_s = timeout_s
-        self.extra = kw
-        self._http = None
+        unknown = set(extra) - set(self.OPTIONS)
+        if unknown:
+            raise LongAlignError(f"backend '{self.name}': unknown option(s) {sorted(unknown)}; "
+                                 f"known: {', '.join(self.OPTIONS) or 'none'}")
+        self.timeout_s, self.max_retries, self.extra = float(timeout_s), int(max_retries), extra
+        try:
+            self.sdk = importlib.import_module(self.sdk_module)
+        except ImportError:
+            raise LongAlignError(f"backend '{self.name}' needs the official SDK: pip install {self.sdk_module} "
+                                 "(or pip install -e '.[api]')") from None
+        self.stats: dict | None = None  # the LLMClient's stats, updated per HTTP attempt
+        self._client = None
+        self._failed: dict = {}
+
+    def __repr__(self):
+        return f"{type(self).__name__}(model={self.model!r}, base_url={self.base_url!r}, key from ${self.key_env})"
+
+    # -- per-attempt counting through the http client's event hooks (the SDK retries inside one call) ---------
+    @staticmethod
+    def _attempt_id(request) -> tuple:
+        try:
+            body = hashlib.sha1(request.content).hexdigest()
+        except Exception:  # a streamed upload has no content to hash
+            body = ""
+        return request.method, str(request.url), body
+
+    async def _on_request(self, request) -> None:
+        st = self.stats if self.stats is not None else {}
+        st["requests"] = st.get("requests", 0) + 1
+        try:
+            retry = int(request.headers.get("x-stainless-retry-count") or 0)
+        except ValueError:
+            retry = 0
+        if retry > 0:
+            st["retries"] = st.get("retries", 0) + 1
+            reason = self._failed.pop(self._attempt_id(request), "timeout/connection")
+            rr = st.setdefault("retry_reasons", {})
+            rr[reason] = rr.get(reason, 0) + 1
+
+    async def _on_response(self, response) -> None:
+        if response.status_code in RETRY_STATUS or response.status_code >= 500:
+            self._failed[self._attempt_id(response.request)] = str(response.status_code)
 
     async def open(self):
-        import httpx
-
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(self.timeout_s, connect=min(10.0, self.timeout_s)))
+        key = os.environ.get(self.key_env) or "no-key"  # a keyless local server still needs a placeholder
+        http = self.sdk.DefaultAsyncHttpxClient(event_hooks={"request": [self._on_request],
+                                                             "response": [self._on_response]})
+        kw = {"api_key": key, "max_retries": self.max_retries, "timeout": self.timeout_s, "http_client": http}
+        if self.base_url:
+            kw["base_url"] = self.base_url
+        self._client = self._make_client(**kw)
 
     async def close(self):
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
 
-    async def _post(self, url: str, body: dict, headers: dict):
-        import httpx
+    def _make_client(self, **kw):
+        raise NotImplementedError
 
+    def _error(self, e: Exception, what: str) -> LongAlignError:
+        """One clear message for an SDK error (the key is never part of it)."""
+        where = self.base_url or "the default API endpoint"
+        if isinstance(e, (self.sdk.APITimeoutError, self.sdk.APIConnectionError)):
+            kind = "timeout" if isinstance(e, self.sdk.APITimeoutError) else "connection error"
+            return LongAlignError(f"{self.name} backend, model {self.model!r}: {what} failed after "
+                                  f"{self.max_retries + 1} attempts; last error: {kind} at {where} "
+                                  "(is the server running? check base_url and timeout_s)")
+        status = getattr(e, "status_code", None)
+        body = getattr(e, "body", None)
+        msg = body.get("error", body) if isinstance(body, dict) else body
+        msg = msg.get("message", msg) if isinstance(msg, dict) else (msg or str(e))
+        msg = str(msg)[:300]
+        if status in RETRY_STATUS or (status or 0) >= 500:
+            return LongAlignError(f"{self.name} backend, model {self.model!r}: {what} failed after "
+                                  f"{self.max_retries + 1} attempts; last error: HTTP {status}: {msg}")
+        hint = ""
+        if status in (401, 403):
+            hint = f"; check the API key in ${self.key_env}"
+        elif status == 404:
+            hint = "; check the model name and base_url"
+        return LongAlignError(f"{self.name} backend at {where}: {what} answered HTTP {status}: {msg}{hint}")
+
+    @staticmethod
+    def _split(body: dict, method) -> dict:
+        """SDK keyword arguments for `method`; fields it does not name go through extra_body unchanged.
+
+        SDK versions differ in which sampling fields they name (newer Anthropic SDKs drop `temperature`),
+        so the signature decides, and the JSON sent is the same either way.
+        """
+        import inspect
+
+        named = {n for n, p in inspect.signature(method).parameters.items() if p.kind == p.KEYWORD_ONLY}
+        kw = {k: v for k, v in body.items() if k in named}
+        extra = {k: v for k, v in body.items() if k not in named}
+        if extra:
+            kw["extra_body"] = extra
+        return kw
+
+    async def _guard(self, coro, what: str):
         try:
-            resp = await self._http.post(url, json=body, headers=headers)
-        except httpx.TimeoutException as e:
-            raise _Retryable("timeout", detail=type(e).__name__) from None
-        except httpx.TransportError as e:
-            raise _Retryable("connection", detail=f"{type(e).__name__} ({url})") from None
-        if resp.status_code in RETRY_STATUS or resp.status_code >= 500:
-            ra = resp.headers.get("retry-after")
-            try:
-                ra = float(ra) if ra is not None else None
-            except ValueError:
-                ra = None
-            raise _Retryable(str(resp.status_code), ra, _http_error_text(resp))
-        if resp.status_code >= 400:
-            hint = ""
-            if resp.status_code in (401, 403):
-                hint = f"; check the API key in ${self.key_env}"
-            elif resp.status_code == 404:
-                hint = "; check the model name and base_url"
-            raise LongAlignError(f"{self.name} backend: {url} answered HTTP {resp.status_code}: "
-                                 f"{_http_error_text(resp)}{hint}")
-        try:
-            return resp.json()
-        except ValueError:
-            raise _Retryable("bad_json", detail=resp.text[:120]) from None
+            return await coro
+        except self.sdk.APIError as e:
+            raise self._error(e, what) from None
 
 
-class _OpenAIBackend(_HTTPBackend):
-    """POST {base_url}/chat/completions (OpenAI, vLLM, llama.cpp server, Ollama, ...)."""
+class _OpenAIBackend(_SDKBackend):
+    """`openai.AsyncOpenAI`: chat completions, raw completions, files + batches (OpenAI or any compatible server)."""
 
-    name = "openai"
+    name, sdk_module = "openai", "openai"
+    OPTIONS = ("max_tokens_field",)  # max_completion_tokens for models that reject max_tokens
 
-    def _headers(self):
-        h = {"content-type": "application/json"}
-        if self._key:
-            h["authorization"] = f"Bearer {self._key}"
-        return h
+    def _make_client(self, **kw):
+        return self.sdk.AsyncOpenAI(**kw)
 
-    def body(self, messages, params):
+    def body(self, kind: str, payload, params: dict) -> dict:
         p = dict(params)
-        body = {"model": self.model, "messages": messages}
-        if "max_new_tokens" in p:
-            body[self.extra.get("max_tokens_field", "max_tokens")] = p.pop("max_new_tokens")
+        body: dict = {"model": self.model}
+        if kind == "chat":
+            body["messages"] = _plain(payload)
+            if "max_new_tokens" in p:
+                body[self.extra.get("max_tokens_field", "max_tokens")] = p.pop("max_new_tokens")
+        else:
+            body["prompt"] = payload
+            body["max_tokens"] = p.pop("max_new_tokens", 128)
         body.update(p)
         return body
 
+    @staticmethod
+    def usage_of(u) -> dict:
+        if u is None:
+            return empty_usage()
+        return {"input_tokens": _num(u, "prompt_tokens"), "output_tokens": _num(u, "completion_tokens"),
+                "cache_read_tokens": _num(u, "prompt_tokens_details", "cached_tokens"), "cache_write_tokens": 0}
+
+    @classmethod
+    def parse_reply(cls, j: dict, kind: str, model: str):
+        """(text, usage, model) from a chat/completions JSON body (interactive answers and batch result lines)."""
+        choice = (j.get("choices") or [{}])[0]
+        text = ((choice.get("message") or {}).get("content") if kind == "chat" else choice.get("text")) or ""
+        lp = choice.get("logprobs")
+        logprobs = lp.get("content") if isinstance(lp, dict) and kind == "chat" else None
+        return (text, cls.usage_of(j.get("usage")), j.get("model") or model) + ((logprobs,) if logprobs else ())
+
     async def call(self, messages, params):
-        j = await self._post(f"{self.base_url}/chat/completions", self.body(messages, params), self._headers())
-        try:
-            choice = j["choices"][0]
-            text = (choice.get("message") or {}).get("content") or choice.get("text") or ""
-        except (KeyError, IndexError, TypeError):
-            raise _Retryable("bad_reply", detail=str(j)[:120]) from None
-        u = j.get("usage") or {}
-        usage = {"input_tokens": int(u.get("prompt_tokens") or 0), "output_tokens": int(u.get("completion_tokens") or 0)}
-        logprobs = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
-        return (text, usage, j.get("model") or self.model) + ((logprobs,) if logprobs else ())
+        create = self._client.chat.completions.create
+        r = await self._guard(create(**self._split(self.body("chat", messages, params), create)), "chat")
+        return self.parse_reply(r.model_dump(), "chat", self.model)
 
     async def complete(self, prompt, params):
-        p = dict(params)
-        body = {"model": self.model, "prompt": prompt, "max_tokens": p.pop("max_new_tokens", 128), **p}
-        j = await self._post(f"{self.base_url}/completions", body, self._headers())
-        try:
-            text = j["choices"][0]["text"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise _Retryable("bad_reply", detail=str(j)[:120]) from None
-        u = j.get("usage") or {}
-        usage = {"input_tokens": int(u.get("prompt_tokens") or 0), "output_tokens": int(u.get("completion_tokens") or 0)}
-        return text, usage, j.get("model") or self.model
+        create = self._client.completions.create
+        r = await self._guard(create(**self._split(self.body("complete", prompt, params), create)), "completion")
+        return self.parse_reply(r.model_dump(), "complete", self.model)
+
+    # -- Batch API: one JSONL file of requests, one batch per endpoint ---------------------------------------
+    ENDPOINT = {"chat": "/v1/chat/completions", "complete": "/v1/completions"}
+
+    def batch_line(self, custom_id: str, kind: str, payload, params: dict) -> dict:
+        return {"custom_id": custom_id, "method": "POST", "url": self.ENDPOINT[kind],
+                "body": self.body(kind, payload, params)}
+
+    async def batch_submit(self, lines: list[dict], label: str) -> str:
+        data = "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines).encode("utf-8")
+        f = await self._guard(self._client.files.create(file=(f"{label}.jsonl", data, "application/jsonl"),
+                                                         purpose="batch"), "batch file upload")
+        b = await self._guard(self._client.batches.create(input_file_id=f.id, endpoint=lines[0]["url"],
+                                                           completion_window="24h", metadata={"longalign": label}),
+                              "batch create")
+        return b.id
+
+    async def batch_status(self, batch_id: str) -> dict:
+        b = await self._guard(self._client.batches.retrieve(batch_id), "batch status")
+        c = b.request_counts
+        total, done, failed = (_num(c, "total"), _num(c, "completed"), _num(c, "failed")) if c else (0, 0, 0)
+        return {"status": b.status, "ended": b.status in ("completed", "failed", "expired", "cancelled"),
+                "total": total, "done": done + failed, "failed": failed}
+
+    async def batch_results(self, batch_id: str, kinds: dict) -> dict:
+        """custom_id → ("ok", text, usage, model) | ("error", message) for every item the batch returned."""
+        b = await self._guard(self._client.batches.retrieve(batch_id), "batch status")
+        out: dict = {}
+        if b.status == "failed":
+            errs = "; ".join(getattr(e, "message", str(e)) for e in (getattr(b.errors, "data", None) or []))
+            return {cid: ("error", f"batch failed: {errs or 'no reason given'}") for cid in kinds}
+        for fid in (b.output_file_id, b.error_file_id):
+            if not fid:
+                continue
+            content = await self._guard(self._client.files.content(fid), "batch results")
+            for line in content.text.splitlines():
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                cid, resp = row.get("custom_id"), row.get("response") or {}
+                if resp.get("status_code") == 200 and not row.get("error"):
+                    out[cid] = ("ok", *self.parse_reply(resp.get("body") or {}, kinds.get(cid, "chat"), self.model))
+                else:
+                    err = row.get("error") or (resp.get("body") or {}).get("error") or {}
+                    out[cid] = ("error", f"HTTP {resp.get('status_code')}: {err.get('message', err)}"[:300])
+        return out
 
 
-class _AnthropicBackend(_HTTPBackend):
-    """POST {base_url}/v1/messages (Anthropic Messages API)."""
+class _AnthropicBackend(_SDKBackend):
+    """`anthropic.AsyncAnthropic`: the Messages API and Message Batches, prompt caching with `cache_control`."""
 
-    name = "anthropic"
+    name, sdk_module = "anthropic", "anthropic"
 
-    def body(self, messages, params):
+    def _make_client(self, **kw):
+        return self.sdk.AsyncAnthropic(**kw)
+
+    @staticmethod
+    def content(m: dict):
+        """A string, or two text blocks when the message marks a cacheable prefix (the document)."""
+        n = int(m.get("cache_prefix") or 0)
+        text = m["content"]
+        if 0 < n < len(text):
+            return [{"type": "text", "text": text[:n], "cache_control": {"type": "ephemeral"}},
+                    {"type": "text", "text": text[n:]}]
+        if n >= len(text) > 0:
+            return [{"type": "text", "text": text, "cache_control": {"type": "ephemeral"}}]
+        return text
+
+    def body(self, messages, params: dict) -> dict:
         p = dict(params)
         system = "\n\n".join(m["content"] for m in messages if m["role"] == "system")
         body = {"model": self.model, "max_tokens": p.pop("max_new_tokens", 1024),
-                "messages": [{"role": m["role"], "content": m["content"]} for m in messages if m["role"] != "system"]}
+                "messages": [{"role": m["role"], "content": self.content(m)} for m in messages
+                             if m["role"] != "system"]}
         if system:
             body["system"] = system
         if "stop" in p:
@@ -245,24 +421,63 @@ class _AnthropicBackend(_HTTPBackend):
         body.update(p)
         return body
 
+    @staticmethod
+    def usage_of(u) -> dict:
+        if u is None:
+            return empty_usage()
+        read = _num(u, "cache_read_input_tokens")
+        write = _num(u, "cache_creation_input_tokens")
+        return {"input_tokens": _num(u, "input_tokens") + read + write, "output_tokens": _num(u, "output_tokens"),
+                "cache_read_tokens": read, "cache_write_tokens": write}
+
+    @classmethod
+    def parse_message(cls, m: dict, model: str):
+        text = "".join(b.get("text", "") for b in (m.get("content") or []) if b.get("type") == "text")
+        return text, cls.usage_of(m.get("usage")), m.get("model") or model
+
     async def call(self, messages, params):
-        h = {"content-type": "application/json", "anthropic-version": ANTHROPIC_VERSION}
-        if self._key:
-            h["x-api-key"] = self._key
-        j = await self._post(f"{self.base_url}/v1/messages", self.body(messages, params), h)
-        try:
-            text = "".join(b.get("text", "") for b in j["content"] if b.get("type") == "text")
-        except (KeyError, TypeError):
-            raise _Retryable("bad_reply", detail=str(j)[:120]) from None
-        u = j.get("usage") or {}
-        usage = {"input_tokens": int(u.get("input_tokens") or 0), "output_tokens": int(u.get("output_tokens") or 0)}
-        return text, usage, j.get("model") or self.model
+        create = self._client.messages.create
+        r = await self._guard(create(**self._split(self.body(messages, params), create)), "chat")
+        return self.parse_message(r.model_dump(), self.model)
 
     async def complete(self, prompt, params):
         raise LongAlignError("the anthropic backend has no raw text completion; use backend 'local' or an "
-                             "OpenAI-compatible server (vLLM) for Magpie-style generation")
+                             "OpenAI-compatible server (vLLM, llama.cpp) for Magpie-style generation")
+
+    # -- Message Batches --------------------------------------------------------------------------------------
+    def batch_line(self, custom_id: str, kind: str, payload, params: dict) -> dict:
+        if kind != "chat":
+            raise LongAlignError("the anthropic backend batches chat requests only")
+        return {"custom_id": custom_id, "params": self.body(payload, params)}
+
+    async def batch_submit(self, lines: list[dict], label: str) -> str:
+        b = await self._guard(self._client.messages.batches.create(requests=lines), "batch create")
+        return b.id
+
+    async def batch_status(self, batch_id: str) -> dict:
+        b = await self._guard(self._client.messages.batches.retrieve(batch_id), "batch status")
+        c = b.request_counts
+        failed = _num(c, "errored") + _num(c, "canceled") + _num(c, "expired")
+        done = _num(c, "succeeded") + failed
+        return {"status": b.processing_status, "ended": b.processing_status == "ended",
+                "total": done + _num(c, "processing"), "done": done, "failed": failed}
+
+    async def batch_results(self, batch_id: str, kinds: dict) -> dict:
+        out: dict = {}
+        decoder = await self._guard(self._client.messages.batches.results(batch_id), "batch results")
+        async for item in decoder:
+            r = item.result.model_dump()
+            if r.get("type") == "succeeded":
+                out[item.custom_id] = ("ok", *self.parse_message(r.get("message") or {}, self.model))
+            else:
+                err = ((r.get("error") or {}).get("error") or {}).get("message") if r.get("type") == "errored" else ""
+                out[item.custom_id] = ("error", f"{r.get('type')}{': ' + str(err) if err else ''}"[:300])
+        return out
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# local backend
+# ----------------------------------------------------------------------------------------------------------------
 class _LocalBackend:
     """transformers generation with the model's own chat template (offline default: SmolLM2-135M-Instruct).
 
@@ -401,6 +616,7 @@ class _LocalBackend:
         return await asyncio.get_running_loop().run_in_executor(None, self._complete_sync, prompt, params)
 
 
+
 # ----------------------------------------------------------------------------------------------------------------
 # the client
 # ----------------------------------------------------------------------------------------------------------------
@@ -414,12 +630,21 @@ def run_sync(coro):
         return ex.submit(asyncio.run, coro).result()
 
 
+@dataclass
+class PendingRequest:
+    """A request recorded inside `client.deferring()`: what a batch must send, and the cache key it fills."""
+
+    key: str
+    kind: str  # chat | complete
+    payload: Any  # messages (with any cache_prefix marker) or a prompt
+    params: dict
+
+
 class LLMClient:
-    """Chat with one model through one backend, with cache, retries, bounded concurrency and cost accounting."""
+    """Chat with one model through one backend, with cache, bounded concurrency, usage and cost accounting."""
 
     def __init__(self, backend, *, cache_dir: str | Path | None | bool = None, concurrency: int = 4,
-                 max_retries: int = 5, prices: dict | None = None, retry_base_s: float = 1.0,
-                 retry_max_s: float = 30.0):
+                 prices: dict | None = None, batch_discount: float = BATCH_DISCOUNT):
         self.backend = backend
         self.backend_name = backend.name
         self.model = backend.model
@@ -428,20 +653,30 @@ class LLMClient:
         else:
             self.cache_dir = Path(cache_dir) if cache_dir else longalign_home() / "llm_cache"
         self.concurrency = max(1, int(concurrency))
-        self.max_retries = max(0, int(max_retries))
-        self.retry_base_s, self.retry_max_s = float(retry_base_s), float(retry_max_s)
+        self.max_retries = getattr(backend, "max_retries", 0)
         self.prices = prices or {}
         self.price = price_for(self.model, self.prices)
-        self.stats: dict[str, Any] = {"requests": 0, "cache_hits": 0, "retries": 0, "input_tokens": 0,
-                                      "output_tokens": 0, "cost_usd": 0.0, "retry_reasons": {}}
+        self.batch_discount = float(batch_discount)
+        self.stats: dict[str, Any] = {"requests": 0, "cache_hits": 0, "retries": 0, **empty_usage(),
+                                      "cost_usd": 0.0, "retry_reasons": {}, "batch_items": 0,
+                                      "batch_failed": 0}
+        if hasattr(backend, "stats") and isinstance(backend, _SDKBackend):
+            backend.stats = self.stats
         self._sem: asyncio.Semaphore | None = None
         self._depth = 0
+        self._pending: dict[str, PendingRequest] | None = None
 
     def __repr__(self):
         return f"LLMClient(backend={self.backend_name!r}, model={self.model!r}, concurrency={self.concurrency})"
 
+    @property
+    def supports_batch(self) -> bool:
+        return hasattr(self.backend, "batch_submit")
+
     # -- cache ---------------------------------------------------------------------------------------------
     def cache_key(self, messages, params: dict, kind: str = "chat") -> str:
+        if kind == "chat":
+            messages = _plain(messages)  # the cache_prefix marker changes the bill, not the answer
         blob = json.dumps({"backend": self.backend_name, "model": self.model, "kind": kind, "messages": messages,
                            "params": _norm_params(params)}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
@@ -455,26 +690,51 @@ class LLMClient:
             return None
         try:
             j = json.loads(path.read_text(encoding="utf-8"))
-            return Reply(j["text"], dict(j["usage"]), j.get("model", self.model), cached=True, cost_usd=0.0,
+            return Reply(j["text"], {**empty_usage(), **j["usage"]}, j.get("model", self.model), cached=True,
                          logprobs=j.get("logprobs"))
         except (ValueError, KeyError, OSError):
             return None  # a damaged entry is simply recomputed
 
-    def _cache_put(self, key: str, reply: Reply, params: dict) -> None:
+    def cache_put(self, key: str, reply: Reply, params: dict, via: str = "interactive") -> None:
+        """Store a reply under `key` (llm_batch folds batch results in through this)."""
         path = self._cache_path(key)
         if path is not None:
             write_json(path, {"backend": self.backend_name, "model": reply.model, "params": _norm_params(params),
-                              "text": reply.text, "usage": reply.usage, "created": time.time(),
-                              **({"logprobs": reply.logprobs} if reply.logprobs else {})})
+                              "text": reply.text, "usage": reply.usage, "cost_usd": reply.cost_usd, "via": via,
+                              "created": time.time(), **({"logprobs": reply.logprobs} if reply.logprobs else {})})
 
-    def is_cached(self, messages, **params) -> bool:
-        p = self._cache_path(self.cache_key(messages, params))
+    def is_cached_key(self, key: str) -> bool:
+        p = self._cache_path(key)
         return p is not None and p.exists()
+
+    def is_cached(self, messages, kind: str = "chat", **params) -> bool:
+        p = self._cache_path(self.cache_key(messages, params, kind))
+        return p is not None and p.exists()
+
+    # -- deferral (Batch APIs) -----------------------------------------------------------------------------
+    @contextmanager
+    def deferring(self):
+        """Within this block a cache miss is recorded and raises `Deferred` instead of calling the model.
+
+        Yields the dict {cache key: PendingRequest} of what was recorded (llm_batch sends it as a batch).
+        """
+        if self._pending is not None:  # nested: share the outer record
+            yield self._pending
+            return
+        self._pending = {}
+        try:
+            yield self._pending
+        finally:
+            self._pending = None
+
+    @property
+    def pending(self) -> list[PendingRequest]:
+        return list((self._pending or {}).values())
 
     # -- async core ----------------------------------------------------------------------------------------
     @asynccontextmanager
     async def session(self):
-        """Open the backend (HTTP connection pool) for a batch of calls on the current event loop."""
+        """Open the backend (the SDK client and its connection pool) for a batch of calls on this event loop."""
         self._depth += 1
         if self._depth == 1:
             self._sem = asyncio.Semaphore(self.concurrency)
@@ -487,33 +747,14 @@ class LLMClient:
                 await self.backend.close()
                 self._sem = None
 
-    async def _with_retries(self, fn, what: str):
-        attempt = 0
-        while True:
-            self.stats["requests"] += 1
-            try:
-                return await fn()
-            except _Retryable as e:
-                if attempt >= self.max_retries:
-                    hint = " (is the server running? check base_url)" if e.reason == "connection" else ""
-                    raise LongAlignError(f"{self.backend_name} backend, model {self.model!r}: {what} failed after "
-                                         f"{attempt + 1} attempts; last error: {e}{hint}") from None
-                self.stats["retries"] += 1
-                rr = self.stats["retry_reasons"]
-                rr[e.reason] = rr.get(e.reason, 0) + 1
-                delay = min(self.retry_max_s, self.retry_base_s * (2 ** attempt)) * (0.5 + random.random() / 2)
-                if e.retry_after is not None:
-                    delay = min(self.retry_max_s, max(delay, e.retry_after))
-                attempt += 1
-                await asyncio.sleep(delay)
-
-    def _account(self, reply: Reply) -> Reply:
+    def account(self, reply: Reply, batch: bool = False) -> Reply:
+        """Add a reply's usage and cost to `stats` (a cache hit costs nothing); returns it."""
         if reply.cached:
             self.stats["cache_hits"] += 1
             return reply
-        reply.cost_usd = cost_of(reply.usage, self.price)
-        self.stats["input_tokens"] += reply.usage.get("input_tokens", 0)
-        self.stats["output_tokens"] += reply.usage.get("output_tokens", 0)
+        reply.cost_usd = cost_of(reply.usage, self.price, batch, self.batch_discount)
+        for k in USAGE_KEYS:
+            self.stats[k] += int(reply.usage.get(k, 0) or 0)
         self.stats["cost_usd"] += reply.cost_usd
         return reply
 
@@ -522,22 +763,32 @@ class LLMClient:
         key = self.cache_key(payload, params, kind)
         hit = self._cache_get(key)
         if hit is not None:
-            return self._account(hit)
+            return self.account(hit)
+        if self._pending is not None:
+            self._pending.setdefault(key, PendingRequest(key, kind, payload, params))
+            raise Deferred()
         async with self.session():
             async with self._sem:
                 hit = self._cache_get(key)  # a twin request may have finished while we waited
                 if hit is not None:
-                    return self._account(hit)
-                fn = self.backend.call if kind == "chat" else self.backend.complete
-                text, usage, model, *extra = await self._with_retries(lambda: fn(payload, params), kind)
-        reply = self._account(Reply(text, usage, model, cached=False, logprobs=extra[0] if extra else None))
-        self._cache_put(key, reply, params)
+                    return self.account(hit)
+                if not isinstance(self.backend, _SDKBackend):
+                    self.stats["requests"] += 1  # SDK backends count each HTTP attempt themselves
+                if kind == "chat":
+                    wire = payload if isinstance(self.backend, _SDKBackend) else _plain(payload)
+                    text, usage, model, *extra = await self.backend.call(wire, params)
+                else:
+                    text, usage, model, *extra = await self.backend.complete(payload, params)
+        reply = self.account(Reply(text, {**empty_usage(), **usage}, model, cached=False,
+                                   logprobs=extra[0] if extra else None))
+        self.cache_put(key, reply, params)
         return reply
 
     async def achat(self, messages: list[dict], **params) -> Reply:
         """One chat call (coroutine). params: max_new_tokens, temperature, top_p, stop, seed, ... (backend-native)."""
         _check_messages(messages)
-        return await self._call("chat", [{"role": m["role"], "content": m["content"]} for m in messages], params)
+        keep = ("role", "content", "cache_prefix")
+        return await self._call("chat", [{k: m[k] for k in keep if k in m} for m in messages], params)
 
     async def acomplete(self, prompt: str, **params) -> Reply:
         """Raw text continuation (local models, OpenAI-compatible /completions): for Magpie-style prompting."""
@@ -551,7 +802,10 @@ class LLMClient:
         return run_sync(self.acomplete(prompt, **params))
 
     def chat_many(self, batch: list[list[dict]], desc: str = "llm", progress: bool = True, **params) -> list[Reply]:
-        """Many chat calls, at most `concurrency` in flight, in input order, with a progress bar."""
+        """Many chat calls, at most `concurrency` in flight, in input order, with a progress bar.
+
+        Inside `deferring()`, every miss of the batch is recorded before one `Deferred` is raised.
+        """
         from tqdm.auto import tqdm
 
         async def go():
@@ -564,23 +818,32 @@ class LLMClient:
                     return r
 
                 try:
-                    return await asyncio.gather(*(one(m) for m in batch))
+                    out = await asyncio.gather(*(one(m) for m in batch), return_exceptions=True)
                 finally:
                     bar.close()
+                deferred = [r for r in out if isinstance(r, Deferred)]
+                for r in out:
+                    if isinstance(r, BaseException) and not isinstance(r, Deferred):
+                        raise r
+                if deferred:
+                    raise Deferred(len(deferred))
+                return out
 
         return list(run_sync(go()))
 
     # -- planning ------------------------------------------------------------------------------------------
     def count_tokens(self, messages: list[dict]) -> int:
         if isinstance(self.backend, _LocalBackend):
-            return self.backend.count(messages)
+            return self.backend.count(_plain(messages))
         return messages_tokens(messages)
 
-    def estimate(self, batch: list[list[dict]], max_new_tokens: int, **params) -> dict:
+    def estimate(self, batch: list[list[dict]], max_new_tokens: int, batch_mode: bool = False,
+                 cache_read_tokens: int = 0, cache_write_tokens: int = 0, **params) -> dict:
         """What `chat_many(batch, max_new_tokens=...)` would cost: calls (cached ones excluded), tokens, USD.
 
         Output tokens are counted at `max_new_tokens` (an upper bound); input tokens with the local tokenizer,
-        or approximately (~4 characters per token) for API models.
+        or approximately (~4 characters per token) for API models. `batch_mode` applies the batch discount;
+        `cache_read_tokens`/`cache_write_tokens` (totals) price that part of the input at the cache rates.
         """
         calls = cached = tin = 0
         for msgs in batch:
@@ -589,10 +852,11 @@ class LLMClient:
                 continue
             calls += 1
             tin += self.count_tokens(msgs)
-        usage = {"input_tokens": tin, "output_tokens": calls * int(max_new_tokens)}
+        usage = {"input_tokens": tin, "output_tokens": calls * int(max_new_tokens),
+                 "cache_read_tokens": min(cache_read_tokens, tin), "cache_write_tokens": cache_write_tokens}
         return {"backend": self.backend_name, "model": self.model, "calls": calls, "cached": cached, **usage,
-                "cost_usd": round(cost_of(usage, self.price), 6),
-                "price_per_1M": list(self.price) if self.price else None}
+                "cost_usd": round(cost_of(usage, self.price, batch_mode, self.batch_discount), 6),
+                "price_per_1M": [self.price.input, self.price.output] if self.price else None}
 
 
 def _check_messages(messages) -> None:
@@ -606,32 +870,33 @@ def _check_messages(messages) -> None:
 
 def make_client(backend: str, model: str, base_url: str | None = None, api_key_env: str | None = None,
                 cache_dir: str | Path | None | bool = None, concurrency: int = 4, max_retries: int = 5,
-                timeout_s: float = 120.0, prices: dict | None = None, retry_base_s: float = 1.0,
-                retry_max_s: float = 30.0, **backend_kw) -> LLMClient:
+                timeout_s: float = 120.0, prices: dict | None = None, batch_discount: float = BATCH_DISCOUNT,
+                **backend_kw) -> LLMClient:
     """Build an LLMClient. backend: openai (incl. any OpenAI-compatible base_url) | anthropic | local.
 
+    `max_retries` and `timeout_s` go to the SDK client (its retry loop with backoff and Retry-After).
     `cache_dir=False` disables the cache. `backend_kw` go to the backend (local: dtype, device,
-    repetition_penalty, model_obj/tokenizer; openai: max_tokens_field).
+    repetition_penalty, model_obj/tokenizer, threads, prefix_cache; openai: max_tokens_field).
     """
     if backend not in BACKENDS:
         raise LongAlignError(f"unknown LLM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if not model:
         raise LongAlignError(f"backend {backend!r}: set a model name")
     if backend == "openai":
-        b = _OpenAIBackend(model, base_url, api_key_env, float(timeout_s), **backend_kw)
+        b = _OpenAIBackend(model, base_url, api_key_env, float(timeout_s), int(max_retries), **backend_kw)
     elif backend == "anthropic":
-        b = _AnthropicBackend(model, base_url, api_key_env, float(timeout_s), **backend_kw)
+        b = _AnthropicBackend(model, base_url, api_key_env, float(timeout_s), int(max_retries), **backend_kw)
     else:
         b = _LocalBackend(model, **backend_kw)
-    return LLMClient(b, cache_dir=cache_dir, concurrency=concurrency, max_retries=max_retries, prices=prices,
-                     retry_base_s=retry_base_s, retry_max_s=retry_max_s)
+    return LLMClient(b, cache_dir=cache_dir, concurrency=concurrency, prices=prices, batch_discount=batch_discount)
 
 
 def client_from_config(section, prefix: str = "", model_cfg=None, **overrides) -> LLMClient:
     """Client from a config section: SynthConfig (backend, model, base_url, ...) or, with prefix='judge_', EvalConfig.
 
     Fields looked up (with `prefix` first, then without): backend, model, base_url, api_key_env, concurrency,
-    max_retries, timeout_s, prices, cache_dir. `model_cfg` (a ModelConfig) supplies dtype/device for `local`.
+    max_retries, timeout_s, prices, batch_discount, cache_dir. `model_cfg` (a ModelConfig) supplies
+    dtype/device for `local`.
     """
     def get(name, default=None):
         for n in (prefix + name, name):
@@ -642,7 +907,7 @@ def client_from_config(section, prefix: str = "", model_cfg=None, **overrides) -
     kw: dict[str, Any] = {
         "base_url": get("base_url"), "api_key_env": get("api_key_env"), "cache_dir": get("cache_dir"),
         "concurrency": get("concurrency", 4), "max_retries": get("max_retries", 5), "timeout_s": get("timeout_s", 120.0),
-        "prices": get("prices"),
+        "prices": get("prices"), "batch_discount": get("batch_discount", BATCH_DISCOUNT),
     }
     backend = get("backend", "local")
     if backend == "local":

@@ -116,7 +116,7 @@ def test_judge_over_http_protocol_retries_failures_cost(llm_server, tmp_path):
     llm_server.responder = _judge_responder
     llm_server.push(status=429)  # one rate-limit answer on the way: llm.py retries it
     client = make_client("openai", "judge-m", base_url=llm_server.openai_url, cache_dir=tmp_path / "cache",
-                         prices={"judge-m": [1.0, 2.0]}, retry_base_s=0.01, api_key_env="NO_SUCH_KEY_VAR")
+                         prices={"judge-m": [1.0, 2.0]}, api_key_env="NO_SUCH_KEY_VAR")
     rows = judge_items(client, _items(), load_template(), runs=2, max_attempts=3, progress=False)
     by = {r["idx"]: r for r in rows}
     assert by["1"]["score"] == 8.0 and by["2"]["score"] == 2.0 and by["3"]["score"] == 5.0

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from longalign_lib.io import LongAlignError
-from longalign_lib.llm import Reply, approx_tokens, client_from_config, make_client, price_for
+from longalign_lib.llm import Price, Reply, approx_tokens, client_from_config, make_client, price_for
 
 KEY = "sk-test-SECRET-0123456789"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers in Europe."}]
@@ -22,8 +22,6 @@ def env_key(monkeypatch):
 
 def client(server, backend, tmp_path, env_key=None, **kw):
     url = server.openai_url if backend == "openai" else server.anthropic_url
-    kw.setdefault("retry_base_s", 0.01)
-    kw.setdefault("retry_max_s", 0.05)
     return make_client(backend, "test-model", base_url=url, api_key_env=env_key, cache_dir=tmp_path / "cache", **kw)
 
 
@@ -32,12 +30,12 @@ def test_openai_wire_format(llm_server, tmp_path, env_key):
     c = client(llm_server, "openai", tmp_path, env_key)
     r = c.chat(MSGS, max_new_tokens=32, temperature=0.0)
     assert isinstance(r, Reply) and r.text == "Danube, Rhine, Seine." and not r.cached
-    assert r.usage == {"input_tokens": 7, "output_tokens": 3}
+    assert r.usage == {"input_tokens": 7, "output_tokens": 3, "cache_read_tokens": 0, "cache_write_tokens": 0}
     assert llm_server.by_path == {"/v1/chat/completions": 1}
     body, headers = llm_server.bodies[0], llm_server.headers[0]
     assert body["model"] == "test-model" and body["messages"] == MSGS
     assert body["max_tokens"] == 32 and body["temperature"] == 0.0
-    assert headers["authorization"] == f"Bearer {KEY}"
+    assert headers["authorization"] == f"Bearer {KEY}" and headers["user-agent"].startswith("AsyncOpenAI/")
     # the key is never written to the cache
     for f in (tmp_path / "cache").rglob("*.json"):
         assert KEY not in f.read_text()
@@ -47,12 +45,14 @@ def test_anthropic_wire_format(llm_server, tmp_path, env_key):
     llm_server.push(text="Danube, Rhine, Seine.")
     c = client(llm_server, "anthropic", tmp_path, env_key)
     r = c.chat(MSGS, max_new_tokens=32, temperature=0.2, stop="\n\n")
-    assert r.text == "Danube, Rhine, Seine." and r.usage == {"input_tokens": 7, "output_tokens": 3}
+    assert r.text == "Danube, Rhine, Seine." and r.usage["input_tokens"] == 7 and r.usage["output_tokens"] == 3
     assert llm_server.by_path == {"/v1/messages": 1}
     body, headers = llm_server.bodies[0], llm_server.headers[0]
     assert body["system"] == "Be brief." and body["messages"] == [MSGS[1]]
     assert body["max_tokens"] == 32 and body["stop_sequences"] == ["\n\n"]
-    assert headers["x-api-key"] == KEY and headers["anthropic-version"]
+    # the SDK puts the key in its header (x-api-key, or a bearer token in newer SDKs)
+    assert KEY in (headers.get("x-api-key"), headers.get("authorization", "").removeprefix("Bearer "))
+    assert headers["anthropic-version"] and headers["user-agent"].startswith("AsyncAnthropic/")
 
 
 @pytest.mark.parametrize("backend", ["openai", "anthropic"])
@@ -73,13 +73,13 @@ def test_slow_reply_times_out_and_is_retried(llm_server, tmp_path, backend):
     t0 = time.time()
     r = c.chat(MSGS, max_new_tokens=8)
     assert r.text == "on time"
-    assert c.stats["retry_reasons"] == {"timeout": 1}
+    assert c.stats["retry_reasons"] == {"timeout/connection": 1} and c.stats["retries"] == 1
     assert time.time() - t0 < 1.4  # gave up on the slow answer instead of waiting for it
 
 
 def test_retry_after_is_honoured(llm_server, tmp_path):
     llm_server.push(status=429, headers={"retry-after": "0.5"}).push(text="ok")
-    c = client(llm_server, "openai", tmp_path, retry_max_s=2.0)
+    c = client(llm_server, "openai", tmp_path)
     t0 = time.time()
     assert c.chat(MSGS).text == "ok"
     assert time.time() - t0 >= 0.5
@@ -88,7 +88,7 @@ def test_retry_after_is_honoured(llm_server, tmp_path):
 def test_gives_up_after_max_retries(llm_server, tmp_path):
     llm_server.push(status=500, times=10)
     c = client(llm_server, "openai", tmp_path, max_retries=2)
-    with pytest.raises(LongAlignError, match="failed after 3 attempts.*500"):
+    with pytest.raises(LongAlignError, match="failed after 3 attempts.*HTTP 500"):
         c.chat(MSGS)
     assert llm_server.count == 3
 
@@ -103,9 +103,8 @@ def test_auth_error_fails_at_once_without_leaking_the_key(llm_server, tmp_path, 
 
 
 def test_unreachable_server_is_a_clear_error(tmp_path):
-    c = make_client("openai", "m", base_url="http://127.0.0.1:9/v1", cache_dir=tmp_path, max_retries=1,
-                    retry_base_s=0.01, timeout_s=2)
-    with pytest.raises(LongAlignError, match="connection.*base_url"):
+    c = make_client("openai", "m", base_url="http://127.0.0.1:9/v1", cache_dir=tmp_path, max_retries=1, timeout_s=2)
+    with pytest.raises(LongAlignError, match="failed after 2 attempts.*connection error.*base_url"):
         c.chat(MSGS)
 
 
@@ -158,8 +157,11 @@ def test_cost_accounting_and_estimate(llm_server, tmp_path):
 
 def test_price_lookup_and_token_estimate():
     prices = {"gpt-4o-mini": [0.15, 0.6], "gpt-4o": [2.5, 10.0]}
-    assert price_for("gpt-4o-mini-2024-07-18", prices) == (0.15, 0.6)
-    assert price_for("gpt-4o-2024-08-06", prices) == (2.5, 10.0)
+    assert price_for("gpt-4o-mini-2024-07-18", prices) == Price(0.15, 0.6, 0.15, 0.15)
+    assert price_for("gpt-4o-2024-08-06", prices) == Price(2.5, 10.0, 2.5, 2.5)
+    assert price_for("claude-x", {"claude": [1, 5, 0.1, 1.25]}) == Price(1, 5, 0.1, 1.25)
+    with pytest.raises(LongAlignError, match=r"prices\['m'\]"):
+        price_for("m", {"m": [1.0]})
     assert price_for("llama", prices) is None
     assert approx_tokens("a" * 400) == 100 and approx_tokens("长文本对齐") == 5
 
@@ -212,3 +214,46 @@ def test_local_prefix_cache_gives_the_same_answers(smol_model_and_tokenizer, tmp
         if reuse:
             assert c.backend.stats["reused_tokens"] > 100  # the second call skipped the document's prefill
     assert outs[True] == outs[False]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prompt caching: the document marked for Anthropic's cache, cached-token usage from both wire formats
+# ---------------------------------------------------------------------------------------------------------------
+DOC = " ".join(f"word{i}" for i in range(60))
+
+
+def _doc_msgs(question: str, mark: bool = True) -> list[dict]:
+    m = {"role": "user", "content": f"{DOC}\n\n{question}"}
+    if mark:
+        m["cache_prefix"] = len(DOC)
+    return [m]
+
+
+def test_anthropic_cache_control_marks_the_document_and_usage_records_cache_tokens(llm_server, tmp_path):
+    prices = {"test-model": [1.0, 5.0, 0.1, 1.25]}
+    c = client(llm_server, "anthropic", tmp_path, prices=prices)
+    r1 = c.chat(_doc_msgs("Which words come first?"), max_new_tokens=16)
+    r2 = c.chat(_doc_msgs("Which words come last?"), max_new_tokens=16)
+    first = llm_server.bodies[0]["messages"][0]["content"]
+    assert first[0] == {"type": "text", "text": DOC, "cache_control": {"type": "ephemeral"}}
+    assert first[1]["text"] == "\n\nWhich words come first?" and "cache_control" not in first[1]
+    assert r1.usage["cache_write_tokens"] == 60 and r1.usage["cache_read_tokens"] == 0
+    assert r2.usage["cache_read_tokens"] == 60 and r2.usage["cache_write_tokens"] == 0
+    assert r2.usage["input_tokens"] == 64  # all prompt tokens, the cached ones included
+    # cost: 4 plain input tokens at $1, 60 cached at $0.1 (read) or $1.25 (write), output at $5
+    assert r2.cost_usd == pytest.approx((4 * 1.0 + 60 * 0.1 + r2.usage["output_tokens"] * 5.0) / 1e6)
+    assert r1.cost_usd == pytest.approx((4 * 1.0 + 60 * 1.25 + r1.usage["output_tokens"] * 5.0) / 1e6)
+    assert c.stats["cache_read_tokens"] == 60 and c.stats["cache_write_tokens"] == 60
+    # the marker changes the bill, not the answer: the same request unmarked is a cache hit
+    assert c.chat(_doc_msgs("Which words come first?", mark=False), max_new_tokens=16).cached
+    assert llm_server.count == 2
+
+
+def test_openai_cached_tokens_are_read_from_usage(llm_server, tmp_path):
+    c = client(llm_server, "openai", tmp_path, prices={"test-model": [1.0, 2.0, 0.5, 1.0]})
+    c.chat(_doc_msgs("first?"), max_new_tokens=8)
+    r = c.chat(_doc_msgs("second?"), max_new_tokens=8)
+    assert all(isinstance(m["content"], str) for m in llm_server.bodies[1]["messages"])  # OpenAI caches by itself
+    assert "cache_prefix" not in llm_server.bodies[1]["messages"][0]  # our marker never goes on the wire
+    assert r.usage["cache_read_tokens"] == 60 and r.usage["input_tokens"] == 61
+    assert r.cost_usd == pytest.approx((1 * 1.0 + 60 * 0.5 + r.usage["output_tokens"] * 2.0) / 1e6)
