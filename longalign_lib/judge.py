@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 
 from .io import LongAlignError, iter_jsonl
-from .llm import client_from_config
+from .llm import Deferred, client_from_config
 from .scoring import agreement, bootstrap_ci
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
@@ -157,12 +157,17 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
     for attempt in range(max_attempts):
         if not pending:
             break
-        replies = []
+        replies, deferred = [], None
         for r in range(runs):  # one seed per run: identical prompts still count as separate samples
             batch = [j for j in pending if j["run"] == r]
-            replies += list(zip(batch, client.chat_many(
-                [j["messages"] for j in batch], desc=f"judge run {r + 1} try {attempt + 1}", progress=progress,
-                temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r), strict=False)) if batch else []
+            try:
+                replies += list(zip(batch, client.chat_many(
+                    [j["messages"] for j in batch], desc=f"judge run {r + 1} try {attempt + 1}", progress=progress,
+                    temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r), strict=False)) if batch else []
+            except Deferred as e:  # judge_mode=batch: record every run's requests for one batch (llm_batch.py)
+                deferred = e
+        if deferred is not None:
+            raise deferred
         retry = []
         for j, rep in replies:
             rating, how = parse_rating(rep.text)

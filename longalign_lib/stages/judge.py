@@ -39,8 +39,10 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     if getattr(args, "judge_fresh", False) and out_path.exists():
         out_path.unlink()
     mode = "proxy" if getattr(args, "judge_proxy_only", False) else ec.judge_mode
-    if mode not in ("llm", "proxy"):
-        raise LongAlignError(f"eval.judge_mode={mode!r}: choose llm or proxy")
+    if mode not in ("llm", "batch", "proxy"):
+        raise LongAlignError(f"eval.judge_mode={mode!r}: choose llm, batch or proxy")
+    batch = mode == "batch"  # the LLM judge through the provider's Batch API: same requests, same rows
+    mode = "llm" if batch else mode
     pred_path = Path(getattr(args, "predictions", None) or run_dir / "predictions.jsonl")
     if pred_path.exists():
         items, source = read_jsonl(pred_path, allow_partial_last_line=True), str(pred_path)
@@ -70,6 +72,14 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     template = load_template(ec.judge_prompt_file) if mode == "llm" else None
     t0 = time.time()
     step = max(8, 2 * ec.judge_concurrency)
+    if batch and client is not None:  # every run of every case in one batch; then the loop below reads the cache
+        from ..llm_batch import run_batched
+
+        def judge_all():
+            return judge_items(client, todo, template, runs=ec.judge_runs, max_attempts=ec.judge_max_attempts,
+                               seed=ec.seed, temperature=ec.judge_temperature, max_new_tokens=ec.judge_max_new_tokens)
+
+        run_batched(client, judge_all, run_dir / "batches", "judge", poll_s=ec.judge_batch_poll_s)
     for s in range(0, len(todo), step):
         chunk = todo[s:s + step]
         judged = judge_items(client, chunk, template, runs=ec.judge_runs, max_attempts=ec.judge_max_attempts,
@@ -86,7 +96,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     summary.update(mode=mode, source=source, seconds=round(time.time() - t0, 2), proxy_label=PROXY_LABEL,
                    judge={"backend": judge_config(ec).judge_backend, "model": ec.judge_model,
                           "base_url": ec.judge_base_url, "runs": ec.judge_runs,
-                          "template": ec.judge_prompt_file or "default"} if mode == "llm" else None,
+                          "template": ec.judge_prompt_file or "default", "batch": batch} if mode == "llm" else None,
                    client_stats=client.stats if client else None)
     write_json(run_dir / "judge_summary.json", summary)
     fig = scores_figure(rows)
