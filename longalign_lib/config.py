@@ -19,6 +19,16 @@ from .io import LongAlignError, write_text
 
 PRESET_DIR = Path(__file__).parent / "presets"
 DEFAULT_MODEL = "smollm2-135m-instruct"
+# List prices in USD per 1M tokens: [input, output, cache_read, cache_write] (read 2026-11-30; sources and dates
+# in docs/howto.md "What synthesis costs"). OpenAI bills no cache write; both Batch APIs bill 50 %.
+LIST_PRICES = {
+    "gpt-4o-mini": [0.15, 0.60, 0.075, 0.15],
+    "gpt-4o": [2.50, 10.00, 1.25, 2.50],
+    "gpt-5-mini": [0.25, 2.00, 0.025, 0.25],
+    "claude-haiku-4-5": [1.00, 5.00, 0.10, 1.25],
+    "claude-sonnet-4-5": [3.00, 15.00, 0.30, 3.75],
+    "claude-3-5-haiku": [0.80, 4.00, 0.08, 1.00],
+}
 
 
 @dataclass
@@ -72,8 +82,18 @@ class SynthConfig:
     temperature: float = 0.7  # sampling temperature for question generation
     max_new_tokens: int = 256  # token limit of each answer
     concurrency: int = 4  # requests in flight at once
-    max_retries: int = 5  # retries on 429, 5xx and time-outs (exponential backoff)
-    timeout_s: float = 120.0  # per-request time-out (seconds)
+    max_retries: int = 5  # retries on 408/409/429/5xx, time-outs, dropped connections (the SDK's backoff + Retry-After)
+    timeout_s: float = 120.0  # per-request time-out (seconds), passed to the SDK client
+    # mode: interactive (one request at a time, answers now) | batch (OpenAI Batch / Anthropic Message Batches:
+    # half the price, answers within 24 h; the batch ids are kept in <run_dir>/batches/ and a rerun resumes them)
+    mode: str = "interactive"
+    batch_poll_s: float = 30.0  # seconds between two status polls of a running batch
+    batch_retry: str = "batch"  # failed batch items: batch (in a follow-up batch) | interactive (at once, full price)
+    batch_max_attempts: int = 3  # batch submissions of one request before the stage stops with the errors
+    batch_discount: float = 0.5  # price factor of batch requests (both providers: 50 %)
+    # prompt_caching: put the document first, identical in the question and the answer call, and mark it for
+    # the provider's prompt cache (Anthropic cache_control; OpenAI caches identical prefixes >= 1,024 tokens)
+    prompt_caching: bool = True
     n_short: int = 4  # short general-chat records to add (Magpie-style generation or import)
     short_files: list[str] = field(default_factory=list)  # ShareGPT-style JSON/JSONL to import
     question_max_new_tokens: int | None = None  # budget of the question-list call; default max_new_tokens
@@ -87,18 +107,17 @@ class SynthConfig:
     cache_dir: str | None = None  # LLM request cache; default $LONGALIGN_HOME/llm_cache
     short_backend: str = "local"  # Magpie needs raw completions: local, or an OpenAI-compatible server
     short_model: str = DEFAULT_MODEL  # model for short data (default: synth.model)
+    # short_tokenizer: chat template used to write Magpie prompts for a served model (a hub id, local folder or
+    # `smollm2-135m-instruct`); default: short_model when short_backend is local. A server's model name is
+    # often not a hub id, so set it for short_backend=openai
+    short_tokenizer: str | None = None
     short_question_tokens: int = 64  # token limit of a Magpie-style self-written question
     short_max_new_tokens: int = 192  # token limit of a short answer
     local_threads: int = 0  # torch CPU threads for the local backend (0 = torch default; 1 on shared machines)
     local_prefix_cache: bool = True  # local backend: reuse the document's KV cache between question and answer
-    # prices: USD per 1M tokens [input, output] by model name, for cost estimates
-    prices: dict = field(
-        default_factory=lambda: {
-            # USD per 1M tokens (input, output); edit to your provider's current prices.
-            "gpt-4o-mini": [0.15, 0.60],
-            "claude-3-5-haiku": [0.80, 4.00],
-        }
-    )
+    # prices: USD per 1M tokens [input, output, cache_read, cache_write] by model name (a prefix matches dated
+    # snapshots); list prices read 2026-11-30, sources in docs/howto.md "What synthesis costs". Batch = x batch_discount
+    prices: dict = field(default_factory=lambda: dict(LIST_PRICES))
     seed: int = 0  # random seed of this stage
 
 
@@ -196,7 +215,10 @@ class EvalConfig:
     # local_threads: torch CPU threads while generating / judging locally (0 = torch default; 1 on shared machines)
     local_threads: int = 0
     max_batch_tokens: int = 16384  # padded prompt+answer tokens per generation batch
-    judge_mode: str = "llm"  # llm (LongBench-Chat judge + proxy scores) | proxy (reference overlap only, offline)
+    # judge_mode: llm (LongBench-Chat judge + proxy scores) | batch (the same judge requests through the
+    # provider's Batch API: half price, resumable) | proxy (reference overlap only, offline)
+    judge_mode: str = "llm"
+    judge_batch_poll_s: float = 30.0  # judge_mode=batch: seconds between two status polls
     judge_backend: str = "local"  # local | openai (any OpenAI-compatible server: vLLM, llama.cpp) | anthropic
     judge_model: str = DEFAULT_MODEL  # judge model name (API id or model spec for `local`)
     judge_base_url: str | None = None  # set it (e.g. http://localhost:8000/v1) and local switches to openai
@@ -208,9 +230,8 @@ class EvalConfig:
     judge_max_attempts: int = 3  # tries per run when the reply has no parseable [[rating]]
     judge_concurrency: int = 4  # judge requests in flight
     judge_cache_dir: str | None = None  # judge replies cache; default $LONGALIGN_HOME/llm_cache
-    # judge_prices: USD per 1M tokens [input, output] for judge cost
-    judge_prices: dict = field(default_factory=lambda: {"gpt-4o": [2.50, 10.00], "gpt-4o-mini": [0.15, 0.60],
-                                                         "claude-3-5-sonnet": [3.00, 15.00]})  # USD / 1M tokens
+    # judge_prices: USD per 1M tokens [input, output, cache_read, cache_write] for judge cost (see synth.prices)
+    judge_prices: dict = field(default_factory=lambda: dict(LIST_PRICES))
     # needle_lengths: context lengths of the needle grid (tokens)
     needle_lengths: list[int] = field(default_factory=lambda: [512, 1024, 2048])
     # needle_depths: needle positions as a fraction of the context (0 = start, 1 = end)

@@ -39,12 +39,13 @@ from .config import SynthConfig
 from .corpus import Document, detect_lang
 from .formatting import RecordError, clean_messages
 from .io import LongAlignError, append_jsonl, iter_jsonl
-from .llm import ContextTooLong, run_sync
+from .llm import ContextTooLong, Deferred, Price, cost_of, run_sync
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 TASK_TYPES = ("general", "summary", "reasoning", "extraction")
 LANGS = ("en", "zh")
 PLACEHOLDER_QUESTION_TOKENS = 30  # for --dry-run estimates of the answer calls
+SCALE_RECORDS = 10_000  # --dry-run also prices a run of this size (the paper's LongAlign-10k)
 
 # ----------------------------------------------------------------------------------------------------------------
 # prompts
@@ -62,24 +63,41 @@ def prompt_text(name: str) -> str:
 
 
 def _fill(template: str, **values) -> str:
-    out = template
-    for k, v in values.items():  # plain replacement: documents contain braces
-        out = out.replace("{" + k + "}", str(v))
-    return out.strip()
+    """Fill {name} fields in one pass (a document's own braces, even '{n}', stay as they are).
+
+    >>> _fill("{document}\\n\\nWrite {n}.", document="a {n} b", n=3)
+    'a {n} b\\n\\nWrite 3.'
+    """
+    pattern = re.compile("|".join(re.escape("{" + k + "}") for k in values))
+    return pattern.sub(lambda m: str(values[m.group(0)[1:-1]]), template).strip()
 
 
-def question_messages(doc_text: str, task_type: str, lang: str = "en", n: int = 5) -> list[dict]:
-    """The request for `n` questions of one task type about the document."""
+def _doc_first(content: str, doc_text: str, cache: bool) -> dict:
+    """A user message; with `cache`, marked with the length of its leading document (llm.py's cache_prefix)."""
+    msg = {"role": "user", "content": content}
+    doc = doc_text.strip()
+    if cache and doc and content.startswith(doc):
+        msg["cache_prefix"] = len(doc)
+    return msg
+
+
+def question_messages(doc_text: str, task_type: str, lang: str = "en", n: int = 5, cache: bool = False) -> list[dict]:
+    """The request for `n` questions of one task type about the document (the document comes first).
+
+    The question and the answer request of a document start with the same bytes (the document), so a
+    provider's prompt cache can serve the second from the first; `cache=True` marks that prefix.
+    """
     if task_type not in TASK_TYPES:
         raise LongAlignError(f"synth.task_types: unknown task type {task_type!r}; choose from {', '.join(TASK_TYPES)}")
     lang = lang if lang in LANGS else "en"
-    return [{"role": "user", "content": _fill(prompt_text(f"questions_{lang}_{task_type}"), document=doc_text, n=n)}]
+    content = _fill(prompt_text(f"questions_{lang}_{task_type}"), document=doc_text, n=n)
+    return [_doc_first(content, doc_text, cache)]
 
 
-def answer_messages(doc_text: str, question: str, lang: str = "en") -> list[dict]:
-    """The request for an answer grounded in the document."""
+def answer_messages(doc_text: str, question: str, lang: str = "en", cache: bool = False) -> list[dict]:
+    """The request for an answer grounded in the document (the document first, as in `question_messages`)."""
     lang = lang if lang in LANGS else "en"
-    return [{"role": "user", "content": _fill(prompt_text(f"answer_{lang}"), document=doc_text, question=question)}]
+    return [_doc_first(_fill(prompt_text(f"answer_{lang}"), document=doc_text, question=question), doc_text, cache)]
 
 
 def training_user_turn(doc_text: str, question: str) -> str:
@@ -320,7 +338,8 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
     lang = doc.lang if doc.lang in LANGS else detect_lang(doc.text)
     seed = _doc_seed(doc.id, scfg.seed)
     answer_client = answer_client or client
-    tr = Trace(doc.id, task_type, lang, question_messages(doc.text, task_type, lang, scfg.n_questions))
+    cache = use_cache_marker(scfg)
+    tr = Trace(doc.id, task_type, lang, question_messages(doc.text, task_type, lang, scfg.n_questions, cache))
     params = {"max_new_tokens": scfg.question_max_new_tokens or scfg.max_new_tokens,
               "temperature": scfg.temperature}
     for attempt in range(max(1, scfg.question_attempts)):  # a fresh sample when no question could be parsed
@@ -346,7 +365,7 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
     if tr.question is None:
         tr.reason = "duplicate_question"
         return tr
-    tr.answer_prompt = answer_messages(doc.text, tr.question, lang)
+    tr.answer_prompt = answer_messages(doc.text, tr.question, lang, cache)
     try:
         a = await answer_client.achat(tr.answer_prompt, max_new_tokens=scfg.max_new_tokens,
                                       temperature=scfg.answer_temperature, seed=seed)
@@ -428,7 +447,12 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
 
             async def one(i, doc):
                 async with gate:
-                    tr = await asynth_document(client, doc, task_for(i, scfg), scfg, used)
+                    try:
+                        tr = await asynth_document(client, doc, task_for(i, scfg), scfg, used)
+                    except Deferred:  # batch mode: this document waits for the next batch
+                        counts["deferred"] += 1
+                        bar.update(1)
+                        return
                 if tr.record is not None:
                     q = norm_question(tr.question)
                     if q in used:  # a concurrent document picked the same question first
@@ -455,8 +479,35 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
     planned = Counter(task_for(i, scfg) for i in range(len(docs)))
     return {"docs": len(docs), "skipped_done": len(docs) - len(todo), "processed": len(todo),
             "planned_task_types": dict(planned),
-            "kept": counts.pop("kept", 0), "rejected": dict(counts), "task_types": dict(tasks),
-            "seconds": round(time.time() - t0, 1)}
+            "kept": counts.pop("kept", 0), "deferred": counts.pop("deferred", 0), "rejected": dict(counts),
+            "task_types": dict(tasks), "seconds": round(time.time() - t0, 1)}
+
+
+def synth_long_batched(client, docs: list[Document], scfg, out: Path, rejects: Path, state_dir: Path,
+                       resume: bool = False, progress: bool = True) -> dict:
+    """`synth_long` through the provider's Batch API: round 1 sends every question request as one batch, round 2
+    the answers (and fresh question samples where none parsed); each round's results fill the request cache and
+    the documents finish from it. Batch ids live in `state_dir`; a rerun resumes them (llm_batch.py)."""
+    from .llm_batch import run_batched
+
+    total = {"kept": 0, "rejected": Counter(), "task_types": Counter(), "seconds": 0.0}
+    first: dict = {}
+
+    def step():
+        st = synth_long(client, docs, scfg, out, rejects, resume=resume or bool(first), progress=progress)
+        first.setdefault("stats", st)
+        total["kept"] += st["kept"]
+        total["rejected"].update(st["rejected"])
+        total["task_types"].update(st["task_types"])
+        total["seconds"] += st["seconds"]
+        return st
+
+    _, rounds = run_batched(client, step, state_dir, "synth", poll_s=scfg.batch_poll_s, retry=scfg.batch_retry,
+                            max_attempts=scfg.batch_max_attempts, progress=progress)
+    st = dict(first["stats"])
+    st.update(kept=total["kept"], rejected=dict(total["rejected"]), task_types=dict(total["task_types"]),
+              deferred=0, seconds=round(total["seconds"], 1), batch_rounds=rounds)
+    return st
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -628,20 +679,47 @@ def mean_target_length(lo: int, hi: int, upsample: float) -> float:
     return a / (a + 1) * (hi ** (a + 1) - lo ** (a + 1)) / (hi ** a - lo ** a)
 
 
-def cost_table(prices: dict, n_docs: int, doc_tokens: float, question_tokens: int = 200, answer_tokens: int = 1024,
-               prompt_overhead: int = 120) -> list[dict]:
-    """Cost of Self-Instruct at scale per price point: 2 calls per document (questions, answer), document sent twice.
+LEVERS = (("interactive", False), ("interactive", True), ("batch", False), ("batch", True))
+MIN_CACHE_TOKENS = 1024  # shortest prefix either provider caches (Anthropic's Haiku models need 2,048)
 
-    Output tokens are upper bounds (the max_new_tokens of each call).
+
+def cost_table(prices: dict, n_docs: int, doc_tokens: float, question_tokens: int = 200, answer_tokens: int = 1024,
+               prompt_overhead: int = 120, levers=LEVERS, batch_discount: float = 0.5) -> list[dict]:
+    """Cost of Self-Instruct at scale per model and lever (interactive/batch × prompt caching off/on).
+
+    Two calls per document (the question list, then the answer), the document first in both. With caching the
+    question call writes the document to the provider's prompt cache and the answer call, sent right after it,
+    reads it. In batch mode the two calls sit in two batches hours apart, beyond the cache's lifetime (5 min to
+    1 h), so caching saves nothing there and synth does not mark the document (see `use_cache_marker`). Output
+    tokens are upper bounds (the max_new_tokens of each call). Each row: model, mode, caching, calls, tokens,
+    cost_usd, saving (share saved against interactive without caching).
     """
-    tin = n_docs * (2 * (doc_tokens + prompt_overhead) + PLACEHOLDER_QUESTION_TOKENS)
-    tout = n_docs * (question_tokens + answer_tokens)
+    q_in = doc_tokens + prompt_overhead
+    a_in = doc_tokens + prompt_overhead + PLACEHOLDER_QUESTION_TOKENS
+    cacheable = doc_tokens >= MIN_CACHE_TOKENS
     rows = []
-    for model, (pin, pout) in prices.items():
-        rows.append({"model": model, "usd_per_1M_in": pin, "usd_per_1M_out": pout, "calls": 2 * n_docs,
-                     "input_tokens": int(tin), "output_tokens": int(tout),
-                     "cost_usd": round((tin * pin + tout * pout) / 1e6, 2)})
+    for model, p in prices.items():
+        price = Price.parse(p, model)
+        base = None
+        for mode, caching in levers:
+            hit = caching and cacheable and mode == "interactive"
+            usage = {"input_tokens": n_docs * (q_in + a_in), "output_tokens": n_docs * (question_tokens + answer_tokens),
+                     "cache_write_tokens": n_docs * doc_tokens if hit else 0,
+                     "cache_read_tokens": n_docs * doc_tokens if hit else 0}
+            usd = cost_of(usage, price, batch=mode == "batch", batch_discount=batch_discount)
+            if mode == "interactive" and not caching:
+                base = usd
+            rows.append({"model": model, "mode": mode, "caching": caching, "calls": 2 * n_docs,
+                         **{k: int(v) for k, v in usage.items()},
+                         "usd_per_1M": [price.input, price.output, price.cache_read, price.cache_write],
+                         "cost_usd": round(usd, 2),
+                         "saving": round(1 - usd / base, 3) if base else 0.0})
     return rows
+
+
+def use_cache_marker(scfg) -> bool:
+    """Mark the document for the provider's prompt cache: caching on and interactive (see `cost_table`)."""
+    return bool(scfg.prompt_caching) and getattr(scfg, "mode", "interactive") == "interactive"
 
 
 def dry_run(client, docs: list[Document], scfg, done: set[str]) -> dict:
@@ -660,10 +738,31 @@ def dry_run(client, docs: list[Document], scfg, done: set[str]) -> dict:
                             max_new_tokens=scfg.max_new_tokens)
     total = {k: q_est[k] + a_est[k] for k in ("calls", "input_tokens", "output_tokens", "cost_usd")}
     total["cost_usd"] = round(total["cost_usd"], 6)
+    # the same run at the paper's scale, under each lever, at this model's price (or every listed price)
+    mean_doc = sum(client.count_tokens([{"role": "user", "content": d.text}]) for d in docs) / max(1, len(docs))
+    key = _price_key(client.model, scfg.prices)
+    prices = {client.model: scfg.prices[key]} if key else dict(scfg.prices)
+    scale = cost_table(prices, SCALE_RECORDS, mean_doc, question_tokens=qp["max_new_tokens"],
+                       answer_tokens=scfg.max_new_tokens, batch_discount=scfg.batch_discount)
     return {"documents": len(todo), "skipped_done": len(docs) - len(todo), "backend": client.backend_name,
             "extra_question_calls_at_most": len(todo) * (max(1, scfg.question_attempts) - 1),
             "model": client.model, "price_per_1M": a_est["price_per_1M"], "questions": q_est, "answers": a_est,
-            **total}
+            **total, "mode": scfg.mode, "prompt_caching": scfg.prompt_caching,
+            "scale": {"records": SCALE_RECORDS, "mean_doc_tokens": round(mean_doc), "rows": scale}}
+
+
+def _price_key(model: str, prices: dict) -> str | None:
+    keys = [k for k in prices if model == k or model.startswith(k) or model.split("/")[-1].startswith(k)]
+    return max(keys, key=len) if keys else None
+
+
+def lever_table(rows: list[dict]) -> str:
+    """Markdown table of `cost_table` rows: model, lever, cost, saving."""
+    lines = ["| model | mode | prompt caching | cost (USD) | saving |", "|---|---|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {'on' if r['caching'] else 'off'} | {r['cost_usd']:,.2f} | "
+                     f"{r['saving']:.0%} |")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -705,21 +804,27 @@ def mix_figure(records: list[dict], rejected: dict | None = None, planned: dict 
     return fig
 
 
+def lever_label(mode: str, caching: bool) -> str:
+    return f"{mode}{' + prompt caching' if caching else ''}"
+
+
 def cost_figure(rows: list[dict], n_docs: int):
-    """Bar chart of `cost_table` rows: input vs output share of the cost at each price point."""
+    """Grouped bars of `cost_table` rows: per model, the cost under each lever (interactive/batch × caching)."""
     from . import plots
 
-    fig, ax = plots.figure(figsize=(6.5, 3.6))
-    names = [r["model"] for r in rows]
-    cin = [r["input_tokens"] * r["usd_per_1M_in"] / 1e6 for r in rows]
-    cout = [r["output_tokens"] * r["usd_per_1M_out"] / 1e6 for r in rows]
-    ax.bar(names, cin, color=plots.PALETTE["prompt"], edgecolor="#888", label="input tokens (documents)")
-    ax.bar(names, cout, bottom=cin, color=plots.PALETTE["target"], label="output tokens (≤ max_new_tokens)")
-    for i, r in enumerate(rows):
-        ax.text(i, cin[i] + cout[i], f"${r['cost_usd']:,.0f}", ha="center", va="bottom")
-    ax.set_ylabel("USD")
-    ax.set_title(f"Self-Instruct cost for {n_docs:,} long documents (2 calls each)")
-    ax.legend(loc="upper left")
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    levers = list(dict.fromkeys((r["mode"], r["caching"]) for r in rows))
+    cost = {(r["model"], r["mode"], r["caching"]): r["cost_usd"] for r in rows}
+    fig, ax = plots.figure(figsize=(8.5, 3.8))
+    width = 0.8 / max(1, len(levers))
+    for k, (mode, caching) in enumerate(levers):
+        xs = [i + (k - (len(levers) - 1) / 2) * width for i in range(len(models))]
+        ax.bar(xs, [cost[(m, mode, caching)] for m in models], width, label=lever_label(mode, caching),
+               hatch="//" if caching else None, edgecolor="white")
+    ax.set_xticks(range(len(models)), models, rotation=15)
+    ax.set_ylabel("USD (output at its max_new_tokens cap)")
+    ax.set_title(f"Self-Instruct cost for {n_docs:,} long documents (2 calls each), list prices")
+    ax.legend(loc="upper left", ncol=2)
     fig.tight_layout()
     return fig
 

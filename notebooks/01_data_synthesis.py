@@ -23,7 +23,8 @@
 #    finds in it, the question picked, the answer written with the document in view, the final record;
 # 3. a **small batch** through the same code the CLI runs (`longalign synth`), with the filters' counts;
 # 4. **short chat data**: ShareGPT import and Magpie-style self-generated questions;
-# 5. what the **paper's 10k scale** would cost on two API price points.
+# 5. what the **paper's 10k scale** costs per provider and model, and what each lever (Batch API, prompt
+#    caching) saves.
 #
 # The default model is the offline SmolLM2-135M-Instruct: tiny, so expect clumsy questions and many
 # rejections — the *pipeline* is what you learn here. Point `BACKEND`/`MODEL`/`BASE_URL` at a real model
@@ -60,6 +61,7 @@ from longalign_lib.io import read_jsonl, write_json, write_metrics
 from longalign_lib.llm import make_client
 from longalign_lib.models import load_model_and_tokenizer
 from longalign_lib.synth import (
+    LEVERS,
     TASK_TYPES,
     cost_figure,
     cost_table,
@@ -217,25 +219,60 @@ for r in short_magpie:
     print("Q:", r["messages"][0]["content"][:200], "\nA:", r["messages"][1]["content"][:200], "\n")
 
 # %% [markdown]
-# ## 5. What the paper's scale costs
+# ## 5. What the paper's scale costs, and what each lever saves
 # Two calls per document (questions, then the answer), the document sent both times. Document length follows
 # the `paper` preset (8k–64k tokens, long documents upsampled); output tokens are counted at their
-# `max_new_tokens` caps, so these are upper bounds. Prices come from `synth.prices` in the config — edit them to
-# your provider's current list.
+# `max_new_tokens` caps, so these are upper bounds. Two levers change the bill without changing a single token
+# of the data:
+# - **Batch API** (`synth.mode=batch`; OpenAI Batch, Anthropic Message Batches): the same requests at half the
+#   price, answered within 24 h. Self-Instruct becomes two batches (all question lists, then all answers);
+#   `longalign synth` keeps the batch ids in the run directory and resumes them after an interruption.
+# - **Prompt caching** (`synth.prompt_caching`): both prompts put the document first, byte for byte the same, so
+#   the answer call reads it from the provider's cache: OpenAI does this by itself for prefixes of 1,024+ tokens
+#   (cached input at 10–50 % of the price), Anthropic when the document block carries `cache_control` (a write
+#   costs 1.25×, a read 0.1× the input price).
+#
+# They do not add up here: the two batches are hours apart, longer than a prompt cache lives (5 min – 1 h).
+# List prices (USD per 1M tokens: input, output, cache read, cache write) are `synth.prices`, read on
+# 2026-11-30 — OpenAI: developers.openai.com/api/docs/pricing (as quoted on 2026-11-06 by APIs.io and in GitHub
+# Docs' models-and-pricing table); Anthropic: docs.anthropic.com/en/docs/about-claude/pricing (Haiku/Sonnet
+# 4.5 as listed on 2026-03-21 by deploybase.ai). Check the providers' pages before you spend;
+# docs/howto.md lists the sources.
 
 # %%
 paper = load_config("paper")
 mean_doc = mean_target_length(paper.corpus.min_tokens, paper.corpus.max_tokens, paper.corpus.upsample_long)
-rows = cost_table(cfg.synth.prices, SCALE_DOCS, mean_doc, question_tokens=200, answer_tokens=paper.synth.max_new_tokens)
+rows = cost_table(cfg.synth.prices, SCALE_DOCS, mean_doc, question_tokens=200, answer_tokens=paper.synth.max_new_tokens,
+                  batch_discount=cfg.synth.batch_discount)
 write_json(out / "cost_table.json", rows)
-display(Markdown(f"Mean document length: **{mean_doc:,.0f} tokens**\n\n"
-                 "| model | USD / 1M in | USD / 1M out | calls | input tokens | output tokens | cost (USD) |\n"
-                 "|---|---|---|---|---|---|---|\n"
-                 + "\n".join(f"| {r['model']} | {r['usd_per_1M_in']} | {r['usd_per_1M_out']} | {r['calls']:,} | "
-                             f"{r['input_tokens']:,} | {r['output_tokens']:,} | {r['cost_usd']:,.2f} |" for r in rows)))
+cost = {(r["model"], r["mode"], r["caching"]): r for r in rows}
+models = list(dict.fromkeys(r["model"] for r in rows))
+display(Markdown(
+    f"Mean document length: **{mean_doc:,.0f} tokens**; {SCALE_DOCS:,} records, {2 * SCALE_DOCS:,} calls.\n\n"
+    "| model | USD / 1M in · out · cache read · write | interactive | + prompt caching | batch | batch + caching |\n"
+    "|---|---|---:|---:|---:|---:|\n"
+    + "\n".join(f"| {m} | {' · '.join(f'{x:g}' for x in cost[(m, 'interactive', False)]['usd_per_1M'])} | "
+                + " | ".join(f"{cost[(m, mode, c)]['cost_usd']:,.2f}"
+                             + (f" (−{cost[(m, mode, c)]['saving']:.0%})" if cost[(m, mode, c)]['saving'] else "")
+                             for mode, c in LEVERS) + " |" for m in models)))
 fig = cost_figure(rows, SCALE_DOCS)
 plots.save(fig, out / "cost_10k.png")
 fig
+
+# %% [markdown]
+# The check below recomputes one cell of the table by hand: the answer call's copy of the document moves from
+# the input price to the cache-read price, the question call's copy from the input price to the cache-write
+# price (OpenAI bills no write, so its write price is the input price).
+
+# %%
+m = models[0]
+p_in, p_out, p_read, p_write = cost[(m, "interactive", False)]["usd_per_1M"]
+doc_usd = SCALE_DOCS * mean_doc / 1e6
+by_hand = cost[(m, "interactive", False)]["cost_usd"] - doc_usd * (p_in - p_read) - doc_usd * (p_in - p_write)
+assert abs(by_hand - cost[(m, "interactive", True)]["cost_usd"]) < 0.02, (by_hand, cost[(m, "interactive", True)])
+assert abs(cost[(m, "batch", False)]["cost_usd"] - cost[(m, "interactive", False)]["cost_usd"] / 2) < 0.02
+print(f"{m}: caching saves ${cost[(m, 'interactive', False)]['cost_usd'] - by_hand:,.2f}, batch saves "
+      f"${cost[(m, 'interactive', False)]['cost_usd'] - cost[(m, 'batch', False)]['cost_usd']:,.2f} per {SCALE_DOCS:,} records")
 
 # %%
 genres = Counter(d.genre for d in docs)
@@ -246,6 +283,9 @@ write_metrics(out, {
     "walk_reason": trace.reason or "kept", "long_kept": len(records), "long_rejected": stats["rejected"],
     "task_types": stats["task_types"], "sharegpt_kept": counts.get("kept", 0), "magpie_kept": len(short_magpie),
     "requests": client.stats["requests"], "cache_hits": client.stats["cache_hits"],
-    "mean_doc_tokens_paper": round(mean_doc), "cost_10k": {r["model"]: r["cost_usd"] for r in rows},
+    "mean_doc_tokens_paper": round(mean_doc),
+    "cost_10k": {m: cost[(m, "interactive", False)]["cost_usd"] for m in models},
+    "cost_10k_levers": {f"{m}|{mode}|{'cache' if c else 'nocache'}": cost[(m, mode, c)]["cost_usd"]
+                        for m in models for mode, c in LEVERS},
     "genre_png": str(out / "genre_mix.png"), "task_png": str(out / "task_mix.png"), "cost_png": str(out / "cost_10k.png"),
 })

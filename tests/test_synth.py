@@ -167,13 +167,25 @@ def test_prompts_follow_language_and_task():
     assert sorted(set(mix)) == sorted(s.task_types) and all(mix.count(t) == 2 for t in s.task_types)
 
 
-def test_cost_table_scales_linearly():
+def test_cost_table_levers():
     prices = SynthConfig().prices
     rows = cost_table(prices, 10_000, doc_tokens=16_000, answer_tokens=1024)
-    assert [r["model"] for r in rows] == list(prices) and rows[0]["calls"] == 20_000
+    assert len(rows) == 4 * len(prices) and rows[0]["calls"] == 20_000
+    cost = {(r["model"], r["mode"], r["caching"]): r["cost_usd"] for r in rows}
+    for m in prices:
+        base = cost[(m, "interactive", False)]
+        assert cost[(m, "batch", False)] == pytest.approx(base / 2, rel=1e-3)  # the batch discount
+        assert cost[(m, "interactive", True)] < base  # the answer call reads the document from the cache
+        assert cost[(m, "batch", True)] == cost[(m, "batch", False)]  # two batches hours apart: no cache hit
+    # Anthropic bills a cache write at 1.25x: the read (0.1x) still saves ~0.8 of one document's input
+    r = next(r for r in rows if r["model"] == "claude-haiku-4-5" and r["mode"] == "interactive" and r["caching"])
+    assert r["cache_write_tokens"] == r["cache_read_tokens"] == 10_000 * 16_000
+    saved = 10_000 * 16_000 * ((1.0 - 0.10) - (1.25 - 1.0)) / 1e6  # the read saves 0.9, the write costs 0.25
+    assert cost[("claude-haiku-4-5", "interactive", False)] - r["cost_usd"] == pytest.approx(saved, abs=0.02)
     twice = cost_table(prices, 20_000, doc_tokens=16_000, answer_tokens=1024)
     assert twice[0]["cost_usd"] == pytest.approx(2 * rows[0]["cost_usd"], rel=1e-3)
-    assert rows[1]["cost_usd"] > rows[0]["cost_usd"] > 0
+    short = cost_table({"m": [1, 1, 0.1, 1.25]}, 10, doc_tokens=500)  # below 1,024 tokens nothing is cached
+    assert short[1]["cost_usd"] == short[0]["cost_usd"]
     assert mean_target_length(1000, 3000, 1.0) == pytest.approx(2000)
     assert mean_target_length(8000, 64000, 2.0) > 36000
 
@@ -240,10 +252,14 @@ def _docs(n: int) -> list[dict]:
     return out
 
 
+def _text_of(content) -> str:
+    return "".join(b["text"] for b in content) if isinstance(content, list) else content
+
+
 def fake_model(body: dict, path: str) -> str:
     """Answers like an instruction-following model: a question list, or an answer quoting the document."""
     msgs = body.get("messages") or []
-    prompt = msgs[-1]["content"] if msgs else ""
+    prompt = _text_of(msgs[-1]["content"]) if msgs else ""  # Anthropic: the cache-marked blocks, rejoined
     doc = prompt.split("\n\n")[0]
     words = [w for w in doc.split() if w.isalpha() and len(w) > 3]
     if "numbered list" in prompt:
@@ -302,6 +318,57 @@ def test_stage_over_http_records_cache_and_filters(llm_server, tmp_path, backend
         sorted(map(json.dumps, read_jsonl(tmp_path / "run2" / "long.jsonl"))) == sorted(map(json.dumps, long))
 
 
+def test_prompts_put_the_document_first_identically_and_mark_it_for_the_cache(llm_server, tmp_path):
+    """Anthropic: the question and the answer request of a document share a byte-identical, cache-marked first
+    block (the document); the answer call reads it from the provider's cache. Caching off: no marker."""
+    from longalign_lib.cli import main
+
+    llm_server.responder = fake_model
+    write_jsonl(tmp_path / "run" / "corpus.jsonl", _docs(2))
+    assert main(_cli(tmp_path / "run", llm_server, tmp_path / "cache", "--set", "synth.concurrency=1",
+                     backend="anthropic")) == 0
+    blocks = [b["messages"][0]["content"] for b in llm_server.bodies]
+    assert len(blocks) == 4 and all(isinstance(b, list) and b[0]["cache_control"] for b in blocks)
+    by_doc: dict = {}
+    for b in blocks:
+        by_doc.setdefault(b[0]["text"], []).append(b[1]["text"])
+    assert len(by_doc) == 2 and all(len(v) == 2 for v in by_doc.values())  # question + answer per document
+    summary = json.loads((tmp_path / "run" / "synth.json").read_text())
+    assert summary["llm"]["cache_read_tokens"] > 0 and summary["llm"]["cache_write_tokens"] > 0
+    llm_server.reset()
+    assert main(_cli(tmp_path / "run2", llm_server, tmp_path / "cache2", "--set", "synth.prompt_caching=false",
+                     "--set", f"synth.corpus_file={tmp_path / 'run' / 'corpus.jsonl'}", backend="anthropic")) == 0
+    assert all(isinstance(b["messages"][0]["content"], str) for b in llm_server.bodies)
+
+
+def test_magpie_through_a_server_takes_its_own_tokenizer_setting_checked_before_paying(llm_server, tmp_path,
+                                                                                       capsys):
+    from longalign_lib.cli import main
+
+    llm_server.responder = fake_model
+    write_jsonl(tmp_path / "run" / "corpus.jsonl", _docs(2))
+    short = ["--set", "synth.n_short=1", "--set", "synth.short_backend=openai", "--set", "synth.short_model=smollm2"]
+    assert main(_cli(tmp_path / "run", llm_server, tmp_path / "cache", *short)) == 2
+    assert "synth.short_tokenizer is not set" in capsys.readouterr().err
+    assert llm_server.count == 0, "nothing paid before the prerequisite check"
+    tides = "How do tides form along a coastline?"
+
+    def served(body, path):  # a Magpie question over /v1/completions, then its answer over chat
+        if path == "/v1/completions":
+            return " " + tides
+        if body["messages"][-1]["content"] == tides:
+            return ("Tides form because the gravity of the moon and the sun pulls on the oceans, raising bulges "
+                    "of water that sweep around the planet as it turns.")
+        return fake_model(body, path)
+
+    llm_server.responder = served
+    assert main(_cli(tmp_path / "run", llm_server, tmp_path / "cache", *short,
+                     "--set", "synth.short_tokenizer=smollm2-135m-instruct")) == 0
+    prompt = next(b["prompt"] for b in llm_server.bodies if "prompt" in b)
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>user\n")  # SmolLM2's template
+    assert read_jsonl(tmp_path / "run" / "short.jsonl")[0]["meta"]["generator"] == "magpie"
+
+
 def test_dry_run_spends_nothing(llm_server, tmp_path, capsys):
     from longalign_lib.cli import main
 
@@ -312,7 +379,12 @@ def test_dry_run_spends_nothing(llm_server, tmp_path, capsys):
     plan = json.loads((tmp_path / "run" / "synth_plan.json").read_text())
     assert plan["calls"] == 8 and plan["output_tokens"] == 8 * 64
     assert plan["cost_usd"] == pytest.approx((plan["input_tokens"] * 1.0 + plan["output_tokens"] * 4.0) / 1e6, rel=1e-3)
-    assert "8 calls" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "8 calls" in printed and "| fake-model | batch | on |" in printed
+    # the 10k-record estimate: interactive vs batch x caching, at this model's price
+    rows = {(r["mode"], r["caching"]): r for r in plan["scale"]["rows"]}
+    assert plan["scale"]["records"] == 10_000 and len(rows) == 4 and plan["scale"]["mean_doc_tokens"] > 0
+    assert rows[("batch", False)]["cost_usd"] == pytest.approx(rows[("interactive", False)]["cost_usd"] / 2, rel=1e-3)
 
 
 def test_resume_after_kill_has_no_duplicates_and_no_losses(llm_server, tmp_path):
@@ -328,7 +400,7 @@ def test_resume_after_kill_has_no_duplicates_and_no_losses(llm_server, tmp_path)
     proc = subprocess.Popen([sys.executable, "-m", "longalign_lib.cli",
                              *_cli(tmp_path / "run", llm_server, tmp_path / "cache")],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
+    deadline = time.time() + 240  # generous: a loaded shared machine starts Python slowly
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3):
         time.sleep(0.05)
     proc.kill()

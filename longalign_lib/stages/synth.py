@@ -11,8 +11,20 @@ from .. import plots
 from ..corpus import Document, build_corpus, load_corpus, make_counter
 from ..io import LongAlignError, iter_jsonl, write_json, write_jsonl
 from ..llm import client_from_config, make_client
+from ..llm_batch import batch_summary
 from ..models import load_tokenizer
-from ..synth import _done_ids, dry_run, import_sharegpt, magpie_records, mix_figure, synth_long
+from ..synth import (
+    _done_ids,
+    dry_run,
+    import_sharegpt,
+    lever_table,
+    magpie_prefix,
+    magpie_records,
+    mix_figure,
+    synth_long,
+    synth_long_batched,
+    task_for,
+)
 from .base import StageResult, add_resume_flag
 
 
@@ -30,6 +42,56 @@ def _docs_for(cfg, run_dir: Path) -> tuple[list[Document], str]:
     docs, _ = build_corpus(cfg.corpus, make_counter(load_tokenizer(cfg.corpus.tokenizer or cfg.model.name)))
     write_jsonl(run_dir / "corpus.jsonl", [d.to_dict() for d in docs])
     return docs, f"{run_dir / 'corpus.jsonl'} (built now: no corpus stage output was found)"
+
+
+def short_tokenizer(cfg, short_client):
+    """The chat template Magpie writes its prompts with: `synth.short_tokenizer`, else (local backend) the model's.
+
+    A served model's name (`synth.short_model=smollm2` on a llama.cpp server) is often not a hub id, so an
+    OpenAI-compatible short backend needs `synth.short_tokenizer` set; it is loaded before any paid call.
+    """
+    s = cfg.synth
+    if not s.short_tokenizer and short_client.backend_name == "local":
+        return short_client.backend.tokenizer
+    if not s.short_tokenizer:
+        raise LongAlignError(f"synth.short_tokenizer is not set: Magpie-style short data through "
+                             f"short_backend={s.short_backend} needs the served model's chat template. Set it to a "
+                             "local folder, hub id or smollm2-135m-instruct (e.g. --set "
+                             "synth.short_tokenizer=smollm2-135m-instruct), or set synth.n_short=0")
+    try:
+        return load_tokenizer(s.short_tokenizer)
+    except LongAlignError:
+        raise
+    except Exception as e:
+        raise LongAlignError(f"synth.short_tokenizer={s.short_tokenizer!r}: cannot load a tokenizer from it "
+                             f"({type(e).__name__}: {str(e)[:200]}); give a local folder or a cached hub id") from None
+
+
+def check_prerequisites(cfg, client, n_docs: int) -> dict:
+    """Everything the stage needs, checked before the first paid call: settings, short-data files, the
+    Magpie client and tokenizer, batch support. Returns {short_records, short_client, tokenizer}."""
+    s = cfg.synth
+    if s.mode not in ("interactive", "batch"):
+        raise LongAlignError(f"synth.mode={s.mode!r}: choose interactive or batch")
+    for i in range(min(n_docs, len(s.task_types) or 1)):
+        task_for(i, s)  # unknown task types fail here
+    if s.mode == "batch" and not client.supports_batch:
+        raise LongAlignError(f"synth.mode=batch needs a Batch API: backend {client.backend_name!r} has none; use "
+                             "synth.backend=openai or anthropic, or synth.mode=interactive")
+    short_recs, imported = [], Counter()
+    for f in s.short_files:
+        recs, c = import_sharegpt(f)
+        short_recs += recs
+        imported.update(c)
+    short_client = tok = None
+    if s.n_short > 0:
+        if s.short_backend == "anthropic":
+            raise LongAlignError("synth.short_backend=anthropic: Magpie needs raw text completions; use local or "
+                                 "an OpenAI-compatible server (vLLM, llama.cpp), or set synth.n_short=0")
+        short_client = _short_client(cfg, client)
+        tok = short_tokenizer(cfg, short_client)
+        magpie_prefix(tok)  # the template must render a user turn
+    return {"short_records": short_recs, "imported": imported, "short_client": short_client, "tokenizer": tok}
 
 
 def _short_client(cfg, long_client):
@@ -61,6 +123,10 @@ def run(cfg, run_dir: Path, args) -> StageResult:
               f"({plan['questions']['cached']} question calls cached), ~{plan['input_tokens']:,} input + "
               f"≤{plan['output_tokens']:,} output tokens, ≈ ${plan['cost_usd']:.4f} on {plan['backend']}:{plan['model']}",
               flush=True)
+        sc = plan["scale"]
+        print(f"[longalign] a {sc['records']:,}-document run (mean document {sc['mean_doc_tokens']:,} tokens; "
+              f"output at its caps), interactive vs batch x prompt caching off/on:\n{lever_table(sc['rows'])}",
+              flush=True)
         write_json(run_dir / "synth_plan.json", plan)
         return StageResult({"dry_run": True, "calls": plan["calls"], "input_tokens": plan["input_tokens"],
                             "output_tokens": plan["output_tokens"], "cost_usd": plan["cost_usd"]},
@@ -68,21 +134,20 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                            f"Dry run only: {plan['calls']} calls, ≈ ${plan['cost_usd']:.4f}. Nothing was generated.",
                            dry_run=True)
 
-    long_stats = synth_long(client, docs, s, long_path, rej_long, resume=resume)
-    # short data
-    short_recs = []
-    imported = Counter()
-    for f in s.short_files:
-        recs, c = import_sharegpt(f)
-        short_recs += recs
-        imported.update(c)
-    short_client = _short_client(cfg, client) if s.n_short > 0 else None
+    pre = check_prerequisites(cfg, client, len(docs))  # before the first paid call
+    if s.mode == "batch":
+        long_stats = synth_long_batched(client, docs, s, long_path, rej_long, run_dir / "batches", resume=resume)
+    else:
+        long_stats = synth_long(client, docs, s, long_path, rej_long, resume=resume)
+    # short data (Magpie runs interactively: raw completions have no batch endpoint on most servers)
+    short_recs, imported = pre["short_records"], pre["imported"]
+    short_client = pre["short_client"]
     magpie_path = run_dir / "short_magpie.jsonl"
     magpie = {"kept": 0, "attempts": 0, "rejected": {}}
     if short_client is not None:
-        tok = short_client.backend.tokenizer if short_client.backend_name == "local" else load_tokenizer(s.short_model)
-        magpie = magpie_records(short_client, tok, s.n_short, s, magpie_path, rej_short, resume=resume)
-        short_recs += [r for _, r in iter_jsonl(magpie_path, allow_partial_last_line=True)]
+        magpie = magpie_records(short_client, pre["tokenizer"], s.n_short, s, magpie_path, rej_short, resume=resume)
+        if magpie_path.exists():  # every Magpie sample may have been rejected
+            short_recs += [r for _, r in iter_jsonl(magpie_path, allow_partial_last_line=True)]
     write_jsonl(short_path, short_recs)
 
     records = [r for _, r in iter_jsonl(long_path)] if long_path.exists() else []
@@ -90,15 +155,20 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                      run_dir / "figures" / "synth_mix.png", close=True)
     stats = dict(client.stats)
     if short_client is not None and short_client is not client:
-        for k in ("requests", "cache_hits", "retries", "input_tokens", "output_tokens", "cost_usd"):
+        for k in ("requests", "cache_hits", "retries", "input_tokens", "output_tokens", "cache_read_tokens",
+                  "cache_write_tokens", "cost_usd"):
             stats[k] += short_client.stats[k]
     summary = {"corpus": corpus_from, "long": long_stats, "short": {"imported": dict(imported), "magpie": magpie,
                                                                        "total": len(short_recs)},
-               "llm": {**stats, "backend": client.backend_name, "model": client.model}}
+               "llm": {**stats, "backend": client.backend_name, "model": client.model, "mode": s.mode}}
+    if s.mode == "batch":
+        summary["batches"] = batch_summary(run_dir / "batches")
     write_json(run_dir / "synth.json", summary)
     metrics = {"long_records": len(records), "docs": len(docs), "rejected": sum(long_stats["rejected"].values()),
                "short_records": len(short_recs), "requests": stats["requests"], "cache_hits": stats["cache_hits"],
                "retries": stats["retries"], "cost_usd": round(stats["cost_usd"], 4),
+               "cache_read_tokens": stats["cache_read_tokens"], "batch_items": stats["batch_items"],
+               "batch_failed": stats["batch_failed"],
                "seconds_long": long_stats["seconds"],
                **{f"reject_{k}": v for k, v in sorted(long_stats["rejected"].items())}}
     rej = ", ".join(f"{k} {v}" for k, v in long_stats["rejected"].items()) or "none"
@@ -110,7 +180,10 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     report = (f"Self-Instruct with `{client.backend_name}:{client.model}` over {len(docs)} documents from "
               f"{corpus_from}: {len(records)} long records kept, rejected: {rej}. Short records: {len(short_recs)} "
               f"({magpie['kept']} Magpie, {imported.get('kept', 0)} imported). Requests {stats['requests']}, cache hits "
-              f"{stats['cache_hits']}, retries {stats['retries']}, cost ${stats['cost_usd']:.4f}."
+              f"{stats['cache_hits']}, retries {stats['retries']}, cost ${stats['cost_usd']:.4f}"
+              f" ({s.mode}; {stats['cache_read_tokens']:,} prompt tokens read from the provider's cache"
+              + (f"; {stats['batch_items']} batch items, {stats['batch_failed']} failed and retried"
+                 if s.mode == "batch" else "") + ")."
               f"{example}\n\n![task mix]({fig.relative_to(run_dir)})")
     return StageResult(metrics, ["long.jsonl", "short.jsonl", "synth.json", str(fig.relative_to(run_dir))],
                        report)
