@@ -30,8 +30,9 @@ def _step(client):
 
 
 @pytest.mark.parametrize("backend", ["openai", "anthropic"])
-def test_batch_round_trip_folds_into_the_cache_at_half_price(llm_server, tmp_path, backend):
-    c = _client(llm_server, backend, tmp_path)
+def test_batch_round_trip_folds_into_the_cache_at_half_price(llm_server, tmp_path, backend, monkeypatch):
+    monkeypatch.setenv("BATCH_TEST_KEY", "sk-batch-SECRET-42")
+    c = _client(llm_server, backend, tmp_path, api_key_env="BATCH_TEST_KEY")
     replies, rounds = run_batched(c, _step(c), tmp_path / "batches", "t", poll_s=0.01, progress=False)
     assert rounds == 1 and [r.text for r in replies] == [f"echo: question number {i}" for i in range(5)]
     assert llm_server.count == 0, "batch mode sends no interactive request"
@@ -43,6 +44,9 @@ def test_batch_round_trip_folds_into_the_cache_at_half_price(llm_server, tmp_pat
     # usage at half price: (3 words in × $1 + 4 words out × $2) / 1e6 / 2 per request
     assert c.stats["cost_usd"] == pytest.approx(5 * (3 * 1.0 + 4 * 2.0) / 1e6 / 2)
     assert c.stats["batch_items"] == 5 and c.stats["input_tokens"] == 15 and c.stats["output_tokens"] == 20
+    assert any("sk-batch-SECRET-42" in str(h.values()) for h in llm_server.headers)  # sent in the header only
+    for f in [*(tmp_path / "batches").glob("*.json"), *(tmp_path / "cache").rglob("*.json")]:
+        assert "sk-batch-SECRET-42" not in f.read_text()
     # a second run (a new process) finds everything cached: not one request of any kind
     before = list(llm_server.log)
     c2 = _client(llm_server, backend, tmp_path)
