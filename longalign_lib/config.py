@@ -180,7 +180,13 @@ class TrainConfig:
     epochs: float = 2.0  # passes over the data (the paper: 2)
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     bf16: bool = True  # bf16 autocast on GPUs that support it
-    gradient_checkpointing: bool = True  # recompute activations in backward to save memory
+    gradient_checkpointing: bool = True  # false: no activation checkpointing at all, whatever the setting below says
+    # activation_checkpointing: auto (checkpoint the fewest decoder layers whose predicted peak memory fits
+    # train.memory_budget_gib; planned from a short measured probe, see kernels.py) | all | none | N (the first N layers)
+    activation_checkpointing: str = "auto"
+    memory_budget_gib: float | None = None  # peak memory `auto` plans for; default: the GPU's free memory less 8 %
+    fused_kernels: str = "auto"  # auto | liger | none: Liger's fused RMSNorm/SwiGLU/RoPE on CUDA (plain on CPU/MPS)
+    compile_layers: bool = False  # torch.compile each decoder layer (CUDA; off unless measured to help, docs/performance.md)
     loss_chunk_tokens: int = 4096  # target tokens per LM-head chunk in the loss
     save_steps: int = 50  # checkpoint every N optimizer steps
     logging_steps: int = 1  # log every N optimizer steps

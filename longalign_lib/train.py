@@ -336,11 +336,12 @@ class LongAlignTrainer(Trainer):
     """transformers.Trainer driven by stage-3 plans, summing exactly-weighted micro-batch losses.
 
     Extra arguments: `plan_batches` (PlanBatches for this rank), `log_dir` (train_log.jsonl, TensorBoard),
-    `flops_fn`, `ceiling_tflops`, `tensorboard`.
+    `flops_fn`, `ceiling_tflops`, `tensorboard`, `log_fields` (constant fields written into every log row, e.g.
+    the kernels and checkpointing plan in use).
     """
 
     def __init__(self, *args, plan_batches: PlanBatches, log_dir: Path, flops_fn=None, ceiling_tflops: float = 0.0,
-                 tensorboard: bool = True, **kwargs):
+                 tensorboard: bool = True, log_fields: dict | None = None, **kwargs):
         targs = kwargs.get("args") or (args[1] if len(args) > 1 else None)
         if targs is not None and targs.n_gpu > 1:
             # One process sees several GPUs (no torchrun): the plan already says what each device trains, so never
@@ -353,6 +354,7 @@ class LongAlignTrainer(Trainer):
         self.flops_fn = flops_fn
         self.ceiling_tflops = float(ceiling_tflops or 0.0)
         self.use_tensorboard = tensorboard
+        self.log_fields = dict(log_fields or {})
         self._tb = None
         self._reset_step()
         self._t_last = None
@@ -487,7 +489,7 @@ class _StepLogger(TrainerCallback):
                "step_s": round(dt, 4), "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                "tflops": flops / dt / 1e12 if dt > 0 else 0.0,
                "mfu": (flops / dt / 1e12) / (t.ceiling_tflops * world) if dt > 0 and t.ceiling_tflops else 0.0,
-               "fill": stats["fill"], "M": stats["M"], "K": stats["K"]}
+               "fill": stats["fill"], "M": stats["M"], "K": stats["K"], **t.log_fields}
         if torch.cuda.is_available():
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             torch.cuda.reset_peak_memory_stats()
@@ -590,8 +592,6 @@ def load_model_for_training(cfg, device: str | None = None):
     set_seed(cfg.train.seed)  # random-init models (random:<config>) and LoRA adapters start the same every run
     model, tok = load_model_and_tokenizer(cfg=mcfg)
     model.config.use_cache = False
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if mcfg.lora:
         model = apply_lora(model, mcfg)
     return model, tok, full_ft
@@ -632,6 +632,12 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
     if cfg.train.max_steps and cfg.train.max_steps > 0:
         n_steps = min(n_steps, cfg.train.max_steps)
     use_bf16 = cfg.train.bf16 and dev == "cuda"
+    from .kernels import setup_for_training
+
+    # fused kernels, memory-budgeted activation checkpointing (planned for the longest micro-batch this GPU holds:
+    # 1/N of a row under sequence parallelism), compile
+    tokens = max(1, bcfg.batch_size) * bcfg.max_pack_tokens // sp_size
+    speed = setup_for_training(model, cfg.train, tokens, dev, use_bf16)
     ceiling = cfg.train.matmul_tflops or matmul_ceiling_tflops("cuda" if dev == "cuda" else "cpu")
 
     args = TrainingArguments(
@@ -655,11 +661,14 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
         sp_group = sequence_parallel.init_groups(sp_size)
     wrapper = ChunkedLossLM(model, cfg.train.loss_chunk_tokens, sp_group=sp_group)
     trainer = LongAlignTrainer(model=wrapper, args=args, processing_class=tok, plan_batches=pb, log_dir=run_dir,
-                               flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard)
+                               flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard,
+                               log_fields=speed["log_fields"])
     info = {"data": data_note, "plans": [p.counters for p in plans], "steps": n_steps, "grad_accum": pb.grad_accum,
             "strategy": bcfg.strategy, "reduction": bcfg.loss_reduction, "max_pack_tokens": bcfg.max_pack_tokens,
             "ceiling_tflops": ceiling, "device": dev, "full_ft": full_ft, "bf16": use_bf16,
-            "attn": model.config._attn_implementation, "home": str(longalign_home()), "sequence_parallel": sp_size}
+            "attn": model.config._attn_implementation, "home": str(longalign_home()), "sequence_parallel": sp_size,
+            "kernels": speed["kernels"].backend, "kernel_note": speed["kernels"].note,
+            "checkpointing": speed["checkpointing"].to_dict(), "compile": speed["compile"]}
     return trainer, info
 
 
