@@ -23,7 +23,9 @@ sys.path.insert(0, str(ROOT))
 
 SHAPES = {
     # name: (architecture, hidden, layers, heads, kv heads, intermediate, vocab, tied embeddings)
+    "tiny": ("qwen2", 64, 3, 4, 2, 128, 512, True),  # smoke tests of the scripts on CPU
     "smollm2-135m": ("llama", 576, 30, 9, 3, 1536, 49152, True),
+    "qwen2.5-0.5b": ("qwen2", 896, 24, 14, 2, 4864, 151936, True),
     "qwen2.5-1.5b": ("qwen2", 1536, 28, 12, 2, 8960, 151936, True),
     "qwen2.5-7b": ("qwen2", 3584, 28, 28, 4, 18944, 152064, False),
 }
@@ -60,32 +62,36 @@ def packed_rows(n_rows: int, seq: int, mix: str, vocab: int, target_frac: float,
     return rows
 
 
-def run_variant(shape, seq, attn, steps, warmup, mix, ckpt, target_frac, work: Path) -> dict:
+def run_variant(shape, seq, attn, steps, warmup, mix, ckpt, target_frac, work: Path, sets=(), extra_steps=0,
+                callbacks=(), device: str = "cuda") -> dict:
+    """Train `steps` (+ `extra_steps` untimed, e.g. a profiled one) steps of the engine; `sets`: --set overrides
+    (fused kernels, checkpointing); `ckpt` False forces train.gradient_checkpointing=false."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from longalign_lib import attention, train
     from longalign_lib.config import load_config
 
-    impl = attention.resolve_implementation(attn, "cuda")
+    impl = attention.resolve_implementation(attn, device)
     mcfg = model_config(shape, max(seq, 32768))
     torch.manual_seed(0)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(mcfg, attn_implementation=impl, dtype=torch.float32)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    rows = packed_rows(steps, seq, mix, mcfg.vocab_size, target_frac)
+    rows = packed_rows(steps + extra_steps, seq, mix, mcfg.vocab_size, target_frac)
     cfg = load_config("gpu-small", [
         f"batching.max_pack_tokens={seq}", "batching.grad_accum=1", "batching.world_size=1",
         "batching.strategy=packed", "batching.packer=bfd", "train.save_steps=0", "train.epochs=1",
-        f"train.max_steps={steps}", "train.tensorboard=false", "train.lr=1e-5", "train.bf16=true"])
+        f"train.max_steps={steps + extra_steps}", "train.tensorboard=false", "train.lr=1e-5", "train.bf16=true",
+        f"train.gradient_checkpointing={'true' if ckpt else 'false'}", *sets])
     run_dir = work / f"{shape}_{seq}_{attn}_{mix}"
     t0 = time.time()
-    res = train.train(cfg, run_dir, model=model, tok=None, dataset=rows, device="cuda", quiet=True, save_model=False)
-    log = res["log"]
+    res = train.train(cfg, run_dir, model=model, tok=None, dataset=rows, device=device, quiet=True, save_model=False,
+                      callbacks=callbacks)
+    log = res["log"][:steps]
     steady = log[warmup:] or log
     out = {"shape": shape, "seq": seq, "attn": attn, "impl": impl, "mix": mix, "docs_per_row": len(DOC_MIXES[mix]),
            "grad_ckpt": ckpt, "steps": len(log), "timed_steps": len(steady),
+           "kernels": res["kernels"], "checkpointing": res["checkpointing"], "compile": res["compile"],
            "tokens_per_s": statistics.median(r["tokens_per_s"] for r in steady),
            "step_s": statistics.median(r["step_s"] for r in steady),
            "tflops": statistics.median(r["tflops"] for r in steady),
@@ -94,7 +100,8 @@ def run_variant(shape, seq, attn, steps, warmup, mix, ckpt, target_frac, work: P
            "wall_s": round(time.time() - t0, 1), "n_params": sum(p.numel() for p in model.parameters())}
     del model, res
     gc.collect()
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return out
 
 

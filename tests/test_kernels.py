@@ -2,8 +2,6 @@
 plain fallback (CPU); on a GPU: Liger kernels change no result (plain vs Liger, packed vs one-by-one, grouping)."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
@@ -47,6 +45,7 @@ def test_parse_setting():
     assert kernels.parse_setting("auto", 28) == "auto"
     assert kernels.parse_setting("all", 28) == 28 and kernels.parse_setting("none", 28) == 0
     assert kernels.parse_setting("12", 28) == 12 and kernels.parse_setting(0, 28) == 0
+    assert kernels.parse_setting(None, 28) == 0  # `--set train.activation_checkpointing=none` arrives as None
     for bad in ("29", "-1", "half", "1.5"):
         with pytest.raises(LongAlignError, match="activation_checkpointing"):
             kernels.parse_setting(bad, 28)
@@ -60,7 +59,8 @@ def test_plan_takes_the_fewest_layers_that_fit():
     plan = kernels.plan_checkpointing("auto", mem, 80 * gib)
     k = plan.n_checkpointed
     assert 0 < k < 28 and plan.checkpointed == list(range(k))
-    assert mem.peak(k) <= 80 * gib < mem.peak(k - 1)  # the fewest: one layer less would not fit
+    limit = kernels.PLAN_SAFETY * 80 * gib
+    assert mem.peak(k) <= limit < mem.peak(k - 1)  # the fewest: one layer less would not fit
     assert plan.predicted_peak_gib == pytest.approx(mem.peak(k) / gib)
     assert kernels.plan_checkpointing("auto", mem, 200 * gib).n_checkpointed == 0  # the whole card: none
     tight = kernels.plan_checkpointing("auto", mem, 20 * gib)
@@ -112,6 +112,7 @@ def test_fused_kernels_fall_back_to_plain_on_cpu(capsys):
         assert choice.backend == "plain" and "CUDA" in choice.note
     assert "plain PyTorch path" in capsys.readouterr().err
     assert kernels.apply_fused_kernels(m, "none", "cpu").backend == "plain"
+    assert kernels.apply_fused_kernels(m, None, "cuda").backend == "plain"  # --set train.fused_kernels=none
     assert m.model.layers[0].mlp.forward.__func__ is before  # nothing was swapped
     with pytest.raises(LongAlignError, match="fused_kernels"):
         kernels.apply_fused_kernels(m, "triton", "cpu")
@@ -145,7 +146,7 @@ def test_trainer_logs_the_plan(tmp_path):
     assert sum(flags) == row["ckpt_layers"]
     off = load_config("cpu-demo", sets[:4] + ["train.gradient_checkpointing=false", "batching.max_pack_tokens=512"])
     res = train.train(off, tmp_path / "off", model=m, tok=None, dataset=rows, device="cpu", save_model=False)
-    assert res["log"][0]["ckpt_layers"] == 0 and not any(l.gradient_checkpointing for l in kernels.decoder_layers(m))
+    assert res["log"][0]["ckpt_layers"] == 0 and not any(x.gradient_checkpointing for x in kernels.decoder_layers(m))
 
 
 # ------------------------------------------------------------------------------------------------------ GPU
@@ -254,3 +255,9 @@ def test_budgeted_checkpointing_fits_its_budget_gpu(tmp_path, restore_transforme
     assert peak <= budget
     assert peak >= 0.6 * log[0]["mem_predicted_gib"]  # the model is not wildly pessimistic either
     assert log[-1]["loss"] == log[-1]["loss"]
+
+
+def test_docstring_examples():
+    import doctest
+
+    assert doctest.testmod(kernels).failed == 0
