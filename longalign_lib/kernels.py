@@ -19,17 +19,21 @@ the architecture is missing, the model keeps its plain PyTorch path and a log li
 Checkpointing. Recomputing a decoder layer in backward saves its activations (~100 kB per token for a 1.5B Qwen2
 layer in bf16 autocast with fp32 master weights) for one extra forward of that layer. Checkpointing every layer
 wastes speed when memory is left over, so `auto` checkpoints the fewest layers whose predicted peak fits the
-budget. The prediction is a memory model fed by a short measured probe (`measure_layer_bytes`: the bytes autograd
-saves per decoder layer, counted through saved-tensor hooks on two short rows and extrapolated linearly to the
-row length), never by trial and OOM:
+budget, predicted from short measured probes, never by trial and OOM in the user's face:
 
-    peak_forward(k)  = params + optimizer states + (L-k)·layer(T) + k·boundary(T) + loss chunk
-    peak_backward(k) = params + optimizer states + grads + k·boundary(T) + 2·layer(T)
-
-where a checkpointed layer keeps only its input (`boundary`, T × hidden in the residual dtype), the loss chunk is
-the chunked cross-entropy's fp32 logits and head gradient, and backward holds one recomputed layer plus its
-workspace. The FIRST k layers are the checkpointed ones: their recomputation happens at the end of backward, when
-the later layers' activations are already freed.
+- on CUDA (`measured_memory`): two real forward + loss + backward steps on a row of the planned length, one with
+  every layer checkpointed and one with the last two layers kept; their peaks (forward phase, backward phase) and
+  the growth per kept layer give  peak(k) = optimizer states + max(F_all + (L-k)·ΔF, B_all + (L-k)·ΔB).
+  Measured, so everything counts: autocast's bf16 weight copies, the loss chunk, kernel workspaces. (A first
+  version modelled the step from parts and under-predicted an H200 run by 12-16 GiB: docs/performance.md.)
+- elsewhere (`memory_model`, CPU/MPS with `train.memory_budget_gib`): the bytes autograd saves per decoder layer,
+  counted through saved-tensor hooks on two short rows and extrapolated to the row length, plus parameters,
+  optimizer states, gradients and the loss chunk:
+      peak_forward(k)  = params + optimizer states + (L-k)·layer(T) + k·boundary(T) + loss chunk
+      peak_backward(k) = params + optimizer states + grads + k·boundary(T) + 2·layer(T)
+  where a checkpointed layer keeps only its input (`boundary`, T × hidden in the residual dtype).
+The FIRST k layers are the checkpointed ones: their recomputation happens at the end of backward, when the later
+layers' activations are already freed.
 """
 from __future__ import annotations
 
@@ -362,6 +366,93 @@ def memory_model(model, tokens: int, autocast_dtype=None, chunk_tokens: int = 40
                        float(loss))
 
 
+@dataclass
+class MeasuredMemory:
+    """The planner's model from two real training steps on the device (CUDA): peak memory of forward + loss and
+    of backward with every layer checkpointed (`*_all`) and its growth per kept layer (`*_slope`), measured with
+    the last `kept` layers not checkpointed. Everything the step allocates is in it (autocast weight copies, the
+    loss chunk, attention workspaces, allocator rounding); the optimizer states, absent before the first
+    optimizer step, are added from the parameter count."""
+
+    n_layers: int
+    optimizer_bytes: float
+    forward_all: float
+    forward_slope: float
+    backward_all: float
+    backward_slope: float
+
+    @property
+    def layer_bytes(self) -> float:
+        return self.forward_slope
+
+    boundary_bytes = 0.0
+
+    @property
+    def static_bytes(self) -> float:
+        return self.optimizer_bytes
+
+    def peak(self, k: int) -> float:
+        kept = self.n_layers - k
+        return self.optimizer_bytes + max(self.forward_all + kept * self.forward_slope,
+                                          self.backward_all + kept * self.backward_slope)
+
+
+def _probe_step(model, tokens: int, chunk_tokens: int, autocast_dtype, kept: int) -> tuple[float, float]:
+    """(forward + loss peak, backward peak) in bytes of one [1, tokens] step (one document, the last
+    min(tokens - 1, chunk_tokens) positions are targets: a full loss chunk) with the last `kept` layers kept."""
+    from .loss import model_loss
+
+    base = _base_model(model)
+    layers = decoder_layers(base)
+    n = len(layers)
+    apply_checkpointing(base, CheckpointPlan("probe", n, list(range(n - kept))))
+    dev = next(base.parameters()).device
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (1, tokens), generator=g)
+    labels = torch.full_like(ids, -100)
+    n_tgt = min(tokens - 1, chunk_tokens)
+    labels[0, tokens - n_tgt:] = ids[0, tokens - n_tgt:]
+    batch = {"input_ids": ids.to(dev), "labels": labels.to(dev), "loss_weights": torch.ones(1, tokens, device=dev),
+             "position_ids": torch.arange(tokens, device=dev)[None],
+             "cu_seq_lens": torch.tensor([0, tokens], dtype=torch.int32, device=dev), "max_seqlen": tokens}
+    ctx = torch.autocast(dev.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+    base.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    with ctx:
+        loss, _ = model_loss(base, batch, chunk_tokens)
+    forward = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    loss.backward()
+    torch.cuda.synchronize()
+    backward = torch.cuda.max_memory_allocated()
+    del loss
+    base.zero_grad(set_to_none=True)
+    torch.cuda.empty_cache()
+    return float(forward), float(backward)
+
+
+def measured_memory(model, tokens: int, autocast_dtype=None, chunk_tokens: int = 4096) -> MeasuredMemory:
+    """CUDA: the planner's model from two measured steps (every layer checkpointed; the last two kept)."""
+    base = _base_model(model)
+    layers = decoder_layers(base)
+    flags = [getattr(m, "gradient_checkpointing", False) for m in layers]
+    was_training = base.training
+    kept = min(2, len(layers))
+    try:
+        base.train()
+        f_all, b_all = _probe_step(model, tokens, chunk_tokens, autocast_dtype, 0)
+        f_k, b_k = _probe_step(model, tokens, chunk_tokens, autocast_dtype, kept)
+    finally:
+        for m, f in zip(layers, flags, strict=False):
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = f
+        base.train(was_training)
+    optimizer = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return MeasuredMemory(len(layers), float(optimizer), f_all, max(0.0, (f_k - f_all) / kept), b_all,
+                          max(0.0, (b_k - b_all) / kept))
+
+
 def default_budget_bytes(device: str, margin: float = 0.08) -> float | None:
     """CUDA: what this process may still take (free memory + what it already holds) less `margin` of the card
     (allocator fragmentation, cuBLAS workspaces); CPU/MPS: None (no device memory to plan against)."""
@@ -379,7 +470,10 @@ def plan_for_model(model, setting="auto", tokens: int = 2048, budget_gib: float 
     if parse_setting(setting, n_layers) != "auto" or not budget:
         return plan_checkpointing(setting, None, budget, n_layers=n_layers, tokens=tokens)
     dtype = torch.bfloat16 if bf16 else None
-    mem = memory_model(model, tokens, autocast_dtype=dtype, chunk_tokens=chunk_tokens)
+    if device == "cuda" and torch.cuda.is_available():
+        mem = measured_memory(model, tokens, autocast_dtype=dtype, chunk_tokens=chunk_tokens)
+    else:
+        mem = memory_model(model, tokens, autocast_dtype=dtype, chunk_tokens=chunk_tokens)
     return plan_checkpointing(setting, mem, budget, tokens=tokens)
 
 

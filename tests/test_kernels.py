@@ -239,7 +239,8 @@ def test_budgeted_checkpointing_fits_its_budget_gpu(tmp_path, restore_transforme
                num_key_value_heads=2, intermediate_size=2816, vocab_size=32000, max_position_embeddings=16384)
     _liger(m)
     tokens = 8192
-    mem = kernels.memory_model(m, tokens, autocast_dtype=torch.bfloat16)
+    mem = kernels.measured_memory(m, tokens, autocast_dtype=torch.bfloat16)
+    assert mem.forward_slope > 0 and mem.peak(0) > mem.peak(8)
     budget = (mem.peak(0) + mem.peak(8)) / 2 / kernels.GIB
     rows = _rows([tokens // 4] * 8, vocab=32000)
     cfg = load_config("gpu-small", ["train.tensorboard=false", "train.save_steps=0", "train.epochs=1",
@@ -253,7 +254,7 @@ def test_budgeted_checkpointing_fits_its_budget_gpu(tmp_path, restore_transforme
     peak = max(r["peak_mem_gib"] for r in log)
     print(f"budget {budget:.2f} GiB, predicted {log[0]['mem_predicted_gib']:.2f}, measured {peak:.2f}, k={k}")
     assert peak <= budget
-    assert peak >= 0.6 * log[0]["mem_predicted_gib"]  # the model is not wildly pessimistic either
+    assert peak >= 0.8 * log[0]["mem_predicted_gib"]  # nor wildly pessimistic
     assert log[-1]["loss"] == log[-1]["loss"]
 
 
