@@ -262,3 +262,32 @@ def test_docstring_examples():
     import doctest
 
     assert doctest.testmod(kernels).failed == 0
+
+
+def test_measured_memory_runs_real_steps_and_restores_the_model(monkeypatch):
+    """The CUDA planner's probe, wired on CPU: two real forward + loss + backward steps (all layers checkpointed,
+    then the last two kept) with the device's memory counters replaced by a scripted sequence."""
+    peaks = iter([100.0, 120.0, 140.0, 130.0])  # forward/backward peaks: all checkpointed, then two layers kept
+    seen = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda *a, **k: None)
+
+    def fake_peak(*a, **k):
+        seen.append([layer.gradient_checkpointing for layer in kernels.decoder_layers(m)])
+        return next(peaks)
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", fake_peak)
+    m = _model("llama", "sdpa", num_hidden_layers=4)
+    kernels.apply_checkpointing(m, kernels.plan_checkpointing("1", None, None, n_layers=4))
+    m.eval()
+    mem = kernels.measured_memory(m, 96, chunk_tokens=32)
+    assert seen[0] == [True] * 4 and seen[2] == [True, True, False, False]  # what each probe step ran with
+    assert mem.forward_slope == 20.0 and mem.backward_slope == 5.0 and mem.forward_all == 100.0
+    n_params = sum(p.numel() for p in m.parameters())
+    assert mem.optimizer_bytes == 2 * 4 * n_params  # AdamW's two fp32 moments
+    assert mem.peak(4) == mem.optimizer_bytes + 120.0 and mem.peak(0) == mem.optimizer_bytes + 180.0
+    assert [layer.gradient_checkpointing for layer in kernels.decoder_layers(m)] == [True, False, False, False]
+    assert not m.training and all(p.grad is None for p in m.parameters())
+    plan = kernels.plan_checkpointing("auto", mem, (mem.optimizer_bytes + 150.0) / kernels.PLAN_SAFETY)
+    assert plan.checkpointed == [0, 1]  # two kept layers: 100 + 2·20 ≤ 150; three: 100 + 3·20 > 150
