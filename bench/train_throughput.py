@@ -4,7 +4,8 @@ Run as: python bench/train_throughput.py --shape qwen2.5-1.5b --seq 32768 --attn
             --out bench/results/throughput_qwen2.5-1.5b_32k.json
 Random-init models built from a config in code (no download): the speed of a step does not depend on the weights.
 Each variant trains `--steps` optimizer steps through the real trainer (plans, packing collator, isolated
-attention, chunked weighted loss, fp32 master weights + bf16 autocast, gradient checkpointing, fused AdamW) and
+attention, chunked weighted loss, fp32 master weights + bf16 autocast, the engine's default fused kernels and
+activation checkpointing (kernels.py; `--no-ckpt` turns checkpointing off), fused AdamW) and
 reports the median of the steps after `--warmup`: tokens/s, model TFLOP/s, MFU against the measured bf16 matmul
 ceiling, peak allocated memory. Writes JSON and a bar chart (PNG) next to it.
 """

@@ -181,9 +181,8 @@ class TrainConfig:
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     bf16: bool = True  # bf16 autocast on GPUs that support it
     gradient_checkpointing: bool = True  # false: no activation checkpointing at all, whatever the setting below says
-    # activation_checkpointing: auto (checkpoint the fewest decoder layers whose predicted peak memory fits
-    # train.memory_budget_gib; planned from a short measured probe, see kernels.py) | all | none | N (the first N layers)
-    activation_checkpointing: str = "auto"
+    # activation_checkpointing: auto (the fewest decoder layers whose measured peak fits memory_budget_gib) | all | none | N
+    activation_checkpointing: str = "auto"  # N: checkpoint the first N layers; the choice is in every train_log row
     memory_budget_gib: float | None = None  # peak memory `auto` plans for; default: the GPU's free memory less 8 %
     fused_kernels: str = "auto"  # auto | liger | none: Liger's fused RMSNorm/SwiGLU/RoPE on CUDA (plain on CPU/MPS)
     compile_layers: bool = False  # torch.compile each decoder layer (CUDA; off unless measured to help, docs/performance.md)
