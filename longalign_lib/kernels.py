@@ -5,7 +5,7 @@ Usage:
     choice = kernels.apply_fused_kernels(model, "auto", device="cuda")   # Liger RMSNorm/SwiGLU/RoPE, or plain
     plan = kernels.plan_for_model(model, "auto", tokens=32768, budget_gib=80, bf16=True, chunk_tokens=4096)
     kernels.apply_checkpointing(model, plan)          # checkpoints plan.checkpointed layers, keeps the others
-    print(plan.note)   # "checkpointing 13 of 28 decoder layers: predicted peak 73.6 GiB of a 80.0 GiB budget"
+    print(kernels.describe(plan))   # "... 11 of 28 decoder layers, predicted peak 76.6 GiB of a 80.0 GiB budget ..."
 `build_trainer` (train.py) does all of this from the `train.*` settings and writes the choices into every row of
 train_log.jsonl (`kernels`, `ckpt_layers`, `ckpt_of`, `mem_budget_gib`, `mem_predicted_gib`).
 

@@ -30,7 +30,9 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     fig_path = plots.save(fig, Path(run_dir) / "figures" / "train_loss.png", close=True)
     metrics = {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()},
                "strategy": res["strategy"], "reduction": res["reduction"], "device": res["device"],
-               "attn": res["attn"], "train_s": res["train_s"]}
+               "attn": res["attn"], "train_s": res["train_s"], "kernels": res["kernels"],
+               "ckpt_layers": res["checkpointing"]["n_checkpointed"]}
+    ck = res["checkpointing"]
     write_json(Path(run_dir) / "train_summary.json", {**metrics, "info": {k: v for k, v in res.items()
                                                                            if k not in ("trainer", "log")}})
     report = (f"Trained `{cfg.model.name}` for {summ.get('steps')} steps ({res['strategy']} batches, "
@@ -39,7 +41,9 @@ def run(cfg, run_dir: Path, args) -> StageResult:
               f"{summ.get('tokens_per_s', 0):,.0f} tokens/s, "
               + (f"MFU {100 * summ.get('mfu', 0):.1f}% of a measured {res['ceiling_tflops']:.0f} TFLOP/s matmul ceiling, "
                  if res["device"] == "cuda" else "(MFU is reported on GPUs only), ")
-              + f"peak memory {summ.get('peak_mem_gib', 0):.1f} GiB.\n\n"
+              + f"peak memory {summ.get('peak_mem_gib', 0):.1f} GiB. Kernels: {res['kernels']} "
+              f"(`train.fused_kernels`); activation checkpointing ({ck['setting']}): {ck['n_checkpointed']} of "
+              f"{ck['n_layers']} decoder layers — {ck['note']}.\n\n"
               f"![training loss]({fig_path.relative_to(run_dir)})")
     finish_distributed()
     return StageResult(metrics, [LOG_NAME, "model", "train_summary.json", str(fig_path.relative_to(run_dir))],
