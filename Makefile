@@ -7,7 +7,7 @@ MODE    ?= smoke
 PRESET  ?= cpu-demo
 export LONGALIGN_HOME ?= $(CURDIR)/.longalign_home
 
-.PHONY: help setup demo test lint notebooks bench clean corpus-extras docs browser-deps
+.PHONY: help setup demo test lint notebooks docs-notebooks bench clean corpus-extras docs browser-deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -39,6 +39,9 @@ lint:  ## ruff
 
 notebooks: setup  ## pair notebooks/*.py to .ipynb and execute them headless (MODE=smoke|full)
 	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) notebooks/*.py
+
+docs-notebooks: setup  ## execute the notebooks (MODE=smoke|full) and render them with figures into docs/notebooks/
+	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) --render docs/notebooks notebooks/*.py
 
 bench: setup  ## GPU benchmarks (on a CUDA machine): stage-4 tests, gpu-small training, throughput → bench/results/
 	LONGALIGN_HOME=$(LONGALIGN_HOME) PATH=$(CURDIR)/$(BIN):$$PATH bash bench/run_device_stage4.sh bench/results/device

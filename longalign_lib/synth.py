@@ -26,6 +26,7 @@ request cache makes a rerun free.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import random
@@ -253,15 +254,36 @@ your you its it's our out over under more most such only other some any each bot
 shall upon unto""".split())
 
 
+@functools.lru_cache(maxsize=1)
+def _stem():
+    from nltk.stem.snowball import EnglishStemmer  # pure-Python Snowball; needs no downloaded data
+
+    return functools.lru_cache(maxsize=65536)(EnglishStemmer().stem)
+
+
 def content_units(text: str) -> list[str]:
-    """English content words (≥4 letters, not stop words) and Chinese character bigrams."""
-    words = [w for w in re.findall(r"[a-z][a-z0-9_']{3,}", text.lower()) if w not in STOP]
+    """English content words, stemmed, and Chinese character bigrams: what `grounding` compares.
+
+    A content word has ≥ 4 letters and is not a stop word; a possessive 's is dropped and the Snowball English
+    stemmer folds inflections, so "heavens" matches "heaven" and "created" matches "creates".
+
+    >>> content_units("The heavens were created; God's people rejoiced.")
+    ['heaven', 'creat', 'peopl', 'rejoic']
+    """
+    text = re.sub(r"['’]s\b", "", text.lower())
+    stem = _stem()
+    words = [stem(w) for w in re.findall(r"[a-z][a-z0-9_']{3,}", text) if w not in STOP]
     han = re.findall(r"[\u4e00-\u9fff]", text)
     return words + ["".join(han[i:i + 2]) for i in range(len(han) - 1)]
 
 
 def grounding(answer: str, document: str) -> float:
-    """Share of the answer's content units that also occur in the document (1.0 = fully grounded)."""
+    """Share of the answer's content units (stemmed words, Han bigrams) that also occur in the document
+    (1.0 = fully grounded; an answer without content units counts as grounded).
+
+    >>> grounding("The heavens and the earth were created.", "In the beginning God created the heaven and the earth.")
+    1.0
+    """
     units = content_units(answer)
     if not units:
         return 1.0

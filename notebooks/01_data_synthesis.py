@@ -3,13 +3,23 @@
 #   jupytext:
 #     formats: ipynb,py:percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: LongAlign (.venv)
 #     language: python
-#     name: python3
+#     name: longalign
 # ---
 
 # %% [markdown]
 # # 01 · Long-document data synthesis (Self-Instruct)
+#
+# **What you will learn**
+# - how to turn long documents into instruction data with Self-Instruct: a question list, one question picked,
+#   an answer written with the document in view;
+# - the two small algorithms that decide what is kept — parsing a model's question list, and scoring how well an
+#   answer is grounded in its document — written by hand on toy inputs and checked against the library;
+# - why each rejected document was rejected, and what the paper's 10k-document scale would cost.
+#
+# **Time**: ~60 s on 2 CPU cores (SMOKE, the default without a GPU: two short documents through the bundled
+# SmolLM2-135M); minutes in full mode; seconds per document with an API model.
 #
 # LongAlign's first ingredient is **data**: long documents paired with instructions whose answers need the
 # whole document. The paper collects 10k documents of 8k–64k tokens from nine sources and asks a strong model
@@ -32,7 +42,7 @@
 # Library code: `longalign_lib.corpus`, `longalign_lib.llm`, `longalign_lib.synth`.
 
 # %% tags=["parameters"]
-SMOKE = False  # True: the fastest settings (CI, `make test`)
+SMOKE = None  # None: on when no CUDA GPU is present (CI and laptops); False: the full settings
 OUT_DIR = "../runs/notebooks/01_data_synthesis"
 PRESET = "cpu-demo"
 BACKEND = "local"  # local | openai | anthropic
@@ -49,9 +59,11 @@ CACHE_DIR = None  # LLM request cache; None: $LONGALIGN_HOME/llm_cache (a rerun 
 
 # %%
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
+import torch
 from IPython.display import Markdown, display
 
 from longalign_lib import plots
@@ -64,8 +76,11 @@ from longalign_lib.synth import (
     LEVERS,
     TASK_TYPES,
     cost_figure,
+    check_answer,
+    content_units,
     cost_table,
     dry_run,
+    grounding,
     import_sharegpt,
     magpie_prefix,
     magpie_records,
@@ -79,6 +94,9 @@ from longalign_lib.synth import (
     task_for,
 )
 
+if SMOKE is None:
+    SMOKE = not torch.cuda.is_available()
+torch.set_num_threads(1)  # one thread: on a small shared CPU two threads that wait on each other are slower
 out = Path(OUT_DIR)
 out.mkdir(parents=True, exist_ok=True)
 if SMOKE:  # short documents, short answers, two of them: < 90 s on 2 CPU cores
@@ -109,9 +127,7 @@ if tok is None:
 docs, notes = build_corpus(cfg.corpus, make_counter(tok))
 for d in docs:
     print(f"{d.id:24s} {d.genre:11s} {d.lang}  {d.n_tokens:6d} tokens  {d.title}")
-fig = corpus_figure(docs)
-plots.save(fig, out / "genre_mix.png")
-fig
+plots.show(corpus_figure(docs), out / "genre_mix.png")
 
 # %% [markdown]
 # ## 2. One document, end to end
@@ -148,6 +164,9 @@ if trace.record:
     print(preview_record(trace.record))
 
 # %% [markdown]
+# *What you should see:* a numbered list (or something close), the questions the parser kept, one chosen, an
+# answer, and the filter's verdict — `kept`, or the reason for the rejection (see section 3).
+#
 # Small models rarely follow the "numbered list" instruction cleanly, and even strong ones add preambles,
 # bold markers or answers. The parser keeps only question-like items and drops duplicates; here it is on a
 # typical messy reply:
@@ -163,7 +182,55 @@ I hope this helps!"""
 parse_questions(messy)
 
 # %% [markdown]
-# ## 3. A small batch through the pipeline
+# ## 3. The core ideas by hand: parse a question list, score grounding
+# **Parsing.** The simplest parser keeps the lines that start with a number and end with a question mark. By hand
+# on a clean list, it agrees with the library's `parse_questions` (which also handles the messy cases above):
+
+# %%
+clean = "1. Who is Boaz?\n2. Why did Naomi return to Bethlehem?\n3. What did Ruth glean in the fields?"
+by_hand = [re.sub(r"^\s*\d+[.)]\s*", "", line).strip() for line in clean.splitlines()
+           if re.match(r"^\s*\d+[.)]", line) and line.rstrip().endswith("?")]
+print(by_hand)
+assert by_hand == parse_questions(clean), "by-hand parse differs from synth.parse_questions"
+print("✓ by hand == synth.parse_questions")
+
+# %% [markdown]
+# **Grounding.** An answer should say what the document says. The filter counts the answer's *content words*
+# (≥ 4 letters, not stop words) that also occur in the document, after folding inflections with the Snowball
+# stemmer — so "heavens" matches "heaven" and "God's" matches "God". Answers below `synth.min_grounding` are
+# rejected as `off_document`. By hand:
+
+# %%
+from nltk.stem.snowball import EnglishStemmer  # noqa: E402
+
+from longalign_lib.synth import STOP  # noqa: E402  (the library's stop words: "the", "were", "which", ...)
+
+stem = EnglishStemmer().stem
+
+
+def units(text):
+    words = re.findall(r"[a-z][a-z0-9_']{3,}", re.sub(r"['’]s\b", "", text.lower()))
+    return [stem(w) for w in words if w not in STOP]
+
+
+toy_doc = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+toy_answers = {"on topic, inflected": "God's heavens and the earth were created; the earth had no forms.",
+               "off topic": "Quantum chromodynamics binds quarks inside protons through gluon exchange."}
+for label, ans in toy_answers.items():
+    u, doc_units = units(ans), set(units(toy_doc))
+    score = sum(x in doc_units for x in u) / len(u)
+    print(f"{label:20s} units {u} → grounding {score:.2f} (library {grounding(ans, toy_doc):.2f})")
+    assert abs(score - grounding(ans, toy_doc)) < 1e-9, "by-hand grounding differs from synth.grounding"
+    assert units(ans) == content_units(ans)
+print("✓ by hand == synth.grounding; threshold synth.min_grounding =", cfg.synth.min_grounding)
+
+# %% [markdown]
+# *What you should see:* the on-topic answer scores 1.00 although it writes "God's", "heavens" and "forms" where
+# the document has "God", "heaven" and "form"; the off-topic one scores 0.00. (Matching exact words, as the filter
+# used to, the on-topic answer scored 0.50 — and real answers from the demo model scored as low as 0.05 and were
+# thrown away.)
+#
+# ## 4. A small batch through the pipeline
 # `synth_long` is what `longalign synth` runs: documents in flight concurrently, each record appended to
 # `long.jsonl` as soon as it is done (a killed run resumes with `--resume`), rejections with their reason in
 # `synth_rejects.jsonl`. Before spending anything on an API, `--dry-run` prints the plan:
@@ -174,21 +241,40 @@ print({k: plan[k] for k in ("documents", "calls", "input_tokens", "output_tokens
       "| already cached question calls:", plan["questions"]["cached"])
 
 # %%
+for f in ("long.jsonl", "synth_rejects.jsonl"):
+    (out / f).unlink(missing_ok=True)  # a fresh batch each run (the request cache makes the rerun free)
 stats = synth_long(client, docs, cfg.synth, out / "long.jsonl", out / "synth_rejects.jsonl")
 records = read_jsonl(out / "long.jsonl") if (out / "long.jsonl").exists() else []  # every document may be rejected
 print(json.dumps(stats, indent=1))
 print("client:", {k: v for k, v in client.stats.items() if k != "retry_reasons"})
-fig = mix_figure(records, stats["rejected"], stats["planned_task_types"])
-plots.save(fig, out / "task_mix.png")
-fig
+plots.show(mix_figure(records, stats["rejected"], stats["planned_task_types"]), out / "task_mix.png")
+
+# %% [markdown]
+# The records kept, and **why each rejected document was rejected** (the filters run in this order: no question
+# parsed, duplicate question, empty answer, refusal, too short, repetitive, off the document):
 
 # %%
 for r in records[:3]:
     m = r["meta"]
-    print(f"[{m['genre']}/{m['task_type']}] Q: {m['question']}\n   A: {r['messages'][1]['content'][:300]}\n")
+    print(f"KEPT [{m['genre']}/{m['task_type']}] grounding {m['grounding']:.2f}\n   Q: {m['question']}\n"
+          f"   A: {r['messages'][1]['content'][:300]}\n")
+rejects = read_jsonl(out / "synth_rejects.jsonl") if (out / "synth_rejects.jsonl").exists() else []
+by_id = {d.id: d for d in docs}
+for j in rejects:
+    why = j["reason"]
+    if why == "off_document":
+        why += (f": grounding {grounding(j['answer'], by_id[j['doc_id']].text):.2f} < synth.min_grounding "
+                f"{cfg.synth.min_grounding}")
+    elif why == "too_short":
+        why += f": {len(j.get('answer', '').split())} words < synth.min_answer_words {cfg.synth.min_answer_words}"
+    elif why == "no_questions":
+        why += ": nothing question-like in the model's reply " + repr(j.get("raw_questions", "")[:120])
+    print(f"REJECTED {j['doc_id']} [{j['task_type']}] — {why}\n   Q: {j.get('question')}\n"
+          f"   A: {(j.get('answer') or '')[:200]!r}\n")
+print(f"{len(records)} kept, {len(rejects)} rejected")
 
 # %% [markdown]
-# ## 4. Short chat data
+# ## 5. Short chat data
 # LongAlign mixes its long data with ShareGPT conversations so the model keeps its short-chat skills.
 # `import_sharegpt` converts the ShareGPT layout (`conversations` with `from`/`value`); broken items are
 # counted, not trained on:
@@ -219,7 +305,7 @@ for r in short_magpie:
     print("Q:", r["messages"][0]["content"][:200], "\nA:", r["messages"][1]["content"][:200], "\n")
 
 # %% [markdown]
-# ## 5. What the paper's scale costs, and what each lever saves
+# ## 6. What the paper's scale costs, and what each lever saves
 # Two calls per document (questions, then the answer), the document sent both times. Document length follows
 # the `paper` preset (8k–64k tokens, long documents upsampled); output tokens are counted at their
 # `max_new_tokens` caps, so these are upper bounds. Two levers change the bill without changing a single token
@@ -255,9 +341,7 @@ display(Markdown(
                 + " | ".join(f"{cost[(m, mode, c)]['cost_usd']:,.2f}"
                              + (f" (−{cost[(m, mode, c)]['saving']:.0%})" if cost[(m, mode, c)]['saving'] else "")
                              for mode, c in LEVERS) + " |" for m in models)))
-fig = cost_figure(rows, SCALE_DOCS)
-plots.save(fig, out / "cost_10k.png")
-fig
+plots.show(cost_figure(rows, SCALE_DOCS), out / "cost_10k.png")
 
 # %% [markdown]
 # The check below recomputes one cell of the table by hand: the answer call's copy of the document moves from
@@ -274,9 +358,39 @@ assert abs(cost[(m, "batch", False)]["cost_usd"] - cost[(m, "interactive", False
 print(f"{m}: caching saves ${cost[(m, 'interactive', False)]['cost_usd'] - by_hand:,.2f}, batch saves "
       f"${cost[(m, 'interactive', False)]['cost_usd'] - cost[(m, 'batch', False)]['cost_usd']:,.2f} per {SCALE_DOCS:,} records")
 
+# %% [markdown]
+# ## Takeaways
+# - Self-Instruct over long documents is two calls per document: a question list (one question picked) and an
+#   answer written with the whole document in view; the record trains on document + question → answer.
+# - Cheap filters decide what is kept: parse robustly, then reject empty, refusing, short, repetitive and
+#   ungrounded answers — and keep the reason for every rejection.
+# - Grounding must survive inflection (stems, not exact words), or good answers are thrown away.
+# - A tiny local model shows the pipeline; real data needs a real model (`BACKEND`, `MODEL`).
+#
+# ## Exercises
+# 1. Write a question list in the style "Q1: …? / Q2: …?" and check that `parse_questions` finds both questions.
+# 2. Using `grounding`, find the smallest number of made-up words you must add to the on-topic toy answer to push
+#    it below `synth.min_grounding`.
+#
+# Solutions (collapsed in JupyterLab; CI runs and checks them):
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+qs = parse_questions("Q1: Who gleaned in the field of Boaz?\nQ2: Where did Naomi's family go during the famine?")
+assert qs == ["Who gleaned in the field of Boaz?", "Where did Naomi's family go during the famine?"], qs
+print("1.", qs)
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+base_answer = toy_answers["on topic, inflected"]
+extra = 0
+while grounding(base_answer + " " + " ".join(f"zorblax{i}" for i in range(extra)), toy_doc) >= cfg.synth.min_grounding:
+    extra += 1
+assert extra > 0 and check_answer(base_answer + " " + " ".join(f"zorblax{i}" for i in range(extra)), toy_doc,
+                                  cfg.synth) == "off_document"
+print(f"2. {extra} made-up words push it below {cfg.synth.min_grounding} (the answer has {len(content_units(base_answer))} content units)")
+
 # %%
 genres = Counter(d.genre for d in docs)
-write_metrics(out, {
+metrics_file = write_metrics(out, {
     "backend": BACKEND, "model": MODEL, "n_docs": len(docs), "n_genres": len(genres),
     "doc_tokens": [d.n_tokens for d in docs], "walk_task": trace.task_type,
     "walk_raw_chars": len(trace.raw_questions), "walk_questions": len(trace.questions),
@@ -287,5 +401,6 @@ write_metrics(out, {
     "cost_10k": {m: cost[(m, "interactive", False)]["cost_usd"] for m in models},
     "cost_10k_levers": {f"{m}|{mode}|{'cache' if c else 'nocache'}": cost[(m, mode, c)]["cost_usd"]
                         for m in models for mode, c in LEVERS},
+    "rejected_reasons": [j["reason"] for j in rejects], "smoke": SMOKE,
     "genre_png": str(out / "genre_mix.png"), "task_png": str(out / "task_mix.png"), "cost_png": str(out / "cost_10k.png"),
 })

@@ -428,3 +428,12 @@ def test_stage_errors_are_clear(tmp_path):
     (tmp_path / "corpus.jsonl").write_text('{"id": "x", "genre": "code"}\n')
     with pytest.raises(LongAlignError, match=r"corpus.jsonl:1: field 'text' missing"):
         run_stage(load_config("cpu-demo"), tmp_path, None)
+
+
+def test_grounding_is_robust_to_inflection():
+    """An on-topic answer that inflects the document's words (plural, possessive, tense) is grounded: the filter
+    compares stems, not exact words (exact words scored such an answer 0.05 and rejected it as off_document)."""
+    doc = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
+    answer = "God's heavens and the earth were created first; the earth had no forms and was a void."
+    assert grounding(answer, doc) > 0.8
+    assert check_answer(answer, doc, SynthConfig(min_answer_words=4)) is None
