@@ -5,7 +5,7 @@ Usage:
     from longalign_lib.batching import plan_epoch, step_token_weights, materialize, collate_packed
     plan = plan_epoch(lengths, n_target, cfg.batching, epoch=0)      # deterministic from (cfg.seed, epoch)
     for step in plan.steps:                                           # one optimizer step
-        w = step_token_weights(step, plan.n_target, "sequence")      # {item id: weight per target token}
+        w = step_token_weights(step, plan.n_target, "sequence", plan.source)  # {item id: weight per target token}
         for mb in step.ranks[rank]:                                    # this rank's accumulation micro-steps
             batch = collate_packed(materialize(plan, mb, dataset), w)  # [1, T] + cu_seq_lens + loss_weights
             loss = (batch["loss_weights"][:, 1:] * ce(logits[:, :-1], labels[:, 1:])).sum()  # then backward
@@ -26,9 +26,20 @@ Loss weights (`step_token_weights`): per-token weights w_i for every sequence i 
   sequence  — w_i = 1 / (M · N_i): each sequence's mean loss, averaged over the step's M sequences (Eq. 2/4).
 The trainer SUMS micro-batch losses over accumulation and ranks (undoing DDP's gradient averaging).
 
+Targets are counted as the loss sees them (formatting.count_targets): an item's position 0 is never a target.
 Over-long sequences (longer than `max_pack_tokens`) are truncated (right or middle), skipped or split into
 pieces, and counted. A plan item is a dataset index, or — for split pieces — an id ≥ len(dataset) that
-`plan.source` maps back; `plan.views` holds the kept token ranges of truncated items and pieces.
+`plan.source` maps back; `plan.views` holds the kept token ranges of truncated items and pieces, `plan.masked`
+the positions of an item that are never targets:
+- middle truncation joins head and tail with consecutive positions; the first token after the cut is no target
+  (it never followed the token before it);
+- split: piece 0 is the first `max_pack_tokens` tokens; each later piece starts with the `split_overlap` tokens
+  before its first new token, as context only. A piece attends only within itself: its first new token sees
+  `split_overlap` tokens of context, nothing earlier in the sequence. Every target is trained once, by one piece.
+  All pieces of a sequence run in ONE optimizer step, in rows of their own, and count as ONE sequence of Eq. 2
+  (M counts it once; each of its target tokens weighs 1/(M · N_total)). A split sequence that needs more
+  micro-batches than world_size × grad_accum gets a step of its own size (counter `oversized_steps`); the trainer
+  then gives every step that many micro-steps, filling the others with empty ones.
 """
 from __future__ import annotations
 
@@ -39,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from .formatting import count_targets
 from .io import LongAlignError
 
 IGNORE = -100
@@ -137,6 +149,11 @@ class Plan:
     n_target: np.ndarray  # item id → target tokens after truncation/splitting
     views: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # item id → kept [start, end) ranges
     counters: dict = field(default_factory=dict)
+    masked: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # item id → never-target [a, b) ranges
+
+    def n_sequences(self, step: Step) -> int:
+        """M of Eq. 2: the dataset sequences in `step` (the pieces of a split sequence count once)."""
+        return len({int(self.source[i]) for i in step.item_ids})
 
     @property
     def name(self) -> str:
@@ -151,6 +168,7 @@ class Plan:
                                             "grad_accum", "world_size")}
         d["counters"] = self.counters
         d["views"] = {str(k): v for k, v in self.views.items()}
+        d["masked"] = {str(k): v for k, v in self.masked.items()}
         moved = np.flatnonzero(self.source != np.arange(len(self.source)))
         d["pieces"] = {str(i): int(self.source[i]) for i in moved.tolist()}  # split pieces → dataset row
         if steps:
@@ -180,6 +198,9 @@ def _check_cfg(cfg) -> None:
     for key in ("max_pack_tokens", "batch_size", "grad_accum", "world_size", "balance_window"):
         if int(getattr(cfg, key)) < 1:
             raise LongAlignError(f"batching.{key}={getattr(cfg, key)!r}: must be a positive integer")
+    if cfg.overlong == "split" and not 0 < int(cfg.split_overlap) < int(cfg.max_pack_tokens):
+        raise LongAlignError(f"batching.split_overlap={cfg.split_overlap!r}: must be at least 1 and below "
+                             f"batching.max_pack_tokens={cfg.max_pack_tokens}")
 
 
 # ------------------------------------------------------------------------------------------ over-long sequences
@@ -193,11 +214,45 @@ def keep_ranges(length: int, limit: int, side: str) -> list[tuple[int, int]]:
     return [(0, head), (length - (limit - head), length)]
 
 
-def _count_targets(labels, ranges) -> int:
-    """Target tokens in the concatenation of `ranges` of `labels`, its first position excluded (never predicted)."""
-    lab = np.asarray(labels)
-    cut = np.concatenate([lab[s:e] for s, e in ranges]) if len(ranges) > 1 else lab[ranges[0][0]:ranges[0][1]]
-    return int((cut[1:] != IGNORE).sum())
+def cut_masks(ranges) -> list[tuple[int, int]]:
+    """Positions of a truncated item (in its own coordinates) that are never targets: the first token after each
+    cut. Head and tail are joined with consecutive positions, but the token after a cut did not follow the one
+    before it, so it is not trained to (its label becomes -100).
+
+    >>> cut_masks([(0, 5), (95, 100)])
+    [(5, 6)]
+    """
+    out, pos = [], 0
+    for k, (s, e) in enumerate(ranges):
+        if k and e > s:
+            out.append((pos, pos + 1))
+        pos += e - s
+    return out
+
+
+def split_ranges(length: int, limit: int, overlap: int) -> list[tuple[int, int, int]]:
+    """(view start, first new token, end) of each piece of a `length`-token sequence split into pieces of at most
+    `limit` tokens. Piece 0 is [0, limit); every later piece repeats the `overlap` tokens before its first new token
+    as context (never as targets), so each target of the sequence is trained exactly once, by one piece.
+
+    >>> split_ranges(25, 10, 1)
+    [(0, 0, 10), (9, 10, 19), (18, 19, 25)]
+    """
+    if not 0 < overlap < limit:
+        raise LongAlignError(f"batching.split_overlap={overlap}: must be at least 1 and below max_pack_tokens={limit}")
+    out = [(0, 0, min(limit, length))]
+    while out[-1][2] < length:
+        new = out[-1][2]
+        out.append((new - overlap, new, min(length, new - overlap + limit)))
+    return out
+
+
+def item_labels(labels, ranges=None, masked=None) -> list:
+    """The labels of a plan item: `labels` cut to its kept `ranges`, with its `masked` positions set to -100."""
+    lab = list(labels) if ranges is None else [t for s, e in ranges for t in labels[s:e]]
+    for a, b in masked or ():
+        lab[a:b] = [IGNORE] * (b - a)
+    return lab
 
 
 @dataclass
@@ -207,6 +262,7 @@ class _Items:
     n_target: np.ndarray
     views: dict
     counters: dict
+    masked: dict = field(default_factory=dict)
 
 
 def prepare_items(lengths, n_target, cfg, labels=None) -> _Items:
@@ -214,6 +270,8 @@ def prepare_items(lengths, n_target, cfg, labels=None) -> _Items:
 
     `labels` (optional: a sequence of label lists, e.g. a dataset column) makes target counts of truncated items
     and pieces exact; without it they are estimated (answers assumed at the end) and counted as estimated.
+    Target counts follow formatting.count_targets (as the loss sees them): an item's position 0 and the positions in
+    `masked` (the token after a middle cut; the context a split piece repeats) are never targets.
     """
     lens = np.asarray(lengths, dtype=np.int64)
     n = len(lens)
@@ -229,6 +287,7 @@ def prepare_items(lengths, n_target, cfg, labels=None) -> _Items:
     src = np.arange(n, dtype=np.int64)
     out_len, out_nt = lens.copy(), nt.copy()
     views: dict[int, list[tuple[int, int]]] = {}
+    masked: dict[int, list[tuple[int, int]]] = {}
     counters = {"sequences": n, "overlong": 0, "truncated": 0, "skipped_overlong": 0, "split": 0, "pieces": 0,
                 "skipped_no_target": 0, "n_target_estimated": 0}
     extra_src, extra_len, extra_nt = [], [], []
@@ -242,30 +301,32 @@ def prepare_items(lengths, n_target, cfg, labels=None) -> _Items:
         elif cfg.overlong == "truncate":
             r = keep_ranges(L, cap, cfg.truncate_side)
             views[i] = r
+            if cut_masks(r):
+                masked[i] = cut_masks(r)
             out_len[i] = cap
             if labels is not None:
-                out_nt[i] = _count_targets(labels[i], r)
+                out_nt[i] = count_targets(item_labels(labels[i], r, masked.get(i)))
             else:  # answers sit at the end of a chat record: right truncation cuts them first, middle keeps them
                 out_nt[i] = max(0, N - (L - cap)) if cfg.truncate_side == "right" else min(N, cap - cap // 2 - 1)
                 counters["n_target_estimated"] += 1
             counters["truncated"] += 1
-        else:  # split into consecutive pieces of at most cap tokens; piece 0 keeps the dataset index as its id
+        else:  # split into pieces of at most cap tokens; piece 0 keeps the dataset index as its id
             counters["split"] += 1
-            bounds = list(range(0, L, cap))
-            for k, s in enumerate(bounds):
-                e = min(L, s + cap)
+            for k, (v, new, e) in enumerate(split_ranges(L, cap, int(cfg.split_overlap))):
+                item = i if k == 0 else n + len(extra_src)
+                views[item] = [(v, e)]
+                if new > v:
+                    masked[item] = [(0, new - v)]
                 if labels is not None:
-                    pn = _count_targets(labels[i], [(s, e)])
+                    pn = count_targets(item_labels(labels[i], views[item], masked.get(item)))
                 else:
-                    pn = int(round(N * (e - s) / L))
+                    pn = int(round(N * (e - new) / L))
                     counters["n_target_estimated"] += 1
                 if k == 0:
-                    views[i] = [(s, e)]
-                    out_len[i], out_nt[i] = e - s, pn
+                    out_len[i], out_nt[i] = e - v, pn
                 else:
-                    views[n + len(extra_src)] = [(s, e)]
                     extra_src.append(i)
-                    extra_len.append(e - s)
+                    extra_len.append(e - v)
                     extra_nt.append(pn)
                 counters["pieces"] += 1
     if extra_src:
@@ -276,7 +337,7 @@ def prepare_items(lengths, n_target, cfg, labels=None) -> _Items:
     counters["skipped_no_target"] = int(no_target.sum())
     out_len[no_target] = 0  # a sequence without target tokens adds nothing to any reduction: not planned
     out_nt[out_len == 0] = 0
-    return _Items(src, out_len, out_nt, views, counters)
+    return _Items(src, out_len, out_nt, views, counters, masked)
 
 
 # ------------------------------------------------------------------------------------------------------ packers
@@ -415,9 +476,8 @@ def best_fit_decreasing(lengths: np.ndarray, capacity: int) -> list[list[int]]:
 
 
 # ------------------------------------------------------------------------------------------------------ planning
-def _rows_for(strategy: str, items: _Items, cfg, rng: np.random.Generator) -> list[list[list[int]]]:
-    """Micro-batches as lists of rows of item ids (before grouping into steps)."""
-    live = np.flatnonzero(items.lengths > 0)
+def _rows_for(strategy: str, items: _Items, cfg, rng: np.random.Generator, live: np.ndarray) -> list[list[list[int]]]:
+    """Micro-batches as lists of rows of the item ids `live` (before grouping into steps)."""
     L = items.lengths
     B = int(cfg.batch_size)
     if strategy == "naive":
@@ -535,6 +595,53 @@ def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None, sequence_par
             gc.enable()
 
 
+def _split_bundles(items: _Items) -> dict[int, list[int]]:
+    """{dataset row: its planned pieces} for every split sequence with more than one piece left to train."""
+    live = np.flatnonzero(items.lengths > 0)
+    src = items.source[live]
+    rows, counts = np.unique(src, return_counts=True)
+    multi = set(rows[counts > 1].tolist())
+    out: dict[int, list[int]] = {}
+    for i, r in zip(live.tolist(), src.tolist(), strict=True):
+        if r in multi:
+            out.setdefault(r, []).append(i)
+    return out
+
+
+def _bundle_rows(pieces: list[int], B: int) -> list[list[list[int]]]:
+    """The micro-batches of one split sequence: its pieces in order, one per row, `B` rows per micro-batch (a split
+    sequence's rows hold nothing else, so its pieces never chain other sequences into its step)."""
+    return [[[i] for i in pieces[j:j + B]] for j in range(0, len(pieces), B)]
+
+
+def _fill_steps(blocks: list[list], per_step: int) -> list[list[list]]:
+    """Group blocks (lists of micro-batches that must share a step) into steps of `per_step` micro-batches, in
+    order. A block that does not fit in the open step opens the next one while later single blocks fill the open
+    step; a block larger than `per_step` gets a step of its own size. Single blocks: plain slices of `per_step`."""
+    steps, cur, n, pending = [], [], 0, []
+    for b in blocks:
+        if n and n + len(b) > per_step:
+            pending.append(b)
+        else:
+            cur.append(b)
+            n += len(b)
+        while n >= per_step:
+            steps.append(cur)
+            cur, n = [], 0
+            while pending and (n == 0 or n + len(pending[0]) <= per_step):
+                cur.append(pending.pop(0))
+                n += len(cur[-1])
+    for b in pending:
+        if n and n + len(b) > per_step:
+            steps.append(cur)
+            cur, n = [], 0
+        cur.append(b)
+        n += len(b)
+    if cur:
+        steps.append(cur)
+    return steps
+
+
 def _plan_epoch(lengths, n_target, cfg, epoch, labels, sequence_parallel=1) -> Plan:
     items = prepare_items(lengths, n_target, cfg, labels)
     rng = np.random.default_rng([int(cfg.seed), int(epoch)])
@@ -542,41 +649,61 @@ def _plan_epoch(lengths, n_target, cfg, epoch, labels, sequence_parallel=1) -> P
     padded = strategy != "packed"
     cap = int(cfg.max_pack_tokens)
     lt, nt = items.lengths.tolist(), items.n_target.tolist()
-    units = [_micro(rows, lt, nt, padded, cap) for rows in _rows_for(strategy, items, cfg, rng)]
+    bundles = _split_bundles(items)  # a split sequence's pieces: planned together, trained in one step
+    live = items.lengths > 0
+    for pieces in bundles.values():
+        live[pieces] = False
+    rows = _rows_for(strategy, items, cfg, rng, np.flatnonzero(live))
+    blocks = [[_micro(r, lt, nt, padded, cap)] for r in rows]
+    if bundles:
+        where = rng.integers(0, len(blocks) + 1, size=len(bundles)).tolist()
+        extra: dict[int, list] = {}
+        for pos, pieces in zip(where, bundles.values(), strict=True):
+            extra.setdefault(pos, []).append([_micro(r, lt, nt, padded, cap)
+                                              for r in _bundle_rows(pieces, int(cfg.batch_size))])
+        blocks = [b for k in range(len(blocks) + 1) for b in extra.get(k, []) + blocks[k:k + 1]]
     W, G = int(cfg.world_size), int(cfg.grad_accum)
     per_step = W * G
-    n_full = len(units) // per_step
     dropped = 0
-    if cfg.drop_last and len(units) % per_step:
-        dropped = len(units) - n_full * per_step
-        units = units[:n_full * per_step]
+    if cfg.drop_last:
+        steps_ = _fill_steps(blocks, per_step)
+        if steps_ and sum(map(len, steps_[-1])) < per_step:
+            last = {id(b) for b in steps_[-1]}
+            dropped = sum(map(len, steps_[-1]))
+            blocks = [b for b in blocks if id(b) not in last]
     key_of = None
     if cfg.balance != "none":
         cm = CostModel.from_config(cfg, sequence_parallel)
         key_of = (lambda u: float(u.computed_tokens)) if cfg.balance == "tokens" else cm.micro_batch
         # regroup within windows of `balance_window` steps: similar-cost micro-batches share a step
         win = per_step * int(cfg.balance_window)
-        regrouped = []
-        for a in range(0, len(units), win):
-            chunk = units[a:a + win]
-            regrouped.extend(sorted(chunk, key=lambda u: -key_of(u)))
-        groups = [regrouped[a:a + per_step] for a in range(0, len(regrouped), per_step)]
-        full = [g for g in groups if len(g) == per_step]
-        tail = [g for g in groups if len(g) < per_step]
+        regrouped, window, n = [], [], 0
+        for b in blocks + [None]:
+            if b is None or n >= win:
+                regrouped.extend(sorted(window, key=lambda blk: -sum(key_of(u) for u in blk)))
+                window, n = [], 0
+            if b is not None:
+                window.append(b)
+                n += len(b)
+        groups = _fill_steps(regrouped, per_step)
+        full = [g for g in groups if sum(map(len, g)) >= per_step]
+        tail = [g for g in groups if sum(map(len, g)) < per_step]
         order = rng.permutation(len(full))
         groups = [full[j] for j in order] + tail
     else:
-        groups = [units[a:a + per_step] for a in range(0, len(units), per_step)]
+        groups = _fill_steps(blocks, per_step)
     steps = []
     for s, g in enumerate(groups):
-        key = [key_of(u) for u in g] if key_of is not None else None
-        steps.append(Step(index=s, ranks=_assign_ranks(g, W, G, key)))
+        units = [u for b in g for u in b]
+        key = [key_of(u) for u in units] if key_of is not None else None
+        steps.append(Step(index=s, ranks=_assign_ranks(units, W, G, key)))
     plan = Plan(strategy=strategy, packer=cfg.packer if strategy == "packed" else "", epoch=int(epoch),
                 seed=int(cfg.seed), capacity=cap, batch_size=int(cfg.batch_size), grad_accum=G, world_size=W,
                 steps=steps, source=items.source, lengths=items.lengths, n_target=items.n_target,
-                views=items.views, counters=dict(items.counters))
+                views=items.views, counters=dict(items.counters), masked=items.masked)
     plan.counters.update(efficiency(plan))
     plan.counters["dropped_micro_batches"] = dropped
+    plan.counters["oversized_steps"] = sum(1 for st in steps if sum(len(r) for r in st.ranks) > per_step)
     if sequence_parallel > 1:
         from .sequence_parallel import tokens_per_gpu
 
@@ -620,10 +747,12 @@ def pack_fill(plan: Plan) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------ loss weighting
-def step_token_weights(step: Step, n_target=None, reduction: str = "sequence") -> dict[int, float]:
+def step_token_weights(step: Step, n_target=None, reduction: str = "sequence", source=None) -> dict[int, float]:
     """Per-target-token weight of every item of `step` so that the weighted loss SUM over all micro-batches and
     ranks of the step equals `reduction` (token | pack_mean | sequence). `n_target`: item id → target tokens
-    (plan.n_target); None uses the counts recorded in the micro-batches."""
+    (plan.n_target); None uses the counts recorded in the micro-batches. `source`: item id → dataset row
+    (plan.source): under `sequence` the pieces of a split sequence are one sequence — counted once in M, each of
+    its target tokens weighted 1/(M · N_total), N_total = its targets over all its pieces."""
     if reduction not in REDUCTIONS:
         raise LongAlignError(f"loss reduction {reduction!r}: choose one of {', '.join(REDUCTIONS)}")
     rows: list[tuple[list[int], list[int]]] = []
@@ -637,10 +766,15 @@ def step_token_weights(step: Step, n_target=None, reduction: str = "sequence") -
             for i, n in zip(p, nts, strict=False):
                 w[i] = 1.0 / total if n > 0 else 0.0
     elif reduction == "sequence":
-        M = sum(1 for _, nts in rows for n in nts if n > 0)
+        seq = (lambda i: int(source[i])) if source is not None else (lambda i: i)  # noqa: E731
+        n_seq: dict[int, int] = {}
         for p, nts in rows:
             for i, n in zip(p, nts, strict=False):
-                w[i] = 1.0 / (M * n) if n > 0 else 0.0
+                n_seq[seq(i)] = n_seq.get(seq(i), 0) + n
+        M = sum(1 for n in n_seq.values() if n > 0)
+        for p, nts in rows:
+            for i, n in zip(p, nts, strict=False):
+                w[i] = 1.0 / (M * n_seq[seq(i)]) if n > 0 else 0.0
     else:
         P = sum(1 for _, nts in rows if sum(nts) > 0)
         for p, nts in rows:
@@ -650,11 +784,11 @@ def step_token_weights(step: Step, n_target=None, reduction: str = "sequence") -
     return w
 
 
-def effective_sequence_weights(step: Step, reduction: str, n_target=None) -> dict[int, float]:
-    """How much each sequence's MEAN token loss counts in the step loss: w_i · N_i (sums to 1 for every reduction).
-    Under `sequence` every sequence gets 1/M; `token` favours long answers; `pack_mean` favours sequences whose
-    pack has few target tokens."""
-    w = step_token_weights(step, n_target, reduction)
+def effective_sequence_weights(step: Step, reduction: str, n_target=None, source=None) -> dict[int, float]:
+    """How much each item's MEAN token loss counts in the step loss: w_i · N_i (sums to 1 for every reduction).
+    Under `sequence` every sequence gets 1/M (with `source`, the pieces of a split sequence share its 1/M);
+    `token` favours long answers; `pack_mean` favours sequences whose pack has few target tokens."""
+    w = step_token_weights(step, n_target, reduction, source)
     nt = {}
     for mb in step.micro_batches():
         for p, nts in zip(mb.packs, mb.n_target, strict=False):
@@ -665,13 +799,14 @@ def effective_sequence_weights(step: Step, reduction: str, n_target=None) -> dic
 
 # ---------------------------------------------------------------------------------------------------- collation
 def item_example(plan: Plan, item: int, row: Mapping[str, Any]) -> dict:
-    """The tokens of plan item `item` (cut to its kept ranges) from its dataset row: input_ids, labels, idx."""
-    ids, labels = row["input_ids"], row["labels"]
+    """The tokens of plan item `item` from its dataset row: input_ids and labels cut to its kept ranges, labels -100
+    at its masked positions (the token after a middle cut; a split piece's context); idx = the item id."""
+    ids = row["input_ids"]
     r = plan.views.get(int(item))
     if r is not None:
         ids = [t for s, e in r for t in ids[s:e]]
-        labels = [t for s, e in r for t in labels[s:e]]
-    return {"input_ids": list(ids), "labels": list(labels), "idx": int(item)}
+    labels = item_labels(row["labels"], r, plan.masked.get(int(item)))
+    return {"input_ids": list(ids), "labels": labels, "idx": int(item)}
 
 
 def materialize(plan: Plan, mb: MicroBatch, dataset) -> list[dict]:

@@ -152,6 +152,8 @@ class BatchConfig:
     loss_reduction: str = "sequence"  # token | pack_mean | sequence
     overlong: str = "truncate"  # truncate | skip | split (sequences longer than max_pack_tokens)
     truncate_side: str = "middle"  # right | middle (keep the start and the end)
+    # split: tokens before each later piece that it repeats as context (never as targets); ≥ 1 trains every target
+    split_overlap: int = 1
     sorted_mode: str = "fixed"  # fixed: groups of batch_size | token_budget: groups fill sort_token_budget
     sort_token_budget: int | None = None  # padded tokens per sorted group; default batch_size * max_pack_tokens
     # balance: none | tokens | cost: group micro-batches into steps/ranks by token count or modelled cost

@@ -9,7 +9,8 @@ Usage:
     pairs = mix(long_records, short_records, ratio=0.5, seed=0)   # [(source, record)], deterministic
 
 One row per kept record: `input_ids` and `labels` (int32; labels are -100 outside the assistant turns), `length`
-and `n_target` (int64), `source` ("long", "short" or a file's stem), plus `origin` ("file:line") and `truncated`.
+and `n_target` (int64; targets as the loss sees them: formatting.count_targets), `source` ("long", "short" or a
+file's stem), plus `origin` ("file:line") and `truncated`.
 Sequences keep their own length: LongAlign stores every record padded to 65,536 int64 tokens; here a 300-token
 chat takes 300 tokens on disk, and batching (stage 3) decides how sequences share a step.
 
@@ -29,7 +30,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from .formatting import IGNORE, RecordError, assistant_char_spans, format_batch
+from .formatting import RecordError, assistant_char_spans, count_targets, format_batch
 from .io import LongAlignError, iter_jsonl, read_jsonl, write_json
 
 COLUMNS = ("input_ids", "labels", "length", "n_target", "source")  # the contract stages 3 and 4 read
@@ -215,7 +216,7 @@ def _tokenize_chunk(lines: list[str]) -> dict:
         ids, labels = np.asarray(res.input_ids, np.int32), np.asarray(res.labels, np.int32)
         ids_parts.append(ids)
         label_parts.append(labels)
-        lengths[k], n_target[k] = len(ids), int((labels != IGNORE).sum())
+        lengths[k], n_target[k] = len(ids), count_targets(labels)
         truncated[k], dropped[k] = res.truncated, bool(res.meta.get("dropped_trailing_user"))
     empty = np.zeros(0, np.int32)
     return {"ids": np.concatenate(ids_parts) if ids_parts else empty,

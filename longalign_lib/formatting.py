@@ -52,7 +52,20 @@ class Example:
 
     @property
     def n_target(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE)
+        """Target tokens as the loss sees them (see count_targets)."""
+        return count_targets(self.labels)
+
+
+def count_targets(labels) -> int:
+    """Target tokens of one sequence as the loss sees them: labels != -100 at positions 1.. — the one place where
+    targets are counted (dataset `n_target`, Example.n_target, batch plans, loss weights). Position 0 is never a
+    target: nothing precedes it, so no logit predicts it (the collators mask it too).
+
+    >>> count_targets([7, -100, 8, 9])
+    2
+    """
+    lab = np.asarray(labels)
+    return int((lab[1:] != IGNORE).sum()) if lab.size else 0
 
 
 @dataclass

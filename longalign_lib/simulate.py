@@ -178,7 +178,7 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
         _forward_backward(model, b, device, weighted_loss_sum)
     model.zero_grad(set_to_none=True)
     for step in tqdm(plan.steps[:n_steps], desc=desc or f"timing {plan.name}", leave=False):
-        w = step_token_weights(step, plan.n_target, reduction)
+        w = step_token_weights(step, plan.n_target, reduction, source=plan.source)
         t_step = 0.0
         for mb in step.micro_batches():
             b = collate(plan, mb, dataset, w, pad_id)

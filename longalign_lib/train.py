@@ -37,7 +37,7 @@ from torch import nn
 from . import batching
 from .attention import packed_kwargs
 from .dataset import load_tokenized
-from .formatting import format_file
+from .formatting import count_targets, format_file
 from .inputs import sample_path
 from .io import LongAlignError, append_jsonl, read_jsonl, write_json, write_jsonl
 from .loss import lm_head_of, weighted_chunked_ce
@@ -92,8 +92,8 @@ def make_plans(ds, bcfg, epochs: float, sequence_parallel: int = 1) -> list:
 
     With sequence parallelism a plan rank is a group of `sequence_parallel` GPUs sharing each row."""
     lengths = _column(ds, "length")
-    n_target = _column(ds, "n_target")
     labels = _column(ds, "labels")
+    n_target = [count_targets(y) for y in labels]  # as the loss sees them, whatever a given n_target column says
     plans = []
     for e in range(max(1, math.ceil(epochs))):
         plan = batching.plan_epoch(lengths, n_target, bcfg, epoch=e, labels=labels,
@@ -125,7 +125,8 @@ class PlanBatches(torch.utils.data.Dataset):
         self.plans, self.dataset, self.rank, self.reduction, self.pad_id = plans, dataset, rank, reduction, pad_id
         self.flops_fn = flops_fn
         self.sp_rank, self.sp_size = int(sp_rank), int(sp_size)
-        self.grad_accum = max(1, max(len(s.ranks[rank]) for p in plans for s in p.steps))
+        # every rank runs as many micro-steps as the busiest rank of the busiest step (DDP keeps ranks in lockstep)
+        self.grad_accum = max(1, max(len(r) for p in plans for s in p.steps for r in s.ranks))
         self.refs: list[MicroRef] = []
         self.step_refs: list[tuple[int, int]] = []
         for pi, p in enumerate(plans):
@@ -147,7 +148,8 @@ class PlanBatches(torch.utils.data.Dataset):
         key = (pi, si)
         if key not in self._weights_cache:
             plan = self.plans[pi]
-            self._weights_cache = {key: batching.step_token_weights(plan.steps[si], plan.n_target, self.reduction)}
+            self._weights_cache = {key: batching.step_token_weights(plan.steps[si], plan.n_target, self.reduction,
+                                                                         source=plan.source)}
         return self._weights_cache[key]
 
     def step_stats(self, pi: int, si: int) -> dict:
@@ -156,7 +158,7 @@ class PlanBatches(torch.utils.data.Dataset):
         mbs = list(step.micro_batches())
         tokens = sum(mb.tokens for mb in mbs)
         slots = sum(mb.slots for mb in mbs)
-        return {"M": step.n_sequences, "K": sum(len(mb.packs) for mb in mbs), "step_tokens": tokens,
+        return {"M": self.plans[pi].n_sequences(step), "K": sum(len(mb.packs) for mb in mbs), "step_tokens": tokens,
                 "computed_tokens": sum(mb.computed_tokens for mb in mbs), "fill": tokens / slots if slots else 0.0,
                 "padded": bool(mbs and mbs[0].padded)}
 
@@ -395,7 +397,21 @@ class LongAlignTrainer(Trainer):
             a["flops"] += self.flops_fn(docs, meta.get("n_target", 0))
         if meta.get("micro", -1) >= 0 or a["ref"] is None:
             a["ref"] = (meta.get("plan", 0), meta.get("step", 0))
-        return loss.detach()  # HF sums these over the step: its logged "loss" is the step loss too
+        return self._loss_to_report(loss.detach(), world)
+
+    def _loss_to_report(self, loss, world: int):
+        """What transformers adds to its running loss for this micro-batch. It sums these over the step and, when
+        it logs, averages the sums over ranks (`loss`; `train_loss` also adds this rank's unlogged rest). One rank
+        alone: this micro-batch's share of the step loss. Several ranks: 0, then the whole step loss (summed over
+        ranks) at the step's last micro-batch — so every rank holds the step loss and every logged loss is it."""
+        if world <= 1:
+            return loss
+        self._acc["rank_loss"] = self._acc.get("rank_loss", 0.0) + loss.double()
+        if not self.accelerator.sync_gradients:
+            return torch.zeros_like(loss)
+        step = self._acc.pop("rank_loss").clone()
+        torch.distributed.all_reduce(step)
+        return step.to(loss.dtype)
 
     # --- checkpoints: the inner transformers/peft model in its own format (loadable by stage 5)
     def _save(self, output_dir=None, state_dict=None):

@@ -153,8 +153,9 @@ def test_overlong_policies_are_counted_and_exact(policy, side):
         dropped = [i for i in (0, 2, 3) if p.lengths[i] == 0]
         assert c["skipped_no_target"] == len(dropped) and (0 in dropped) == (side == "right")
     else:
-        assert c["split"] == 3 and c["pieces"] == 3 + 2 + 3
-        assert len(p.lengths) == 5 + 5 and p.lengths.max() <= 10  # ids 5.. are pieces 2, 3 of the long rows
+        # pieces after the first repeat the token before them (split_overlap=1): 30 → 4 pieces, 12 → 2, 25 → 3
+        assert c["split"] == 3 and c["pieces"] == 4 + 2 + 3
+        assert len(p.lengths) == 5 + 6 and p.lengths.max() <= 10  # ids 5.. are the later pieces of the long rows
         # pieces that hold only prompt tokens have nothing to learn: dropped and counted
         assert c["skipped_no_target"] == int((p.lengths == 0).sum()) >= 2
     # recorded target counts equal what the collator actually weights
@@ -194,9 +195,9 @@ def random_rows(lengths, rng):
     return rows, losses
 
 
-def step_loss_through_collators(plan, step, rows, losses, reduction):
+def step_loss_through_collators(plan, step, rows, losses, reduction, source=None):
     """Σ over every micro-batch of every rank of Σ_t loss_weights[t] · loss(token t), via the real collators."""
-    w = step_token_weights(step, plan.n_target, reduction)
+    w = step_token_weights(step, plan.n_target, reduction, source)
     total = 0.0
     for mb in step.micro_batches():
         b = collate(plan, mb, rows, w, pad_id=0)
@@ -350,3 +351,81 @@ def test_token_balance_and_drop_last():
     d = plan_epoch(lens, nt, dataclasses.replace(c, drop_last=True, balance="none"))
     assert d.counters["dropped_micro_batches"] == 203 % 8 and len(d.steps) == 203 // 8
     assert all(len(r) == 2 for s in d.steps for r in s.ranks)
+
+
+# ------------------------------------------------------------------------------------- cuts and split sequences
+def test_middle_truncation_never_trains_across_the_cut():
+    """A 30-token answer cut to 10 in the middle: head [0, 5) and tail [25, 30) sit side by side with consecutive
+    positions, but token 25 never followed token 4, so it is no target; the plan's count is what the loss sees."""
+    row = {"input_ids": list(range(100, 130)), "labels": [IGNORE, *range(101, 130)]}
+    p = plan_epoch([30], [29], cfg_(strategy="packed", max_pack_tokens=10, overlong="truncate",
+                                    truncate_side="middle"), labels=[row["labels"]])
+    (mb,) = list(p.micro_batches())
+    b = collate_packed(materialize(p, mb, [row]), 1.0)
+    assert b["input_ids"][0].tolist() == [*range(100, 105), *range(125, 130)]
+    trained = [int(t) for t, w in zip(b["input_ids"][0], b["loss_weights"][0], strict=True) if w > 0]
+    print(f"trained after the cut: {[t for t in trained if t >= 125]}; plan n_target {int(p.n_target[0])}")
+    assert trained == [*range(101, 105), *range(126, 130)] and int(p.n_target[0]) == len(trained) == 8
+
+
+def test_stage2_middle_truncation_cuts_inside_a_prompt(smol_tokenizer):
+    """formatting's middle truncation cuts inside the longest prompt run: the token after its cut is a prompt token."""
+    from longalign_lib.formatting import format_record
+
+    rec = {"messages": [{"role": "user", "content": "word " * 600 + "Now answer."},
+                        {"role": "assistant", "content": "A short answer."}]}
+    full = format_record(rec, smol_tokenizer)
+    ex = format_record(rec, smol_tokenizer, max_length=200, truncation="middle")
+    k = next(j for j in range(len(ex.input_ids)) if ex.input_ids[j] != full.input_ids[j])  # first token after the cut
+    assert ex.labels[k] == IGNORE and ex.labels[k - 1] == IGNORE and ex.n_target == full.n_target
+
+
+def test_split_sequence_counts_once_in_one_step():
+    """Eq. 2 counts a sequence once: a 25-token row (24 targets) split into pieces of at most 10 tokens next to an
+    8-token row takes half of the step loss (not 3/4, as three sequences of its own would); each of its 24 targets
+    is trained exactly once: every piece after the first repeats the token before it as context, never as target."""
+    rows = [{"input_ids": list(range(1000, 1025)), "labels": [IGNORE, *range(1001, 1025)]},
+            {"input_ids": list(range(2000, 2008)), "labels": [IGNORE, *range(2001, 2008)]}]
+    p = plan_epoch([25, 8], [24, 7], cfg_(strategy="packed", max_pack_tokens=10, overlong="split", grad_accum=4),
+                   labels=[r["labels"] for r in rows])
+    (step,) = p.steps
+    assert p.counters["pieces"] == 3 and p.n_sequences(step) == 2
+    w = step_token_weights(step, p.n_target, "sequence", source=p.source)
+    trained, share, firsts = {}, {1: 0.0, 2: 0.0}, []
+    for mb in step.micro_batches():
+        b = collate_packed(materialize(p, mb, rows), w)
+        cu = b["cu_seq_lens"].tolist()
+        firsts += [int(b["input_ids"][0, a]) for a in cu[:-1]]
+        for t, x in zip(b["input_ids"][0].tolist(), b["loss_weights"][0].tolist(), strict=True):
+            if x > 0:
+                trained[t] = trained.get(t, 0) + 1
+                share[t // 1000] += x
+    print(f"share of the step loss: split row {share[1]:.4f}, other row {share[2]:.4f}")
+    assert share[1] == pytest.approx(0.5) and share[2] == pytest.approx(0.5)
+    assert sorted(trained) == [*range(1001, 1025), *range(2001, 2008)] and set(trained.values()) == {1}
+    assert sorted(firsts) == [1000, 1009, 1018, 2000]  # pieces 2 and 3 start with the token before their targets
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.integers(2, 120), min_size=1, max_size=25), st.sampled_from(["naive", "sorted", "nf", "bfd"]),
+       st.integers(1, 3), st.integers(1, 3), st.integers(1, 3), st.integers(12, 40), st.integers(1, 6),
+       st.booleans(), st.integers(0, 10**6))
+def test_split_sequences_are_eq2_sequences(lengths, layout, bs, accum, world, cap, overlap, balance, seed):
+    """With overlong=split, every step's `sequence` loss through the real collators is Eq. 2 over the ORIGINAL rows:
+    all pieces of a row share its step, each original target is trained once, every row counts once in M."""
+    rng = np.random.default_rng(seed)
+    rows, losses = random_rows(lengths, rng)
+    strategy = {"nf": "packed", "bfd": "packed"}.get(layout, layout)
+    c = cfg_(strategy=strategy, packer="next_fit" if layout == "nf" else "bfd", batch_size=bs, grad_accum=accum,
+             world_size=world, max_pack_tokens=cap, overlong="split", split_overlap=min(overlap, cap - 1), seed=seed,
+             balance="cost" if balance else "none")
+    plan = plan_epoch([len(r["input_ids"]) for r in rows], [sum(x != IGNORE for x in r["labels"][1:]) for r in rows],
+                      c, labels=[r["labels"] for r in rows])
+    step_of = {}
+    for k, step in enumerate(plan.steps):
+        for i in step.item_ids:
+            assert step_of.setdefault(int(plan.source[i]), k) == k, "a split row's pieces landed in two steps"
+        sources = sorted({int(plan.source[i]) for i in step.item_ids})
+        got = step_loss_through_collators(plan, step, rows, losses, "sequence", source=plan.source)
+        assert got == pytest.approx(per_sequence_mean(sources, rows, losses), abs=1e-6, rel=1e-6)
+    assert sorted(step_of) == list(range(len(rows)))

@@ -235,3 +235,24 @@ def test_vectorised_labels_match_the_token_loop(steps, cuts):
     cuts = sorted(set(cuts))
     spans = [(a, b) for a, b in zip(cuts[0::2], cuts[1::2], strict=False) if b > a]
     assert labels_from_offsets(ids, offsets, spans) == _labels_loop(ids, offsets, spans)
+
+
+def test_target_counts_are_what_the_loss_sees(tmp_path, smol_tokenizer):
+    """A template that opens with the answer puts a target at position 0. Nothing precedes it, so the loss never
+    trains it: the dataset's n_target and Example.n_target leave it out, exactly like the collator's weights."""
+    import copy
+
+    from longalign_lib.batching import collate_packed
+
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}<|im_end|>\n"
+                         "{% endif %}{% endfor %}")
+    rec = {"messages": [{"role": "user", "content": "Greet me."}, {"role": "assistant", "content": "Hello, friend."}]}
+    ex = format_record(rec, tok)
+    assert ex.labels[0] != IGNORE  # the answer opens the text: position 0 is labelled
+    ds, _ = D.build_dataset([rec], tok, DataConfig(), tmp_path / "tok", num_proc=1)
+    seen = int((collate_packed([{"input_ids": ex.input_ids, "labels": ex.labels, "idx": 0}], 1.0)["loss_weights"]
+                > 0).sum())
+    print(f"loss sees {seen} targets; Example.n_target {ex.n_target}; dataset n_target {ds[0]['n_target']}")
+    assert seen == sum(y != IGNORE for y in ex.labels[1:])
+    assert ex.n_target == seen and ds[0]["n_target"] == seen

@@ -219,3 +219,73 @@ def test_gpu_bf16_training_loss_falls(tiny, rows, tmp_path, attn):
     last = sum(r["loss"] for r in log[-3:]) / 3
     assert last < 0.95 * first  # a 2-layer random model on 6 records: it falls by ~10% in 12 steps
     assert log[-1]["peak_mem_gib"] > 0 and log[-1]["mfu"] > 0
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_every_logged_loss_is_the_step_loss_under_ddp(tiny, rows, tmp_path):
+    """2 gloo processes: transformers' own logged `loss` (every logging_steps) and `train_loss` (the run's mean,
+    including steps after the last log) are the step loss of train_log.jsonl — on every rank, not divided by W."""
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(f"""
+        import json, sys, torch
+        sys.path.insert(0, {str(ROOT)!r})
+        from longalign_lib import train
+        from longalign_lib.config import load_config
+        cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0",
+                          "model.device=cpu", "train.max_pack_tokens=null", "train.epochs=3", "train.max_steps=3",
+                          "train.logging_steps=2", "batching.world_size=2", "batching.grad_accum=2",
+                          "batching.max_pack_tokens=400", "train.lr=1e-3"])
+        rows = json.load(open({str(data)!r}))
+        res = train.train(cfg, sys.argv[1], dataset=rows, save_model=False)
+        t = res["trainer"]
+        json.dump({{"history": t.state.log_history, "log": res["log"]}},
+                  open(sys.argv[1] + f"/out{{t.args.process_index}}.json", "w"))
+        train.finish_distributed()
+    """))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", str(worker), str(tmp_path / "two")], env=env,
+                         capture_output=True, text=True, timeout=400)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    for rank in (0, 1):
+        out = json.loads((tmp_path / "two" / f"out{rank}.json").read_text())
+        steps = [r["loss"] for r in out["log"]]  # train_log.jsonl: the step loss (all ranks, all micro-batches)
+        assert len(steps) == 3 and min(steps) > 1.0
+        logged = [h["loss"] for h in out["history"] if "loss" in h]
+        (final,) = [h["train_loss"] for h in out["history"] if "train_loss" in h]
+        print(f"rank {rank}: step losses {steps}, transformers loss {logged}, train_loss {final}")
+        assert logged == [pytest.approx((steps[0] + steps[1]) / 2, rel=1e-6)]
+        assert final == pytest.approx(sum(steps) / 3, rel=1e-6)
+
+
+def test_step_weights_count_targets_as_the_loss_sees_them(tiny, rows):
+    """Rows handed to the trainer with a target at position 0 (never trained: nothing precedes it) and an n_target
+    that counts it: every sequence still weighs 1/M, and a row whose only target is at position 0 is no sequence."""
+    data = []
+    for r in rows[:3]:
+        labels = [r["input_ids"][0], *r["labels"][1:]]
+        data.append({**r, "labels": labels, "n_target": sum(y != -100 for y in labels)})
+    r = rows[3]
+    data.append({**r, "labels": [r["input_ids"][0]] + [-100] * (r["length"] - 1), "n_target": 1})
+    cfg = _cfg(tiny, "batching.loss_reduction=sequence", "batching.max_pack_tokens=4096", "batching.grad_accum=1")
+    plans = train.make_plans(data, train.batch_config(cfg), 1.0)
+    pb = train.PlanBatches(plans, data, 0, "sequence", 0)
+    assert pb.n_steps == 1
+    per_seq = []  # each planned sequence's share of the step loss: the sum of its tokens' weights
+    for i in range(len(pb)):
+        b = pb[i]
+        cu = b["cu_seq_lens"].tolist()
+        per_seq += [float(b["loss_weights"][0, cu[k]:cu[k + 1]].sum()) for k in range(len(cu) - 1)]
+    print(f"M = {pb.step_stats(0, 0)['M']}, weight per sequence {sorted(per_seq)}")
+    assert pb.step_stats(0, 0)["M"] == 3
+    assert sorted(per_seq) == pytest.approx([1 / 3] * 3, rel=1e-6)
