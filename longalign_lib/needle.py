@@ -9,6 +9,10 @@ Library:
 
 `Haystack` is also what benchmarks.py plants its verifiable facts with. The grid never truncates a context (that
 could cut the needle out): lengths that do not fit the model's window are skipped and listed in needle.json.
+Placement is by tokens: a needle asked at depth d has d × (filler tokens) before it to within DEPTH_TOLERANCE
+(0.01), the context has the requested tokens to within LENGTH_TOLERANCE (0.5 %); snapping to a sentence boundary
+is allowed only inside half that depth tolerance, else the needle goes in at the nearest word boundary. Every cell
+of needle.json reports its `achieved_depth` and `achieved_length`.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ QUESTION = "What is the secret ingredient in Grandmother Odile's plum cake?"
 KEY_FACT = "smoked cardamom"
 INSTRUCTION = "Answer the question using the text above. Reply in one short sentence."
 
+DEPTH_TOLERANCE = 0.01  # |achieved − requested| token depth of a needle-grid cell (Haystack.build, tested)
+LENGTH_TOLERANCE = 0.005  # |achieved − requested| context tokens, as a share of the request (tested)
 _BOUNDARY = re.compile(r"[.!?][\"')\]]*\s+|\n\s*")
 
 
@@ -63,6 +69,7 @@ class Haystack:
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         self.starts = [a for a, _ in enc["offset_mapping"]]
         self.boundaries = [0] + [m.end() for m in _BOUNDARY.finditer(text)] + [len(text)]
+        self.word_ends = [m.start() for m in re.finditer(r"\s+", text)] + [len(text)]
 
     @property
     def n_tokens(self) -> int:
@@ -80,13 +87,21 @@ class Haystack:
         i = bisect.bisect_right(self.boundaries, char) - 1
         return self.boundaries[max(i, 0)]
 
+    def _word_end(self, char: int) -> int:
+        """The end of the last whole word at or before `char` (the start of the whitespace after it)."""
+        i = bisect.bisect_right(self.word_ends, char) - 1
+        return self.word_ends[i] if i >= 0 else char
+
     def build(self, n_tokens: int, insertions: list[tuple[float, str]] = (), start_token: int = 0,
               word_fallback: bool = True) -> tuple[str, list[tuple[int, int]]]:
-        """A context of about `n_tokens` tokens with each `(depth, sentence)` planted at that relative depth.
+        """A context of `n_tokens` tokens with each `(depth, sentence)` planted at that token depth.
 
-        Depth 0.0 puts the sentence first, 1.0 last; in between it goes at the sentence boundary nearest to that
-        share of the filler's tokens, or, with `word_fallback`, the nearest word boundary when sentences are long
-        for the context (exact depth for the needle grid; benchmarks keep whole sentences). Returns (text, [(start_char, end_char) of each planted sentence]).
+        Depth 0.0 puts the sentence first, 1.0 last; in between it goes where that share of the filler's tokens lies
+        before it: at a sentence boundary when one is within half of DEPTH_TOLERANCE of that token, else (with
+        `word_fallback`, the needle grid) at the nearest word boundary — the achieved token depth is within
+        DEPTH_TOLERANCE of the request and the context within LENGTH_TOLERANCE of `n_tokens` (tested). Without
+        `word_fallback` (benchmarks: whole sentences only) the nearest sentence boundary, wherever it is.
+        Returns (text, [(start_char, end_char) of each planted sentence]).
         """
         if n_tokens <= 0:
             raise LongAlignError(f"context length must be positive, got {n_tokens}")
@@ -97,18 +112,33 @@ class Haystack:
         budget = n_tokens - planted
         if budget < 8:
             raise LongAlignError(f"context length {n_tokens} leaves no room for filler around {planted} planted tokens")
-        while self.n_tokens < start_token + budget + 1:
+        while self.n_tokens < start_token + budget + budget // 8 + 64:  # room to lengthen the body while fitting
             self._set_text(self.text + "\n\n" + self._base)
         a = self._snap(self._char_of_token(start_token))
         a_tok = bisect.bisect_left(self.starts, a)
-        b = self._snap(self._char_of_token(a_tok + budget))
-        if b <= a:
-            b = self._char_of_token(a_tok + budget)
-        body = self.text[a:b].strip()
-        # token offsets inside the body, to place depths by tokens (not characters)
+        end_tok = a_tok + budget
+        best = None
+        for _ in range(6):  # end the body on a whole word; move the end by the miss (tokens merge at the seams)
+            b = self._word_end(self._char_of_token(end_tok))
+            if b <= a:
+                b = self._char_of_token(end_tok)
+            text, spans = self._plant(self.text[a:b].strip(), insertions, word_fallback)
+            got = self.n(text)
+            if best is None or abs(got - n_tokens) < abs(best[0] - n_tokens):
+                best = (got, text, spans)
+            if got == n_tokens:
+                break
+            end_tok += n_tokens - got
+        return best[1], best[2]
+
+    def _plant(self, body: str, insertions, word_fallback: bool) -> tuple[str, list[tuple[int, int]]]:
+        """Insert each (depth, sentence) into `body` at that share of its tokens (see build)."""
         enc = self.tokenizer(body, add_special_tokens=False, return_offsets_mapping=True)
         starts = [s for s, _ in enc["offset_mapping"]]
+        n = len(starts)
+        tok_at = lambda c: bisect.bisect_left(starts, c)  # noqa: E731  (tokens of body before char c)
         bounds = [0] + [m.end() for m in _BOUNDARY.finditer(body)] + [len(body)]
+        words = [0] + [m.start() for m in re.finditer(r"\s+", body)] + [len(body)]
         where = []
         for order, (d, sentence) in enumerate(insertions):
             if d <= 0.0:
@@ -116,13 +146,12 @@ class Haystack:
             elif d >= 1.0:
                 pos = len(body)
             else:
-                target = starts[min(int(round(d * len(starts))), len(starts) - 1)]
-                i = bisect.bisect_right(bounds, target)
-                pos = min(bounds[max(i - 1, 0)], bounds[min(i, len(bounds) - 1)], key=lambda b: abs(b - target))
-                if word_fallback and abs(pos - target) > 0.04 * len(body):  # sentences too long for this context: a word boundary
-                    words = [0] + [m.end() for m in re.finditer(r"\s+", body)]
-                    j = bisect.bisect_right(words, target)
-                    pos = min(words[max(j - 1, 0)], words[min(j, len(words) - 1)], key=lambda b: abs(b - target))
+                t = d * n  # the token the sentence should precede
+                i = bisect.bisect_right(bounds, starts[min(int(round(t)), n - 1)])
+                pos = min(bounds[max(i - 1, 0)], bounds[min(i, len(bounds) - 1)], key=lambda c: abs(tok_at(c) - t))
+                if word_fallback and abs(tok_at(pos) - t) > 0.5 * DEPTH_TOLERANCE * n:
+                    j = bisect.bisect_right(words, starts[min(int(round(t)), n - 1)])
+                    pos = min(words[max(j - 2, 0):j + 2], key=lambda c: abs(tok_at(c) - t))
             where.append((pos, order, sentence))
         out, spans, cur = "", [None] * len(where), 0
         for pos, order, sentence in sorted(where):
@@ -139,10 +168,14 @@ class Haystack:
 
 
 def token_depth(tokenizer, text: str, span: tuple[int, int]) -> float:
-    """Where a planted sentence sits, in tokens: filler tokens before it / all filler tokens (0 = first, 1 = last)."""
-    n = lambda t: len(tokenizer(t, add_special_tokens=False)["input_ids"])  # noqa: E731
-    before, planted = n(text[: span[0]]), n(text[span[0]:span[1]])
-    return min(1.0, before / max(n(text) - planted, 1))  # tokens merge at the seams: clamp the last place to 1
+    """Where a planted sentence sits in `text` as the model reads it: the tokens of `text` that end at or before the
+    sentence / all tokens outside it (a token that straddles its edge counts as the sentence's). 0 = first, 1 = last.
+    """
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    a, b = span
+    before = sum(1 for _, e in offsets if e <= a)
+    after = sum(1 for s, _ in offsets if s >= b)
+    return before / max(before + after, 1)
 
 
 def needle_prompt(context: str, question: str = QUESTION, instruction: str = INSTRUCTION) -> list[dict]:
@@ -164,7 +197,9 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
              window: int | None = None, reserve: int = 64, scorer: Callable[[str, dict], float] | None = None,
              cells_file: str | Path | None = None, batch: int = 4, progress: bool = True,
              model_label: str | None = None) -> dict:
-    """Run the lengths × depths grid; returns the needle.json dict.
+    """Run the lengths × depths grid; returns the needle.json dict. Each cell reports the `achieved_depth` (token
+    depth of the needle, needle.token_depth) and `achieved_length` (context tokens) next to the requested ones;
+    `max_depth_error` / `max_length_error` sum them up against DEPTH_TOLERANCE / LENGTH_TOLERANCE.
 
     `generate_fn(list of message lists) -> list of replies` is any model: generate.make_generate_fn(model, tok),
     an llm.py client (generate.client_generate_fn), or a stub. `window`: the model's context size; lengths with
@@ -200,8 +235,8 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
         replies = generate_fn([needle_prompt(c["context"], question) for c in chunk])
         for c, reply in zip(chunk, replies, strict=False):
             cell = {"length": c["length"], "depth": c["depth"], "needle": needle, "model": model_label,
-                    "tokens": hay.n(c["context"]), "measured_depth": round(token_depth(tokenizer, c["context"], c["span"]), 4),
-                    "prediction": reply}
+                    "achieved_length": hay.n(c["context"]),
+                    "achieved_depth": round(token_depth(tokenizer, c["context"], c["span"]), 4), "prediction": reply}
             cell["score"] = float(scorer(reply, cell) if scorer else contains_fact(reply, key_fact))
             done[(c["length"], c["depth"])] = cell
             if cells_file:
@@ -210,8 +245,13 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
     bar.close()
     cells = [done[(n, d)] for n in fits for d in depths]
     mean = sum(c["score"] for c in cells) / len(cells) if cells else None
+    placed = [c for c in cells if "achieved_depth" in c]  # (cells resumed from an older file may lack them)
     return {"needle": needle, "question": question, "key_fact": key_fact, "lengths": fits, "depths": list(depths),
             "skipped_lengths": skipped, "window": window, "cells": cells, "mean_score": mean,
+            "depth_tolerance": DEPTH_TOLERANCE, "length_tolerance": LENGTH_TOLERANCE,
+            "max_depth_error": max((abs(c["achieved_depth"] - c["depth"]) for c in placed), default=None),
+            "max_length_error": max((abs(c["achieved_length"] - c["length"]) / c["length"] for c in placed),
+                                    default=None),
             "seconds": round(time.time() - t0, 2)}
 
 

@@ -238,7 +238,7 @@ needle = run_grid(make_generate_fn(model, tok, max_new_tokens=24, threads=THREAD
                   haystack=load_haystack(), window=model_window(model, tok), progress=False)
 needle_s = time.time() - t0
 for cell in needle["cells"]:
-    print(f"{cell['length']:5d} tokens, depth {cell['depth']:.2f} (measured {cell['measured_depth']:.2f}) "
+    print(f"{cell['length']:5d} tokens, depth {cell['depth']:.2f} (achieved {cell['achieved_depth']:.2f}) "
           f"score {cell['score']:.0f}: {cell['prediction'][:70]!r}")
 fig = heatmap(needle)
 plots.save(fig, out / "needle_heatmap.png")
@@ -256,6 +256,6 @@ write_metrics(out, {"model": MODEL, "n_cases": len(rows), "exact_mean": bootstra
     "judge_unparseable": summary["unparseable_replies"], "proxy_rouge_l": summary["proxy_rouge_l"],
     "proxy_rubric_spearman": agree["spearman"], "proxy_rubric_n": agree["n"],
     "needle_cells": len(needle["cells"]), "needle_mean": needle["mean_score"],
-    "needle_depth_error": max(abs(c["measured_depth"] - c["depth"]) for c in needle["cells"]),
+    "needle_depth_error": max(abs(c["achieved_depth"] - c["depth"]) for c in needle["cells"]),
     "needle_png": str(out / "needle_heatmap.png"), "judge_png": str(out / "judge_scores.png"),
     "seconds": round(time.time() - t_start, 1)})

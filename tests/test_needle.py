@@ -135,6 +135,26 @@ def test_needle_stage_with_the_offline_model(tmp_path):
     res = run_one("needle", cfg, tmp_path)
     data = read_json(tmp_path / "needle.json")
     assert data["skipped_lengths"] == [100000] and data["window"] == 8192
-    assert [c["measured_depth"] for c in data["cells"]] == [0.0, 1.0]
+    assert [c["achieved_depth"] for c in data["cells"]] == [0.0, 1.0]
     assert all(isinstance(c["prediction"], str) for c in data["cells"])
     assert res.metrics["cells"] == 2 and (tmp_path / "figures" / "needle_heatmap.png").stat().st_size > 5_000
+
+
+def test_needle_depth_and_length_within_the_stated_tolerance(hay, smol_tokenizer):
+    """Every cell of a grid: the needle sits within DEPTH_TOLERANCE (0.01) of the requested token depth and the
+    context has the requested number of tokens to within LENGTH_TOLERANCE (0.5 %) — and run_grid reports both."""
+    worst_d, worst_n = 0.0, 0.0
+    for n in (256, 512, 1000, 3000):
+        for d in (0.0, 0.03, 0.1, 0.25, 0.4, 0.5, 0.6, 0.75, 0.9, 0.97, 1.0):
+            text, [(a, b)] = hay.build(n, [(d, NEEDLE)])
+            assert text[a:b] == NEEDLE
+            got = len(smol_tokenizer(text, add_special_tokens=False)["input_ids"])
+            worst_d = max(worst_d, abs(token_depth(smol_tokenizer, text, (a, b)) - d))
+            worst_n = max(worst_n, abs(got - n) / n)
+    print(f"worst depth error {worst_d:.4f}, worst length error {worst_n:.2%}")
+    assert worst_d <= 0.01 and worst_n <= 0.005
+    r = run_grid(copier, smol_tokenizer, [512], [0.1, 0.5], progress=False)
+    for c in r["cells"]:
+        assert abs(c["achieved_depth"] - c["depth"]) <= 0.01 and abs(c["achieved_length"] - 512) <= 0.005 * 512
+    assert r["depth_tolerance"] == 0.01 and r["length_tolerance"] == 0.005
+    assert r["max_depth_error"] <= 0.01 and r["max_length_error"] <= 0.005
