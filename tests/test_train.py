@@ -289,3 +289,23 @@ def test_step_weights_count_targets_as_the_loss_sees_them(tiny, rows):
     print(f"M = {pb.step_stats(0, 0)['M']}, weight per sequence {sorted(per_seq)}")
     assert pb.step_stats(0, 0)["M"] == 3
     assert sorted(per_seq) == pytest.approx([1 / 3] * 3, rel=1e-6)
+
+
+def test_split_rows_share_a_step_and_ranks_stay_in_lockstep(tiny, rows):
+    """overlong=split into 40-token rows on a 2-rank plan: a long record's pieces land in one optimizer step (a step
+    larger than world × grad_accum when needed), both ranks run the same number of micro-steps per step (DDP
+    lockstep), and each step's token weights, over both ranks, sum to 1 (Eq. 2: every record counts once)."""
+    cfg = _cfg(tiny, "batching.overlong=split", "batching.max_pack_tokens=40", "batching.world_size=2",
+               "batching.grad_accum=1", "batching.split_overlap=8")
+    plans = train.make_plans(rows, train.batch_config(cfg), 1.0)
+    assert plans[0].counters["split"] == len(rows) and plans[0].counters["oversized_steps"] > 0
+    pbs = [train.PlanBatches(plans, rows, r, "sequence", 0) for r in (0, 1)]
+    assert pbs[0].grad_accum == pbs[1].grad_accum > 1 and len(pbs[0]) == len(pbs[1])
+    for si, step in enumerate(plans[0].steps):
+        ids = step.item_ids
+        assert len({int(plans[0].source[i]) for i in ids}) == pbs[0].step_stats(0, si)["M"]
+        total = sum(float(pb[k]["loss_weights"].sum()) for pb in pbs for k in range(len(pb))
+                    if pb.refs[k].step == si)
+        assert total == pytest.approx(1.0, rel=1e-5)
+    every = sorted(int(plans[0].source[i]) for s in plans[0].steps for i in s.item_ids)
+    assert sorted(set(every)) == list(range(len(rows)))
