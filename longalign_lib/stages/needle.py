@@ -56,9 +56,12 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                **{f"needle_len_{n}": round(v, 4) for n, v in by_len.items()}}
     skipped = (f" Lengths {result['skipped_lengths']} exceed the model window ({window} tokens) and were skipped."
                if result["skipped_lengths"] else "")
+    placed = (f" Needles sit within {result['max_depth_error']:.3f} of the requested token depth, contexts within "
+              f"{result['max_length_error']:.1%} of the requested length (tolerances {result['depth_tolerance']} "
+              f"and {result['length_tolerance']:.1%})." if result["max_depth_error"] is not None else "")
     report = (f"Needle *{result['needle']}* planted in {len(result['lengths'])} context lengths × "
               f"{len(result['depths'])} depths of {result['haystack']}; scored by `{scorer_name}`. "
-              f"Mean score **{result['mean_score']:.2f}**.{skipped}\n\n![needle heatmap]({png.relative_to(run_dir)})")
+              f"Mean score **{result['mean_score']:.2f}**.{skipped}{placed}\n\n![needle heatmap]({png.relative_to(run_dir)})")
     return StageResult(metrics, ["needle.json", "needle_cells.jsonl", str(png.relative_to(run_dir))],
                        report)
 
