@@ -236,6 +236,17 @@ class EvalConfig:
     judge_max_new_tokens: int = 256  # judge reply length limit
     judge_max_attempts: int = 3  # tries per run when the reply has no parseable [[rating]]
     judge_concurrency: int = 4  # judge requests in flight
+    # judge_scoring: auto (probability-weighted for a local judge, parsed [[n]] otherwise) | probs | parse.
+    # probs: each rating = Σ r·p(r) over the judge's next-token distribution at the rating position (local
+    # transformers, or an OpenAI-compatible server returning logprobs); every score records its method
+    judge_scoring: str = "auto"
+    judge_top_logprobs: int = 20  # probs on an OpenAI-compatible server: top_logprobs requested per token
+    reliability_boot: int = 1000  # bootstrap resamples for the CIs of the judge reliability statistics
+    # length_buckets: input-token edges of the buckets in which scores are reported (controls)
+    length_buckets: list[int] = field(default_factory=lambda: [1000, 4000, 16000])
+    # no_document_pass: eval also answers every question without its document; items answered right
+    # without reading are flagged in predictions.jsonl and the judge report
+    no_document_pass: bool = False
     judge_cache_dir: str | None = None  # judge replies cache; default $LONGALIGN_HOME/llm_cache
     # judge_prices: USD per 1M tokens [input, output, cache_read, cache_write] for judge cost (see synth.prices)
     judge_prices: dict = field(default_factory=lambda: dict(LIST_PRICES))

@@ -1,6 +1,7 @@
 """LLM-as-judge after LongBench-Chat: rate each answer 1-10 against the reference, calibrated by rated examples.
 
 Run as: longalign judge --preset cpu-demo [--predictions FILE] [--human-scores FILE] [--judge-proxy-only]
+        longalign judge --compare RUN_A RUN_B      (is A's score really higher than B's? paired bootstrap + permutation)
 Library:
     from longalign_lib.judge import load_template, build_judge_prompt, parse_rating, judge_items
     client = make_client("openai", "gpt-4o")                  # any llm.py backend; or a vLLM base_url
@@ -14,6 +15,14 @@ the ratings are averaged. The judge must give the rating as [[n]]; parse_rating 
 `max_attempts` tries; runs that never yield a rating are recorded as failures. Alongside, every answer gets the
 reference-overlap proxy scores of scoring.py (offline, labelled as a proxy).
 
+Scoring (`eval.judge_scoring`): a local judge is read through its rating probabilities (rating_probs.py: the
+expectation over 1..10 at the rating position, so every item gets a score without generating); an API judge's
+[[n]] is parsed, or, with `probs` on an OpenAI-compatible server, its top_logprobs are read. Each score records its
+method. `reliability` adds judge reliability (agreement.py) whenever reference scores exist: against human / rubric
+ratings (Spearman, Kendall, weighted κ, Krippendorff's α, Scott's π, leniency, with CIs), against exact
+correctness on verifiable tasks (AUC, point-biserial), scores per input-length bucket, truncation and the
+no-document control (`eval.no_document_pass`); `compare_runs` tests whether two judged runs really differ.
+
 Pointing the judge elsewhere takes two settings: `--set eval.judge_backend=openai --set eval.judge_model=gpt-4o`
 (key in $OPENAI_API_KEY), or `--set eval.judge_base_url=http://localhost:8000/v1 --set eval.judge_model=<served
 name>` for a vLLM / llama.cpp server (a base_url switches the local backend to the OpenAI wire format).
@@ -26,7 +35,7 @@ import random
 import re
 from pathlib import Path
 
-from .io import LongAlignError, iter_jsonl
+from .io import LongAlignError, iter_jsonl, read_jsonl
 from .llm import Deferred, client_from_config
 from .scoring import agreement, bootstrap_ci
 
@@ -247,6 +256,145 @@ def needle_judge_scorer(ec, needle: str, question: str, client=None):
                           temperature=ec.judge_temperature, max_new_tokens=ec.judge_max_new_tokens, progress=False)[0]
         return 0.0 if row["score"] is None else row["score"] / 10.0
     return score
+
+
+# ---------------------------------------------------------------- scoring method, reliability, comparison
+GPT4_HUMAN = {"spearman": 0.844, "kendall": 0.716}  # LongAlign paper, Table 1: GPT-4 few-shot judge vs humans
+HUMAN_HUMAN_SPEARMAN = 0.817  # the paper: agreement between two human raters
+
+
+def resolve_scoring(ec) -> str:
+    """eval.judge_scoring → "probs" or "parse" (auto: probabilities for a local judge, parsing otherwise)."""
+    mode = ec.judge_scoring
+    if mode not in ("auto", "probs", "parse"):
+        raise LongAlignError(f"eval.judge_scoring={mode!r}: choose auto, probs or parse")
+    if mode == "auto":
+        return "probs" if judge_config(ec).judge_backend == "local" else "parse"
+    return mode
+
+
+def make_rating_scorer(ec, model_cfg=None, client=None):
+    """The probability-weighted scorer for the configured judge: a local transformers model, or `client`'s
+    OpenAI-compatible server (which must return logprobs)."""
+    from .rating_probs import LocalRatingScorer, OpenAIRatingScorer
+
+    if judge_config(ec).judge_backend == "local":
+        from .models import load_model_and_tokenizer
+
+        kw = {"dtype": model_cfg.dtype, "device": model_cfg.device} if model_cfg is not None else {}
+        model, tok = load_model_and_tokenizer(ec.judge_model, **kw)
+        return LocalRatingScorer(model, tok, threads=ec.local_threads, name=ec.judge_model)
+    return OpenAIRatingScorer(client or make_judge_client(ec, model_cfg), top_logprobs=ec.judge_top_logprobs,
+                              max_new_tokens=min(ec.judge_max_new_tokens, 16), seed=ec.seed)
+
+
+def reliability(rows: list[dict], n_boot: int = 1000, seed: int = 0, length_edges=None) -> dict:
+    """The judge reliability section: agreement with human ratings (and the proxy's, as a baseline), separation
+    of right from wrong answers on verifiable tasks, scores by input-length bucket, truncation and no-document
+    controls. Keys are present only when their inputs are."""
+    from .agreement import binary_report, by_bucket, reliability_report
+
+    judge = [r.get("score") for r in rows]
+    proxy = [r["proxy"]["proxy_10"] for r in rows]
+    out = {"score_methods": {}}
+    for r in rows:
+        m = r.get("score_method") or "none"
+        out["score_methods"][m] = out["score_methods"].get(m, 0) + 1
+    human = [r.get("human_score") for r in rows]
+    if any(h is not None for h in human):
+        out["judge_vs_human"] = reliability_report(judge, human, n_boot=n_boot, seed=seed)
+        out["proxy_vs_human"] = reliability_report(proxy, human, n_boot=n_boot, seed=seed)
+    exact = [r.get("exact") for r in rows]
+    if any(e is not None for e in exact):
+        out["judge_vs_exact"] = binary_report(judge, exact, n_boot=n_boot, seed=seed)
+        out["proxy_vs_exact"] = binary_report(proxy, exact, n_boot=n_boot, seed=seed)
+    lengths = [r.get("n_prompt_tokens") for r in rows]
+    if length_edges and any(n is not None for n in lengths):
+        out["by_length"] = {"edges": list(length_edges), "judge": by_bucket(judge, lengths, length_edges, seed),
+                            "exact": by_bucket(exact, lengths, length_edges, seed)}
+        out["truncated"] = [{"idx": r["idx"], "tokens_cut": r.get("truncated_tokens")} for r in rows if r.get("truncated")]
+    nodoc = [r for r in rows if r.get("no_doc_exact") is not None]
+    if nodoc:
+        out["answered_without_document"] = [r["idx"] for r in nodoc if r["no_doc_exact"] == 1]
+        out["no_document_checked"] = len(nodoc)
+    return out
+
+
+def reliability_text(rel: dict, judge_name: str, reference: str = "human ratings") -> str:
+    """Markdown for the report: tables with CIs and a plain comparison with the paper's GPT-4 judge."""
+    from .agreement import markdown_table
+
+    parts = []
+    if "judge_vs_human" in rel:
+        a, p = rel["judge_vs_human"], rel["proxy_vs_human"]
+        rho = a["spearman"]["value"]
+        parts.append(f"**Judge reliability against the {reference}** ({a['n']} rated answers, each judged "
+                     "leave-one-out; 95% bootstrap CIs):\n\n" + markdown_table(a, "judge vs reference"))
+        if rho is not None:
+            gap = GPT4_HUMAN["spearman"] - rho
+            parts.append(f"How far this is from a judge you can trust: `{judge_name}` reaches Spearman {rho:.3f} "
+                         f"(CI {a['spearman']['lo']:.2f}–{a['spearman']['hi']:.2f}); the paper's GPT-4 judge reaches "
+                         f"{GPT4_HUMAN['spearman']} (Kendall {GPT4_HUMAN['kendall']}) and two humans "
+                         f"{HUMAN_HUMAN_SPEARMAN}. The gap is {gap:.2f} in Spearman"
+                         + (" — do not use this judge's numbers as a measurement." if gap > 0.3 else ".")
+                         + (f" The overlap proxy, for comparison: Spearman {p['spearman']['value']:.3f}."
+                            if p["spearman"]["value"] is not None else ""))
+    if "judge_vs_exact" in rel:
+        b = rel["judge_vs_exact"]
+        parts.append(f"**Does the rating separate right from wrong answers?** ({b['n']} verifiable answers, "
+                     f"{b['n_correct']} right):\n\n" + markdown_table({k: b[k] for k in ("auc", "point_biserial")},
+                                                                        "judge vs exact"))
+    if "by_length" in rel:
+        rows = rel["by_length"]["judge"]
+        cells = [f"{r['lo']}–{r['hi'] or '∞'} tokens: {r['mean']:.2f} (n={r['n']})" for r in rows if r["n"]]
+        parts.append("Judge score by input length: " + "; ".join(cells) + f". {len(rel['truncated'])} input(s) "
+                     "were middle-truncated to the window.")
+    if "answered_without_document" in rel:
+        parts.append(f"No-document control: {len(rel['answered_without_document'])} of {rel['no_document_checked']} "
+                     "questions were answered right **without** the document: "
+                     f"{', '.join(rel['answered_without_document']) or 'none'}.")
+    return "\n\n".join(parts)
+
+
+def load_judgment_scores(path) -> dict[str, list[float]]:
+    """{idx: [rating of each judge run]} from a judgments.jsonl (the runs' ratings, not just their mean)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "judgments.jsonl"
+    if not path.exists():
+        raise LongAlignError(f"{path}: not found; run `longalign judge` in that run directory first")
+    out = {}
+    for k, r in enumerate(read_jsonl(path, allow_partial_last_line=True), 1):
+        if "idx" not in r:
+            raise LongAlignError(f"{path}:{k}: a judgment row without 'idx'")
+        ratings = [run["rating"] for run in r.get("runs") or [] if run.get("rating") is not None]
+        if not ratings and r.get("score") is not None:
+            ratings = [r["score"]]
+        if ratings:
+            out[str(r["idx"])] = ratings
+    return out
+
+
+def compare_runs(run_a, run_b, n_boot: int = 2000, seed: int = 0) -> dict:
+    """Paired comparison of two judged runs (A − B) over their shared items and judge repetitions."""
+    from .agreement import paired_compare
+
+    res = paired_compare(load_judgment_scores(run_a), load_judgment_scores(run_b), n_boot=n_boot, seed=seed)
+    res.update(run_a=str(run_a), run_b=str(run_b))
+    return res
+
+
+def compare_text(c: dict) -> str:
+    if not c["n"]:
+        return f"No items judged in both {c['run_a']} and {c['run_b']}."
+    es = "–" if c["effect_size"] is None else f"{c['effect_size']:.2f}"
+    es_ci = "" if c["effect_size_ci"][0] is None else f" (CI {c['effect_size_ci'][0]:.2f}–{c['effect_size_ci'][1]:.2f})"
+    real = c["ci"][0] is not None and (c["ci"][0] > 0 or c["ci"][1] < 0)
+    return (f"A = `{c['run_a']}`, B = `{c['run_b']}`, {c['n']} shared items: mean {c['mean_a']:.2f} vs {c['mean_b']:.2f}, "
+            f"A − B = **{c['mean_diff']:+.2f}** (95% CI {c['ci'][0]:+.2f} to {c['ci'][1]:+.2f}, items and judge runs "
+            f"resampled), effect size d_z {es}{es_ci}, permutation p = {c['p_value']:.3g}; A better on {c['wins_a']}, "
+            f"B on {c['wins_b']}, ties {c['ties']}. "
+            + ("The interval excludes 0." if real else "The interval includes 0: this difference is within the noise."))
 
 
 # ---------------------------------------------------------------- inputs

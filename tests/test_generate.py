@@ -111,11 +111,15 @@ def test_truncation_is_reported_when_the_window_is_small(tmp_path):
     from longalign_lib.pipeline import run_one
 
     bench = _bench(tmp_path / "bench.jsonl", n=1)
-    cfg = load_config("cpu-demo", [f"eval.bench_file={bench}", "eval.max_new_tokens=4", "eval.max_input_tokens=64"])
+    cfg = load_config("cpu-demo", [f"eval.bench_file={bench}", "eval.max_new_tokens=4", "eval.max_input_tokens=64",
+                                   "eval.no_document_pass=true"])
     res = run_one("eval", cfg, tmp_path)
     row = read_jsonl(tmp_path / "predictions.jsonl")[0]
     assert row["truncated"] and row["n_input_tokens"] == 60 and row["n_prompt_tokens"] > 150
-    assert res.metrics["truncated"] == 1
+    assert res.metrics["truncated"] == 1 and res.metrics["truncated_tokens"] == row["n_prompt_tokens"] - 60
+    # the no-document control: the same question without its context, scored the same way
+    assert isinstance(row["no_doc_prediction"], str) and row["no_doc_exact"] in (0.0, 1.0)
+    assert res.metrics["answered_without_document"] == int(row["no_doc_exact"])
 
 
 def test_evaluated_model_is_the_trained_one_when_present(tmp_path):

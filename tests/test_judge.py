@@ -243,3 +243,78 @@ def test_agreement():
     b = agreement([1, 2, 3, None], [3, 2, 1, 5])
     assert b["spearman"] == pytest.approx(-1.0) and b["n"] == 3
     assert agreement([5, 5, 5], [1, 2, 3])["spearman"] is None
+
+
+# ---------------------------------------------------------------- scoring method, reliability, controls, comparison
+def test_judge_stage_local_probability_weighted_on_longbench_chat_fixture(tmp_path, one_torch_thread):
+    """The offline judge rates every human-rated answer of the fixture (leave-one-out) and the report carries the
+    reliability table and the plain comparison with the paper's GPT-4 judge."""
+    from pathlib import Path
+
+    from longalign_lib.benchmarks import save_benchmark
+    from longalign_lib.config import load_config
+    from longalign_lib.longbench_chat import load_longbench_chat
+    from longalign_lib.pipeline import run_one
+
+    fixture = Path(__file__).resolve().parent.parent / "data" / "longbench_chat_sample"
+    save_benchmark(tmp_path / "bench.jsonl", load_longbench_chat(fixture))
+    cfg = load_config("cpu-demo", [f"eval.bench_file={tmp_path / 'bench.jsonl'}", "eval.judge_runs=1",
+                                   "eval.reliability_boot=100", "eval.judge_prompt_file=rating_first",
+                                   "eval.local_threads=1"])
+    res = run_one("judge", cfg, tmp_path)
+    out = read_jsonl(tmp_path / "judgments.jsonl")
+    assert len(out) == 9 and all(r["score"] is not None and r["score_method"] == "prob_weighted" for r in out)
+    assert all(0 < r["runs"][0]["attempts"][0]["mass"] <= 1 for r in out)
+    rel = read_json(tmp_path / "judge_summary.json")["reliability"]
+    assert rel["score_methods"] == {"prob_weighted": 9} and rel["judge_vs_human"]["n"] == 9
+    assert res.metrics["judged"] == 9 and res.metrics["unparseable_replies"] == 0
+    assert "0.844" in res.report and "human ratings" in res.report and "| spearman |" in res.report
+
+
+def _write_judgments(path, per_item):
+    path.mkdir(parents=True, exist_ok=True)
+    rows = [{"idx": k, "score": sum(v) / len(v), "runs": [{"run": r, "rating": x} for r, x in enumerate(v)]}
+            for k, v in per_item.items()]
+    (path / "judgments.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_compare_two_runs(tmp_path):
+    from longalign_lib.config import load_config
+    from longalign_lib.pipeline import run_one
+
+    a = {str(i): [7 + (i % 3), 7.5 + (i % 3)] for i in range(12)}
+    b = {str(i): [5 + ((i * 7) % 5) * 0.5, 5.5] for i in range(12)}
+    _write_judgments(tmp_path / "A", a)
+    _write_judgments(tmp_path / "B", {**b, "extra": [3]})
+    res = run_one("judge", load_config("cpu-demo"), tmp_path / "cmp", _args(compare=[str(tmp_path / "A"), str(tmp_path / "B")]))
+    c = read_json(tmp_path / "cmp" / "compare.json")
+    d = [sum(a[k]) / 2 - sum(b[k]) / 2 for k in a]
+    assert c["n"] == 12 and c["only_b"] == 1 and c["mean_diff"] == pytest.approx(sum(d) / 12)
+    assert 0 < c["ci"][0] < c["mean_diff"] < c["ci"][1] and c["p_value"] == pytest.approx(2 / 4096)
+    assert "excludes 0" in res.report and res.metrics["effect_size"] > 1
+    _write_judgments(tmp_path / "A2", {k: [x + (0.5 if int(k) % 2 else -0.5) for x in v] for k, v in b.items()})
+    same = run_one("judge", load_config("cpu-demo"), tmp_path / "cmp2", _args(compare=[str(tmp_path / "A2"), str(tmp_path / "B")]))
+    assert "within the noise" in same.report
+    with pytest.raises(LongAlignError, match="not found; run `longalign judge`"):
+        run_one("judge", load_config("cpu-demo"), tmp_path / "cmp3", _args(compare=[str(tmp_path / "nope"), str(tmp_path / "B")]))
+
+
+def test_judge_controls_truncation_length_and_no_document(tmp_path):
+    from longalign_lib.config import load_config
+    from longalign_lib.pipeline import run_one
+
+    rows = [{"idx": f"c{i}", "query": "Q?", "answer": "teal", "prediction": "teal" if i % 2 else "ochre",
+             "exact": float(i % 2), "n_prompt_tokens": n, "n_input_tokens": min(n, 1500), "truncated": n > 1500,
+             "no_doc_exact": 1.0 if i == 1 else 0.0, "no_doc_prediction": "teal" if i == 1 else "?"}
+            for i, n in enumerate([300, 800, 1200, 2500, 3000, 900])]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = run_one("judge", load_config("cpu-demo", ["eval.judge_mode=proxy", "eval.length_buckets=[1000, 2000]",
+                                                    "eval.reliability_boot=50"]), tmp_path)
+    out = {r["idx"]: r for r in read_jsonl(tmp_path / "judgments.jsonl")}
+    assert out["c3"]["truncated_tokens"] == 1000 and out["c0"]["truncated_tokens"] == 0
+    rel = read_json(tmp_path / "judge_summary.json")["reliability"]
+    assert [b["n"] for b in rel["by_length"]["exact"]] == [3, 1, 2]
+    assert rel["by_length"]["exact"][0]["mean"] == pytest.approx(2 / 3)
+    assert [t["idx"] for t in rel["truncated"]] == ["c3", "c4"] and rel["answered_without_document"] == ["c1"]
+    assert rel["proxy_vs_exact"]["auc"]["value"] == 1.0  # "teal" vs "ochre": the overlap proxy separates these
+    assert "without** the document: c1" in res.report and "2 input(s) were middle-truncated" in res.report

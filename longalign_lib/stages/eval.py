@@ -43,12 +43,21 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     todo = [c for c in cases if c.idx not in done]
     resumed = len(cases) - len(todo)
 
+    nodoc = {}
+    if ec.no_document_pass and todo:  # the control: the question alone, without its document
+        outs = generate_replies(model, tok, [case_messages(c.query) for c in todo], max_new_tokens=ec.max_new_tokens,
+                                batch_size=ec.batch_size, max_batch_tokens=ec.max_batch_tokens, seed=ec.seed,
+                                desc="eval (no document)", threads=ec.local_threads)
+        nodoc = {c.idx: o["prediction"] for c, o in zip(todo, outs, strict=True)}
+
     def stream(indices, results):
         for i, r in zip(indices, results, strict=False):
             c = todo[i]
             meta = {k: v for k, v in c.meta.items()}
             row = {"idx": c.idx, "task": c.task, "query": c.query, "answer": c.answer, "few_shots": c.few_shots,
                    "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": model_name}
+            if c.idx in nodoc:
+                row.update(no_doc_prediction=nodoc[c.idx], no_doc_exact=score_exact(c, nodoc[c.idx]))
             append_jsonl(pred_path, row)
             done[c.idx] = row
 
@@ -71,9 +80,15 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                "mean_input_tokens": round(sum(r["n_input_tokens"] for r in rows) / len(rows), 1),
                "exact_mean": round(ci["mean"], 4) if exact else None, "exact_n": len(exact),
                **{f"exact_{t}": round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
-               "generate_s": round(gen_s, 2), "new_tokens_per_s": round(new_tokens / gen_s, 2) if gen_s > 0 else None}
+               "generate_s": round(gen_s, 2), "new_tokens_per_s": round(new_tokens / gen_s, 2) if gen_s > 0 else None,
+               "truncated_tokens": sum(max(0, r["n_prompt_tokens"] - r["n_input_tokens"]) for r in rows)}
+    if any("no_doc_exact" in r for r in rows):
+        metrics["answered_without_document"] = sum(r.get("no_doc_exact") == 1 for r in rows)
     lines = [f"Model `{model_name}` answered {len(rows)} cases from {source} "
              f"({metrics['truncated']} truncated in the middle to the window; {resumed} resumed from an earlier run)."]
+    if "answered_without_document" in metrics:
+        lines.append(f"No-document control: {metrics['answered_without_document']} of {len(rows)} questions answered "
+                     "right from the question alone (they test prior knowledge, not reading).")
     if exact:
         lines.append(f"Exact score on the verifiable tasks: **{ci['mean']:.2f}** (95% CI {ci['lo']:.2f}–{ci['hi']:.2f}, "
                      f"n={len(exact)}).")

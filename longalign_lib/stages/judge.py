@@ -1,6 +1,8 @@
 """`longalign judge`: LongBench-Chat-style LLM judge (plus reference-overlap proxies) over the predictions → judgments.jsonl.
 
 Run as: longalign judge --preset cpu-demo [--predictions FILE] [--human-scores FILE] [--judge-proxy-only] [--judge-fresh]
+        longalign judge --compare RUN_A RUN_B   → <run_dir>/compare.json (A − B, paired bootstrap CI, permutation p)
+The report carries the judge reliability section (judge.reliability) whenever reference scores exist.
 """
 from __future__ import annotations
 
@@ -11,12 +13,18 @@ from .. import plots
 from ..inputs import load_or_build_bench
 from ..io import LongAlignError, append_jsonl, read_jsonl, write_json
 from ..judge import (
+    compare_runs,
+    compare_text,
     judge_config,
     judge_items,
     load_template,
     make_judge_client,
+    make_rating_scorer,
     meta_eval_items,
     read_human_scores,
+    reliability,
+    reliability_text,
+    resolve_scoring,
     scores_figure,
     summarize,
 )
@@ -30,11 +38,19 @@ def add_arguments(p) -> None:
     p.add_argument("--human-scores", default=None, help="JSONL of {idx, score} human ratings: adds Spearman/Kendall")
     p.add_argument("--judge-proxy-only", action="store_true", help="skip the LLM judge; reference-overlap proxy only")
     p.add_argument("--judge-fresh", action="store_true", help="discard judgments.jsonl and start over")
+    p.add_argument("--compare", nargs=2, default=None, metavar=("RUN_A", "RUN_B"),
+                   help="compare two judged run dirs (A − B): paired bootstrap CI over items and judge runs, "
+                        "permutation p, effect size → <run_dir>/compare.json")
 
 
 def run(cfg, run_dir: Path, args) -> StageResult:
     ec = cfg.eval
     run_dir = Path(run_dir)
+    if getattr(args, "compare", None):
+        c = compare_runs(*args.compare, seed=ec.seed)
+        write_json(run_dir / "compare.json", c)
+        return StageResult({k: c[k] for k in ("n", "mean_a", "mean_b", "mean_diff", "ci", "effect_size", "p_value")},
+                           ["compare.json"], compare_text(c))
     out_path = run_dir / "judgments.jsonl"
     if getattr(args, "judge_fresh", False) and out_path.exists():
         out_path.unlink()
@@ -68,7 +84,10 @@ def run(cfg, run_dir: Path, args) -> StageResult:
             if r.get("mode") == mode:  # switching proxy <-> llm redoes the cases
                 done[str(r["idx"])] = r
     todo = [it for it in items if it["idx"] not in done]
-    client = make_judge_client(ec, cfg.model) if mode == "llm" and todo else None
+    scoring = resolve_scoring(ec) if mode == "llm" else None
+    local = judge_config(ec).judge_backend == "local"
+    client = make_judge_client(ec, cfg.model) if mode == "llm" and todo and not (scoring == "probs" and local) else None
+    scorer = make_rating_scorer(ec, cfg.model, client) if scoring == "probs" and todo else None
     template = load_template(ec.judge_prompt_file) if mode == "llm" else None
     t0 = time.time()
     step = max(8, 2 * ec.judge_concurrency)
@@ -83,21 +102,26 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     for s in range(0, len(todo), step):
         chunk = todo[s:s + step]
         judged = judge_items(client, chunk, template, runs=ec.judge_runs, max_attempts=ec.judge_max_attempts,
-                             seed=ec.seed, temperature=ec.judge_temperature, max_new_tokens=ec.judge_max_new_tokens
-                             ) if client else [{"idx": it["idx"], "score": None} for it in chunk]
+                             seed=ec.seed, temperature=ec.judge_temperature, max_new_tokens=ec.judge_max_new_tokens,
+                             scorer=scorer) if client or scorer else [{"idx": it["idx"], "score": None} for it in chunk]
         for it, j in zip(chunk, judged, strict=False):
             row = {**j, "task": it.get("task"), "prediction": it.get("prediction", ""), "reference": it["answer"],
                    "proxy": proxy_scores(it.get("prediction", ""), it["answer"]), "exact": it.get("exact"),
-                   "human_score": it.get("human_score"), "mode": mode}
+                   "human_score": it.get("human_score"), "mode": mode,
+                   **{k: it[k] for k in ("n_prompt_tokens", "n_input_tokens", "truncated", "no_doc_exact",
+                                         "no_doc_prediction") if k in it}}
+            if "n_prompt_tokens" in it and "n_input_tokens" in it:
+                row["truncated_tokens"] = max(0, int(it["n_prompt_tokens"]) - int(it["n_input_tokens"]))
             append_jsonl(out_path, row)
             done[it["idx"]] = row
     rows = [done[it["idx"]] for it in items]
     summary = summarize(rows, ec.seed)
+    rel = reliability(rows, n_boot=ec.reliability_boot, seed=ec.seed, length_edges=ec.length_buckets)
     summary.update(mode=mode, source=source, seconds=round(time.time() - t0, 2), proxy_label=PROXY_LABEL,
                    judge={"backend": judge_config(ec).judge_backend, "model": ec.judge_model,
-                          "base_url": ec.judge_base_url, "runs": ec.judge_runs,
+                          "base_url": ec.judge_base_url, "runs": ec.judge_runs, "scoring": scoring,
                           "template": ec.judge_prompt_file or "default", "batch": batch} if mode == "llm" else None,
-                   client_stats=client.stats if client else None)
+                   client_stats=client.stats if client else None, reliability=rel)
     write_json(run_dir / "judge_summary.json", summary)
     fig = scores_figure(rows)
     png = plots.save(fig, run_dir / "figures" / "judge_scores.png", close=True)
@@ -110,7 +134,15 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     for k in ("agreement_judge_human", "agreement_judge_exact"):
         if k in summary:
             metrics[k.replace("agreement_", "spearman_")] = r3(summary[k]["spearman"])
-    judge_txt = (f"Judge `{ec.judge_model}` ({judge_config(ec).judge_backend}), {ec.judge_runs} runs per case: mean "
+    metrics["score_methods"] = rel["score_methods"]
+    if "judge_vs_human" in rel:
+        metrics["weighted_kappa_judge_human"] = r3(rel["judge_vs_human"]["weighted_kappa"]["value"])
+        metrics["leniency_judge_human"] = r3(rel["judge_vs_human"]["leniency"]["value"])
+    if "judge_vs_exact" in rel:
+        metrics["auc_judge_exact"] = r3(rel["judge_vs_exact"]["auc"]["value"])
+    methods = ", ".join(f"{v} {k.replace('_', '-')}" for k, v in sorted(rel["score_methods"].items()))
+    judge_txt = (f"Judge `{ec.judge_model}` ({judge_config(ec).judge_backend}, scores: {methods}), {ec.judge_runs} "
+                 f"runs per case: mean "
                  f"**{summary['judge_mean']:.2f}**/10 (95% bootstrap CI {summary['judge_ci_lo']:.2f}–"
                  f"{summary['judge_ci_hi']:.2f}, {summary['judged']}/{summary['n']} cases rated, "
                  f"{summary['unparseable_replies']} of {summary['judge_calls']} replies unparseable), "
@@ -122,10 +154,11 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     report = (f"Judged {summary['n']} answers from {source}.\n\n{judge_txt}\n\n"
               f"Proxy scores ({PROXY_LABEL.removeprefix('proxy (').rstrip(')')}): token F1 {summary['proxy_token_f1']:.3f}, ROUGE-L {summary['proxy_rouge_l']:.3f}."
               f"\n\n![judge scores]({png.relative_to(run_dir)})")
-    if "agreement_judge_human" in summary:
-        a = summary["agreement_judge_human"]
-        if a["spearman"] is not None:
-            report += f"\n\nAgreement with human scores (n={a['n']}): Spearman {a['spearman']:.3f}, Kendall {a['kendall']:.3f}."
+    rubric = any(str((it.get("meta") or {}).get("few_shot_scores", "")).startswith("rubric") for it in items)
+    rel_txt = reliability_text(rel, ec.judge_model if mode == "llm" else "proxy",
+                               "rubric ratings (constructed, not human)" if rubric else "human ratings")
+    if rel_txt:
+        report += "\n\n" + rel_txt
     return StageResult(metrics, ["judgments.jsonl", "judge_summary.json", str(png.relative_to(run_dir))],
                        report)
 
