@@ -247,6 +247,10 @@ class EvalConfig:
     # no_document_pass: eval also answers every question without its document; items answered right
     # without reading are flagged in predictions.jsonl and the judge report
     no_document_pass: bool = False
+    # short_tasks: eval also answers the short-task regression set (short_tasks.py) with the evaluated model and,
+    # when that is a trained model, with the base model: does long-context training keep short-task answers?
+    short_tasks: bool = False
+    short_tasks_file: str | None = None  # JSONL {idx, query, answers}; default: the bundled data/short_tasks.jsonl
     judge_cache_dir: str | None = None  # judge replies cache; default $LONGALIGN_HOME/llm_cache
     # judge_prices: USD per 1M tokens [input, output, cache_read, cache_write] for judge cost (see synth.prices)
     judge_prices: dict = field(default_factory=lambda: dict(LIST_PRICES))

@@ -52,6 +52,12 @@ class LocalRatingScorer:
         self.model, self.tok, self.prefix, self.threads = model, tokenizer, prefix, int(threads or 0)
         self.name = name or getattr(tokenizer, "name_or_path", None)
         self.stats = {"forward_passes": 0, "items": 0}
+        import inspect
+
+        try:
+            self._params = set(inspect.signature(model.forward).parameters)
+        except (TypeError, ValueError, AttributeError):
+            self._params = set()
         self._seqs = self._rating_sequences()
 
     def _rating_sequences(self) -> dict[int, tuple[int, ...]]:
@@ -70,14 +76,22 @@ class LocalRatingScorer:
                                            return_dict=True)["input_ids"]
         return list(ids) + list(self.tok(self.prefix, add_special_tokens=False)["input_ids"])
 
-    def _logprobs(self, ids: list[int]):
+    def _logprobs(self, ids: list[int], past=None, n_past: int = 0):
+        """Next-token log-probs after `ids`; with `past` (the KV cache of ids[:n_past]) only the rest is run."""
         import torch
 
-        x = torch.tensor([ids], device=self.model.device)
+        x = torch.tensor([ids[n_past:]], device=self.model.device)
+        mask = torch.ones((1, len(ids)), dtype=torch.long, device=self.model.device)
+        kw = {"use_cache": True}
+        if "logits_to_keep" in self._params:  # only the last position's logits: skips most of the LM head
+            kw["logits_to_keep"] = 1
+        if past is not None:  # newer transformers name the KV cache argument `cache`
+            kw["cache" if "cache" in self._params else "past_key_values"] = past
         with torch.no_grad():
-            logits = self.model(input_ids=x, attention_mask=torch.ones_like(x)).logits[0, -1].float()
+            out = self.model(input_ids=x, attention_mask=mask, **kw)
         self.stats["forward_passes"] += 1
-        return torch.log_softmax(logits, dim=-1)
+        new_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        return torch.log_softmax(out.logits[0, -1].float(), dim=-1), new_cache
 
     def distribution(self, messages: list[dict]) -> dict | None:
         """{probs, mass, expected, mode} of the judge's rating for this judge chat (see summarize_probs)."""
@@ -89,10 +103,16 @@ class LocalRatingScorer:
         try:
             base = self.prompt_ids(messages)
             cache: dict[tuple[int, ...], object] = {}
+            kv = {"past": None}  # the prompt's KV cache, lent once to the first continuation (it grows in place)
 
             def lp(ctx: tuple[int, ...]):  # log-probs of the next token after base + ctx
                 if ctx not in cache:
-                    cache[ctx] = self._logprobs(base + list(ctx))
+                    if not ctx:
+                        cache[ctx], kv["past"] = self._logprobs(base)
+                    elif kv.get("past") is not None:
+                        cache[ctx], _ = self._logprobs(base + list(ctx), kv.pop("past"), len(base))
+                    else:
+                        cache[ctx], _ = self._logprobs(base + list(ctx))
                 return cache[ctx]
 
             raw = {}

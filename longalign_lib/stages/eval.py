@@ -1,6 +1,7 @@
 """`longalign eval`: generate answers on a long-context benchmark with the trained (or given) model → predictions.jsonl.
 
 Run as: longalign eval --preset cpu-demo [--bench FILE] [--eval-limit N] [--eval-fresh]
+        [--set eval.no_document_pass=true] [--set eval.short_tasks=true]
 Predictions are appended one batch at a time, so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
@@ -96,5 +97,36 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     for r in rows[:8]:
         pred = r["prediction"].replace("\n", " ").replace("|", "/")[:90]
         lines.append(f"| {r['idx']} | {r['task']} | {r['n_input_tokens']} | {r.get('exact')} | {pred} |")
-    return StageResult(metrics, ["predictions.jsonl"], "\n".join(lines))
+    outputs = ["predictions.jsonl"]
+    if ec.short_tasks:
+        lines.append("")
+        lines.append(_short_tasks(cfg, run_dir, model, tok, model_name, metrics))
+        outputs.append("short_tasks.json")
+    return StageResult(metrics, outputs, "\n".join(lines))
+
+
+def _short_tasks(cfg, run_dir: Path, model, tok, model_name: str, metrics: dict) -> str:
+    """The short-task regression check: the evaluated model, and the base model before training when they differ."""
+    from ..io import write_json
+    from ..models import load_model_and_tokenizer
+    from ..short_tasks import compare_short, evaluate_short_tasks, load_short_tasks
+
+    ec = cfg.eval
+    items = load_short_tasks(ec.short_tasks_file)
+    after = evaluate_short_tasks(model, tok, items, seed=ec.seed, threads=ec.local_threads)
+    acc = sum(r["correct"] for r in after) / len(after)
+    res = {"model": model_name, "accuracy": acc, "rows": after}
+    metrics["short_accuracy"] = round(acc, 4)
+    text = f"Short-task regression set ({len(items)} exact questions): `{model_name}` {acc:.2f}."
+    if model_name != cfg.model.name:  # a trained model: compare with the model it started from
+        base, btok = load_model_and_tokenizer(cfg=cfg.model)
+        before = evaluate_short_tasks(base, btok, items, seed=ec.seed, threads=ec.local_threads)
+        c = compare_short(before, after, seed=ec.seed)
+        res.update(base_model=cfg.model.name, base_rows=before, compare=c)
+        metrics["short_accuracy_before"] = round(c["mean_b"], 4)
+        text += (f" Before training (`{cfg.model.name}`): {c['mean_b']:.2f}; after − before {c['mean_diff']:+.2f} "
+                 f"(95% CI {c['ci'][0]:+.2f} to {c['ci'][1]:+.2f}, permutation p = {c['p_value']:.2f}); "
+                 f"lost: {', '.join(c['lost']) or 'none'}.")
+    write_json(run_dir / "short_tasks.json", res)
+    return text
 
