@@ -42,3 +42,23 @@ def test_real_model_answers_some_short_tasks(smol_model_and_tokenizer, one_torch
     rows = evaluate_short_tasks(model, tok, items, max_new_tokens=8)
     assert [r["idx"] for r in rows] == [it["idx"] for it in items]
     assert sum(r["correct"] for r in rows) >= 3, rows  # SmolLM2-135M-Instruct knows European capitals
+
+
+def test_eval_stage_writes_short_tasks_json(tmp_path, one_torch_thread):
+    from longalign_lib.config import load_config
+    from longalign_lib.io import read_json
+    from longalign_lib.pipeline import run_one
+
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(json.dumps({"idx": "c0", "query": "What is the code? Reply with the code only.",
+                                 "context": "The code is 4411.", "answer": "4411", "task": "retrieve"}) + "\n")
+    short = tmp_path / "short.jsonl"
+    short.write_text("".join(json.dumps(r) + "\n" for r in [{"idx": "p", "query": "What is the capital of France?", "answers": ["Paris"]},
+                                                            {"idx": "r", "query": "What is the capital of Italy?", "answers": ["Rome"]}]))
+    cfg = load_config("cpu-demo", [f"eval.bench_file={bench}", "eval.max_new_tokens=4", "eval.short_tasks=true",
+                                   f"eval.short_tasks_file={short}"])
+    res = run_one("eval", cfg, tmp_path)
+    out = read_json(tmp_path / "short_tasks.json")
+    assert [r["idx"] for r in out["rows"]] == ["p", "r"] and res.metrics["short_accuracy"] == out["accuracy"]
+    assert "short_tasks.json" in res.outputs and "Short-task regression set (2 exact questions)" in res.report
+    assert "compare" not in out  # the evaluated model is the base model: nothing to compare with
