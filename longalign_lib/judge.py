@@ -377,10 +377,14 @@ def load_judgment_scores(path) -> dict[str, list[float]]:
 
 def compare_runs(run_a, run_b, n_boot: int = 2000, seed: int = 0) -> dict:
     """Paired comparison of two judged runs (A − B) over their shared items and judge repetitions."""
-    from .agreement import paired_compare
+    from .agreement import paired_compare, reliability_report
 
-    res = paired_compare(load_judgment_scores(run_a), load_judgment_scores(run_b), n_boot=n_boot, seed=seed)
+    a, b = load_judgment_scores(run_a), load_judgment_scores(run_b)
+    res = paired_compare(a, b, n_boot=n_boot, seed=seed)
     res.update(run_a=str(run_a), run_b=str(run_b))
+    keys = [k for k in a if k in b]  # judge-vs-judge: the same answers rated by two judges agree how well?
+    res["agreement"] = reliability_report([sum(a[k]) / len(a[k]) for k in keys], [sum(b[k]) / len(b[k]) for k in keys],
+                                          n_boot=min(n_boot, 1000), seed=seed)
     return res
 
 
@@ -394,7 +398,18 @@ def compare_text(c: dict) -> str:
             f"A − B = **{c['mean_diff']:+.2f}** (95% CI {c['ci'][0]:+.2f} to {c['ci'][1]:+.2f}, items and judge runs "
             f"resampled), effect size d_z {es}{es_ci}, permutation p = {c['p_value']:.3g}; A better on {c['wins_a']}, "
             f"B on {c['wins_b']}, ties {c['ties']}. "
-            + ("The interval excludes 0." if real else "The interval includes 0: this difference is within the noise."))
+            + ("The interval excludes 0." if real else "The interval includes 0: this difference is within the noise.")
+            + _agreement_line(c.get("agreement")))
+
+
+def _agreement_line(a: dict | None) -> str:
+    """When A and B are two judges over the same answers: how well they agree (judge-vs-judge)."""
+    if not a or a["spearman"]["value"] is None:
+        return ""
+    f = lambda k: "–" if a[k]["value"] is None else f"{a[k]['value']:.2f}"  # noqa: E731
+    return (f" If A and B are two judges of the same answers, their agreement: Spearman {f('spearman')} "
+            f"(CI {a['spearman']['lo']:.2f}–{a['spearman']['hi']:.2f}), weighted κ {f('weighted_kappa')}, "
+            f"Krippendorff α {f('krippendorff_alpha')}, leniency of A {f('leniency')}.")
 
 
 # ---------------------------------------------------------------- inputs

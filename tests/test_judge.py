@@ -292,6 +292,13 @@ def test_compare_two_runs(tmp_path):
     assert c["n"] == 12 and c["only_b"] == 1 and c["mean_diff"] == pytest.approx(sum(d) / 12)
     assert 0 < c["ci"][0] < c["mean_diff"] < c["ci"][1] and c["p_value"] == pytest.approx(2 / 4096)
     assert "excludes 0" in res.report and res.metrics["effect_size"] > 1
+    # judge-vs-judge: the same items' mean ratings of A and B through the agreement statistics
+    from longalign_lib.agreement import reliability_report
+
+    keys = sorted(a, key=int)
+    want = reliability_report([sum(a[k]) / 2 for k in keys], [sum(b[k]) / 2 for k in keys], n_boot=50)
+    assert c["agreement"]["n"] == 12 and c["agreement"]["spearman"]["value"] == pytest.approx(want["spearman"]["value"])
+    assert c["agreement"]["leniency"]["value"] == pytest.approx(c["mean_diff"]) and "two judges" in res.report
     _write_judgments(tmp_path / "A2", {k: [x + (0.5 if int(k) % 2 else -0.5) for x in v] for k, v in b.items()})
     same = run_one("judge", load_config("cpu-demo"), tmp_path / "cmp2", _args(compare=[str(tmp_path / "A2"), str(tmp_path / "B")]))
     assert "within the noise" in same.report
