@@ -316,7 +316,7 @@ plots.show(ag.agreement_figure(js, hs, rep_meta, title=f"{JUDGE_MODEL} vs rubric
 # negative) whose interval includes 0, weighted κ 0 (every rating rounds to 4), a negative leniency (the rubric
 # has many 10s, the judge gives none), an AUC whose interval includes 0.5. The overlap proxy does better here
 # (Spearman ≈ 0.6) — partly because the rubric's right answers repeat the reference's words. That is the honest
-# state of a 135M judge, about 0.8–1.1 Spearman points below GPT-4; the table is the tool you would use to
+# state of a 135M judge, roughly a full point of Spearman below GPT-4; the table is the tool you would use to
 # qualify a real judge (GPT-4o, a 70B model behind vLLM) before trusting its numbers.
 #
 # ## 9. The proxy's weakness, on its own examples
