@@ -3,9 +3,9 @@
 #   jupytext:
 #     formats: ipynb,py:percent
 #   kernelspec:
-#     display_name: Python 3
+#     display_name: LongAlign (.venv)
 #     language: python
-#     name: python3
+#     name: longalign
 # ---
 
 # %% [markdown]
@@ -19,18 +19,23 @@
 # 2. a packed row's plain token-mean loss over-weights sequences that share a row with few target tokens:
 #    **loss weighting** gives each sequence the weight it would have had on its own.
 #
-# We (1) draw a packed batch, (2) compute the weighted loss by hand and with the library's chunked loss, and
-# (3) train the same data with naive, sorted, packed and packed+weighting batches: wall time and loss curves.
+# **What you will learn**
+# - the block-diagonal causal mask that isolates packed documents, built by hand and checked against the library;
+# - that the packed, isolated, weighted loss equals running each sequence alone — and what goes wrong without
+#   isolation;
+# - that for the **same tokens** packing trains faster than naive batching (tokens/s, not just wall time);
+# - that the recipe really trains: SmolLM2-135M learns to quote a verse exactly in a few steps, before vs after.
+#
+# **Time**: ~80 s on 2 CPU cores (SMOKE, the default without a GPU: the strategy comparison uses a 2-layer random
+# model with SmolLM2's tokenizer, the learning demo the real SmolLM2); full mode trains SmolLM2 at 16k (use a GPU).
 #
 # Library code: `longalign_lib.batching` (plans, weights, collators), `longalign_lib.attention` (isolation),
 # `longalign_lib.loss` (weighted chunked cross-entropy), `longalign_lib.train` (LongAlignTrainer).
-# With `SMOKE = True` (CI, 2 CPU cores) the model is a 2-layer random model with SmolLM2's tokenizer; the full
-# mode trains the real SmolLM2-135M-Instruct (use a GPU).
 
 # %% tags=["parameters"]
-SMOKE = False  # True: a tiny random model and a few short records (CPU, < 90 s)
+SMOKE = None  # None: on when no CUDA GPU is present (CI and laptops); False: the full settings
 OUT_DIR = "../runs/notebooks/04_long_context_sft"
-MODEL = "smollm2-135m-instruct"  # any causal LM (HF id, local path)
+MODEL = "smollm2-135m-instruct"  # any causal LM (HF id, local path); SMOKE: a tiny random model, same tokenizer
 N_RECORDS = 200  # verse-lookup records built from the KJV texts in data/
 MAX_CONTEXT_TOKENS = 16000  # longest passages
 PACK_TOKENS = 16384  # packed row capacity (and the model's window, raised by RoPE base scaling when needed)
@@ -38,19 +43,28 @@ BATCH_SIZE = 8  # sequences per micro-batch for naive / sorted
 GRAD_ACCUM = 2
 LR = 5e-5
 ROPE_BASE_FACTOR = 8.0  # SmolLM2 was trained to 8k; 16k rows need a larger RoPE base (the paper: ×200 for 64k)
+LEARN_MODEL = "smollm2-135m-instruct"  # section 6: the real model that learns the task
+LEARN_TRAIN, LEARN_TEST = 6, 4  # short verse-lookup records (1–2 verses) to train on / to test before and after
+LEARN_EPOCHS, LEARN_LR = 2, 1e-4
 
 # %%
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from longalign_lib import batching, plots, train
+from longalign_lib import attention, batching, plots, train
 from longalign_lib.config import load_config
 from longalign_lib.formatting import format_records
+from longalign_lib.generate import generate_replies
 from longalign_lib.io import write_metrics
 from longalign_lib.loss import reference_weighted_ce
-from longalign_lib.models import load_tokenizer
+from longalign_lib.models import load_model_and_tokenizer, load_tokenizer
+from longalign_lib.scoring import token_f1
 
+if SMOKE is None:
+    SMOKE = not torch.cuda.is_available()
+torch.set_num_threads(1)  # one thread: on a small shared CPU two threads that wait on each other are slower
 out = Path(OUT_DIR)
 out.mkdir(parents=True, exist_ok=True)
 device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -58,7 +72,7 @@ if SMOKE:
     MODEL = "random:" + str(train.tiny_model_dir(out / "tiny_model"))
     N_RECORDS, MAX_CONTEXT_TOKENS, PACK_TOKENS, BATCH_SIZE, GRAD_ACCUM, LR = 12, 240, 512, 4, 1, 1e-3
     ROPE_BASE_FACTOR = 1.0
-print("model:", MODEL, "| device:", device)
+print("model:", MODEL, "| device:", device, "| SMOKE:", SMOKE)
 
 # %% [markdown]
 # ## 1. Data: a real long-context task
@@ -78,12 +92,42 @@ print(f"{len(rows)} records, {sum(lengths):,} tokens, lengths {min(lengths)}..{m
 print(records[0]["messages"][0]["content"][-160:], "\n→", records[0]["messages"][1]["content"])
 
 # %% [markdown]
-# ## 2. One packed batch
-# The stage-3 plan packs sequences into rows of at most `PACK_TOKENS`. The collator returns `position_ids` that
-# restart at 0 for every document and `cu_seq_lens` (document boundaries): the attention backend
-# (`attention.resolve_implementation`) uses them so that a document never attends to its neighbours. The loss
-# weights come from `batching.step_token_weights` with the *sequence* reduction: each sequence's target tokens
-# weigh 1/(M·N_i), M = sequences in the step, N_i = its target tokens.
+# ## 2. The core idea: a block-diagonal causal mask
+# Three documents of 3, 4 and 3 tokens packed into one row of 10. Causal attention lets token i see tokens j ≤ i;
+# **isolated** attention also requires i and j to belong to the same document. The document boundaries travel as
+# `cu_seq_lens` = [0, 3, 7, 10] (cumulative lengths). By hand, then checked against the library:
+
+# %%
+cu = [0, 3, 7, 10]
+doc_of = [d for d in range(len(cu) - 1) for _ in range(cu[d], cu[d + 1])]
+mask_by_hand = torch.tensor([[doc_of[i] == doc_of[j] and j <= i for j in range(10)] for i in range(10)])
+lib_mask = attention.block_causal_mask(torch.tensor(cu, dtype=torch.int32), batch=1, length=10)[0, 0]
+assert torch.equal(mask_by_hand, lib_mask), "by-hand mask differs from attention.block_causal_mask"
+print("✓ by hand == attention.block_causal_mask;", int(mask_by_hand.sum()), "allowed pairs instead of",
+      int(torch.ones(10, 10).tril().sum()), "for plain causal attention")
+fig, axes = plots.figure(1, 2, figsize=(8, 3.6))
+for ax, (m, title) in zip(axes, ((torch.ones(10, 10).tril().bool(), "plain causal: documents see each other"),
+                                 (mask_by_hand, "isolated: block-diagonal causal")), strict=True):
+    ax.imshow(m.numpy(), cmap="Greens", vmin=0, vmax=1.4)
+    ax.set_title(title)
+    ax.set_xlabel("key position j")
+    ax.set_ylabel("query position i")
+    ax.grid(False)
+    for b in cu[1:-1]:
+        ax.axhline(b - 0.5, color="#c44e52", lw=1)
+        ax.axvline(b - 0.5, color="#c44e52", lw=1)
+plots.show(fig, out / "block_mask.png")
+
+# %% [markdown]
+# *What you should see:* three green triangles on the diagonal on the right; on the left the lower triangle is
+# full, so document 2 reads documents 0 and 1. Efficient kernels never build this matrix: varlen/flash kernels take
+# `cu_seq_lens`, SDPA/flex take a block mask (`attention.resolve_implementation` picks one); `position_ids` also
+# restart at 0 for every document.
+#
+# ## 3. One packed batch
+# The stage-3 plan packs sequences into rows of at most `PACK_TOKENS`. The loss weights come from
+# `batching.step_token_weights` with the *sequence* reduction: each sequence's target tokens weigh 1/(M·N_i),
+# M = sequences in the step, N_i = its target tokens.
 
 # %%
 cfg = load_config("gpu-small" if not SMOKE else "cpu-demo", [
@@ -97,19 +141,16 @@ weights = batching.step_token_weights(step, plan.n_target, "sequence")
 packed = batching.collate(plan, mb, rows, weights)
 print(f"plan: {len(plan.steps)} steps, fill {plan.counters['fill_rate']:.3f}; this row: {packed['input_ids'].shape[1]} tokens, "
       f"{len(packed['cu_seq_lens']) - 1} documents, cu_seq_lens={packed['cu_seq_lens'].tolist()}")
-fig = train.packed_batch_figure(packed)
-plots.save(fig, out / "packed_batch.png")
-fig
+plots.show(train.packed_batch_figure(packed), out / "packed_batch.png")
 
 # %% [markdown]
-# ## 3. The weighted loss, by hand and by the library
+# ## 4. The weighted loss: by hand, by the library, and without isolation
 # By hand: run each sequence of the row **alone** through the model, take the mean cross-entropy of its answer
-# tokens, multiply by its weight N_i·w_i = 1/M. Library: one forward pass over the packed row (isolated attention)
-# and `loss.weighted_chunked_ce` on the final hidden states (only answer positions reach the LM head, in chunks).
+# tokens, multiply by its weight N_i·w_i. Library: one forward pass over the packed row (isolated attention) and
+# `loss.weighted_chunked_ce` on the final hidden states (only answer positions reach the LM head, in chunks).
+# Without isolation: the same packed row as one plain causal sequence (no `position_ids` restart, no boundaries).
 
 # %%
-from longalign_lib.models import load_model_and_tokenizer
-
 model, _ = load_model_and_tokenizer(MODEL, dtype="fp32", device=device, attn_implementation="sdpa")  # isolated SDPA: fp32
 model.eval()
 exs = batching.materialize(plan, mb, rows)
@@ -126,13 +167,22 @@ with torch.no_grad():
     wrapper = train.ChunkedLossLM(model, chunk_tokens=1024)
     library = float(wrapper(**{k: batch[k] for k in ("input_ids", "labels", "loss_weights", "position_ids",
                                                         "cu_seq_lens", "max_seqlen")})["loss"])
+    leaky = float(wrapper(**{k: batch[k] for k in ("input_ids", "labels", "loss_weights")})["loss"])
+rel = abs(library - by_hand) / by_hand
 print(f"by hand (one sequence at a time): {by_hand:.6f}")
-print(f"library (packed, chunked):        {library:.6f}   relative difference {abs(library - by_hand) / by_hand:.1e}")
+print(f"library (packed, isolated):       {library:.6f}   relative difference {rel:.1e}")
+print(f"packed WITHOUT isolation:         {leaky:.6f}   relative difference {abs(leaky - by_hand) / by_hand:.1e}")
+assert rel < 1e-4, "the packed isolated loss should equal the sequences run alone"
 del model, wrapper
 
 # %% [markdown]
-# ## 4. Naive vs sorted vs packed vs packed+weighting, same data
-# One epoch of the same records, four ways, through the same `LongAlignTrainer`:
+# *What you should see:* by hand and library agree to ~1e-7 (float rounding); without isolation the loss is a
+# different number — every document after the first is read in the context of its neighbours and at shifted
+# positions, which is not the data you meant to train on.
+#
+# ## 5. Naive vs sorted vs packed vs packed+weighting, the same tokens
+# One full epoch of the same records, four ways, through the same `LongAlignTrainer` — so every strategy trains on
+# exactly the same tokens (checked below):
 # - **naive**: shuffled micro-batches of `BATCH_SIZE` sequences padded to the longest (pads cost compute);
 # - **sorted**: sequences of similar length batched together (little padding; steps are all-long or all-short);
 # - **packed**: rows of up to `PACK_TOKENS` tokens, loss = mean over each pack's tokens (the paper's biased L′);
@@ -145,47 +195,141 @@ strategies = {
     "packed": ["batching.strategy=packed", "batching.loss_reduction=pack_mean"],
     "packed+weighting": ["batching.strategy=packed", "batching.loss_reduction=sequence"],
 }
-common = [f"model.name={MODEL}", f"batching.max_pack_tokens={PACK_TOKENS}", f"batching.grad_accum={GRAD_ACCUM}",
-          "train.epochs=1", "train.save_steps=0", f"train.lr={LR}", "train.warmup_ratio=0.1", "train.tensorboard=false",
+common = [f"model.name={MODEL}", f"batching.max_pack_tokens={PACK_TOKENS}", f"train.max_pack_tokens={PACK_TOKENS}",
+          f"batching.grad_accum={GRAD_ACCUM}", "train.epochs=1", "train.max_steps=-1", "train.save_steps=0",
+          f"train.lr={LR}", "train.warmup_ratio=0.1", "train.tensorboard=false",
           f"model.rope_base_factor={ROPE_BASE_FACTOR}", f"model.max_position_embeddings={max(PACK_TOKENS, 8192)}",
           "model.device=" + device]
-logs, times, plans_info = {}, {}, {}
+logs, times, tokens, computed, plans_info = {}, {}, {}, {}, {}
 for name, sets in strategies.items():
     cfg_s = load_config("gpu-small" if not SMOKE else "cpu-demo", common + sets)
-    res = train.train(cfg_s, out / "runs" / name.replace("+", "_"), dataset=rows, save_model=False)
+    res = train.train(cfg_s, out / "runs" / name.replace("+", "_"), dataset=rows, save_model=False, quiet=True)
     logs[name] = res["log"]
     times[name] = sum(r["step_s"] for r in res["log"])
+    tokens[name] = sum(r["tokens"] for r in res["log"])
+    computed[name] = sum(r["computed_tokens"] for r in res["log"])
     plans_info[name] = res["plans"][0]
-    print(f"{name:17s} {len(res['log']):3d} steps  {times[name]:7.1f} s  padding {plans_info[name]['padding_fraction']:.2f}"
-          f"  loss {res['log'][0]['loss']:.3f} → {res['log'][-1]['loss']:.3f}")
+    print(f"{name:17s} {len(res['log']):3d} steps  {tokens[name]:6,} tokens ({computed[name]:6,} computed)  "
+          f"{times[name]:6.2f} s  {tokens[name] / times[name]:8,.0f} tokens/s")
     del res
     if device == "cuda":
         torch.cuda.empty_cache()
+assert len(set(tokens.values())) == 1, f"strategies trained different tokens: {tokens}"
 
 # %%
-fig = train.wall_time_figure(times, title=f"Training wall time, same {sum(lengths):,} tokens ({device})")
-plots.save(fig, out / "wall_time.png")
-fig
-
-# %%
-fig = train.loss_figure(logs, title="Loss vs training tokens (packed: pack-mean loss; others: sequence mean)",
-                        x="tokens")
-plots.save(fig, out / "loss_curves.png")
-fig
+fig, (ax1, ax2) = plots.figure(1, 2, figsize=(10, 3.8))
+names = list(times)
+colors = [plots.PALETTE.get(n, plots.CYCLE[0]) for n in names]
+ax1.bar(names, [times[n] for n in names], color=colors)
+ax1.set_ylabel("training time (s)")
+ax1.set_title(f"Wall time, same {tokens['naive']:,} tokens ({device})")
+ax2.bar(names, [tokens[n] / times[n] for n in names], color=colors)
+ax2.set_ylabel("real tokens / s")
+ax2.set_title("Throughput (padding not counted)")
+for ax, vals in ((ax1, [times[n] for n in names]), (ax2, [tokens[n] / times[n] for n in names])):
+    for i, v in enumerate(vals):
+        ax.annotate(f"{v:,.1f}" if v < 100 else f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
+    ax.tick_params(axis="x", labelrotation=15)
+plots.show(fig, out / "wall_time.png")
 
 # %% [markdown]
-# Packing skips the padding that naive batching computes (its padding fraction is printed above), so it finishes
-# the same data in a fraction of the time; sorting recovers most of that too but makes every step all-long or
-# all-short. The un-weighted packed loss is a different (biased) quantity: it is plotted for completeness, and
-# it is *not* comparable in value to the other three.
+# *What you should see:* every strategy trained the same number of real tokens; naive batching **computed** more
+# (its padding, printed above) and so runs fewer real tokens per second; packing computes only real tokens. On a
+# small CPU with a tiny model and a few short rows the gaps are modest and noisy (fixed per-step costs weigh a
+# lot); on a GPU with long rows they are large (`docs/performance.md`, measured on H100). The pack-mean loss
+# (`packed`) is a different, biased quantity, so its loss values are not comparable with the other three.
+#
+# ## 6. The real model learns: SmolLM2 answers in the data's format
+# Same recipe (packed rows, 1/(M·N_i) weights, `LongAlignTrainer`), now on the real SmolLM2-135M-Instruct with
+# short verse-lookup records (passages of one or two verses): `LEARN_TRAIN` records to train on for
+# `LEARN_EPOCHS` epochs, `LEARN_TEST` held-out records (other passages, other verses) to test on. Before and after,
+# the model answers the held-out questions greedily; an answer is *exact* when it is the verse, word for word, and
+# token-F1 gives partial credit.
 
 # %%
-write_metrics(out, {
+learn = [r for r in train.verse_lookup_records(20 * (LEARN_TRAIN + LEARN_TEST), long_fraction=0.0, seed=1)
+         if r["meta"]["verses"] <= 2][: LEARN_TRAIN + LEARN_TEST]
+learn_train, learn_test = learn[:LEARN_TRAIN], learn[LEARN_TRAIN:]
+lm, ltok = load_model_and_tokenizer(LEARN_MODEL, dtype="fp32", device=device)
+
+
+def quote_scores(m, desc):
+    preds = [p["prediction"].strip() for p in generate_replies(
+        m, ltok, [r["messages"][:1] for r in learn_test], max_new_tokens=40, progress=False)]
+    refs = [r["messages"][1]["content"].strip() for r in learn_test]
+    exact = [p == r for p, r in zip(preds, refs, strict=True)]
+    f1 = [token_f1(p, r) for p, r in zip(preds, refs, strict=True)]
+    print(f"{desc}: {sum(exact)}/{len(exact)} exact, mean token-F1 {np.mean(f1):.2f}")
+    return preds, exact, f1
+
+
+before = quote_scores(lm, "before training")
+lex, _ = format_records(learn_train, ltok)
+lrows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
+         for e in lex]
+lcfg = load_config("cpu-demo" if device == "cpu" else "gpu-small", [
+    f"model.name={LEARN_MODEL}", "batching.strategy=packed", "batching.loss_reduction=sequence",
+    "batching.max_pack_tokens=256", "train.max_pack_tokens=256", "batching.grad_accum=1", f"train.epochs={LEARN_EPOCHS}",
+    "train.max_steps=-1", f"train.lr={LEARN_LR}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
+    "train.save_steps=0", "train.tensorboard=false", "model.device=" + device])
+lres = train.train(lcfg, out / "runs" / "learn", dataset=lrows, save_model=False, model=lm, tok=ltok, quiet=True)
+lm = lres["trainer"].model.lm.eval()
+after = quote_scores(lm, "after training ")
+for q, b, a, r in list(zip(learn_test, before[0], after[0], learn_test, strict=True))[:3]:
+    print(f"\n{q['meta']['ref']}\n  before: {b[:120]!r}\n  after:  {a[:120]!r}\n  verse:  {r['messages'][1]['content'][:120]!r}")
+plots.show(train.loss_figure({"packed+weighting": lres["log"]},
+                             title=f"SmolLM2-135M on verse quoting: {len(lres['log'])} steps, "
+                                   f"{sum(r['tokens'] for r in lres['log']):,} tokens"), out / "learn_loss.png")
+
+# %% [markdown]
+# *What you should see:* before training the model talks *about* the passage ("The passage you're referring to is
+# from …") and scores no exact answer; after a handful of steps on other passages it answers with a verse, word for
+# word, and token-F1 rises; the loss falls. It learned the data's *format* (answer = the verse, nothing else), not
+# the answers: the test verses were never trained on. Picking the right verse out of a long passage is a harder
+# skill — tried with 8 longer records and 18 steps, the 135M model quoted real but wrong verses (0 of 6 exact);
+# that is what long-context SFT at scale (full mode, `gpu-small`) is for.
+#
+# ## Takeaways
+# - Isolation is a mask (or `cu_seq_lens` for varlen kernels) plus restarting `position_ids`: packed sequences
+#   then train exactly as if alone.
+# - Weighting each target token 1/(M·N_i) over the whole step gives every sequence the same weight, whatever its
+#   pack-mates.
+# - Compare strategies on equal work: same tokens, then time and tokens/s; packing wins by not computing padding.
+#
+# ## Exercises
+# 1. How many (query, key) pairs does isolation allow for documents of lengths n_1…n_k? Check your formula
+#    against `attention.block_causal_mask` for `cu = [0, 5, 6, 14]`.
+# 2. In section 3's packed row, what do the per-token loss weights of the whole step sum to over all target
+#    tokens of that row? And over the whole step?
+#
+# Solutions (collapsed in JupyterLab; CI runs and checks them):
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+cu2 = [0, 5, 6, 14]
+n = np.diff(cu2)
+allowed = int(attention.block_causal_mask(torch.tensor(cu2, dtype=torch.int32), 1, cu2[-1]).sum())
+assert allowed == int(sum(k * (k + 1) // 2 for k in n))
+print(f"1. Σ n_i(n_i+1)/2 = {allowed} pairs (plain causal: {cu2[-1] * (cu2[-1] + 1) // 2})")
+
+# %% tags=["solution"] jupyter={"source_hidden": true}
+row_sum = float(packed["loss_weights"].sum())
+m_row = sum(1 for i in mb.packs[0] if plan.n_target[i] > 0)
+assert abs(row_sum - m_row / step.n_sequences) < 1e-5  # each of the row's sequences contributes N_i · 1/(M·N_i)
+step_sum = sum(weights[i] * plan.n_target[i] for i in step.item_ids)
+assert abs(step_sum - 1) < 1e-9
+print(f"2. the row: {row_sum:.4f} = {m_row} sequences / M={step.n_sequences}; the whole step: {step_sum:.4f}")
+
+# %%
+metrics_file = write_metrics(out, {
     "smoke": SMOKE, "device": device, "model": MODEL, "records": len(rows), "tokens": sum(lengths),
-    "loss_by_hand": by_hand, "loss_library": library, "loss_rel_diff": abs(library - by_hand) / by_hand,
-    "wall_s": times, "naive_over_packed": times["naive"] / times["packed+weighting"],
+    "loss_by_hand": by_hand, "loss_library": library, "loss_rel_diff": rel, "loss_no_isolation": leaky,
+    "wall_s": times, "trained_tokens": tokens, "computed_tokens": computed,
+    "tokens_per_s": {k: tokens[k] / times[k] for k in times},
     "padding_fraction": {k: v["padding_fraction"] for k, v in plans_info.items()},
     "final_loss": {k: v[-1]["loss"] for k, v in logs.items()}, "first_loss": {k: v[0]["loss"] for k, v in logs.items()},
     "steps": {k: len(v) for k, v in logs.items()},
-    "figures": [str(out / f) for f in ("packed_batch.png", "wall_time.png", "loss_curves.png")],
+    "learn": {"exact_before": int(sum(before[1])), "exact_after": int(sum(after[1])), "n_test": len(learn_test),
+              "f1_before": float(np.mean(before[2])), "f1_after": float(np.mean(after[2])),
+              "loss_first": lres["log"][0]["loss"], "loss_last": lres["log"][-1]["loss"], "steps": len(lres["log"])},
+    "figures": [str(out / f) for f in ("block_mask.png", "packed_batch.png", "wall_time.png", "learn_loss.png")],
 })
