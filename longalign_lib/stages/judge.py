@@ -85,6 +85,9 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                 done[str(r["idx"])] = r
     todo = [it for it in items if it["idx"] not in done]
     scoring = resolve_scoring(ec) if mode == "llm" else None
+    if batch and scoring == "probs":
+        raise LongAlignError("eval.judge_mode=batch sends the judge's text requests as a batch and parses their "
+                             "[[n]] ratings: set eval.judge_scoring=parse (or auto with an API judge), or judge_mode=llm")
     local = judge_config(ec).judge_backend == "local"
     client = make_judge_client(ec, cfg.model) if mode == "llm" and todo and not (scoring == "probs" and local) else None
     scorer = make_rating_scorer(ec, cfg.model, client) if scoring == "probs" and todo else None
