@@ -193,8 +193,8 @@ def _check_cfg(cfg) -> None:
         bad("truncate_side", cfg.truncate_side, ("right", "middle"))
     if cfg.sorted_mode not in ("fixed", "token_budget"):
         bad("sorted_mode", cfg.sorted_mode, ("fixed", "token_budget"))
-    if cfg.balance not in ("none", "tokens", "cost"):
-        bad("balance", cfg.balance, ("none", "tokens", "cost"))
+    if cfg.balance not in ("auto", "none", "tokens", "cost"):
+        bad("balance", cfg.balance, ("auto", "none", "tokens", "cost"))
     for key in ("max_pack_tokens", "batch_size", "grad_accum", "world_size", "balance_window"):
         if int(getattr(cfg, key)) < 1:
             raise LongAlignError(f"batching.{key}={getattr(cfg, key)!r}: must be a positive integer")
@@ -577,6 +577,18 @@ class CostModel:
         return out
 
 
+def resolved_balance(cfg) -> str:
+    """`balance: auto` means compute-balanced ranks (`cost`) when the plan has several ranks, else `none`.
+
+    >>> from types import SimpleNamespace as NS
+    >>> resolved_balance(NS(balance="auto", world_size=8)), resolved_balance(NS(balance="auto", world_size=1))
+    ('cost', 'none')
+    """
+    if cfg.balance == "auto":
+        return "cost" if int(cfg.world_size) > 1 else "none"
+    return cfg.balance
+
+
 def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None, sequence_parallel: int = 1) -> Plan:
     """Plan one epoch: which micro-batches each rank runs at each optimizer step. Deterministic in (cfg.seed, epoch).
 
@@ -672,9 +684,10 @@ def _plan_epoch(lengths, n_target, cfg, epoch, labels, sequence_parallel=1) -> P
             dropped = sum(map(len, steps_[-1]))
             blocks = [b for b in blocks if id(b) not in last]
     key_of = None
-    if cfg.balance != "none":
+    balance = resolved_balance(cfg)
+    if balance != "none":
         cm = CostModel.from_config(cfg, sequence_parallel)
-        key_of = (lambda u: float(u.computed_tokens)) if cfg.balance == "tokens" else cm.micro_batch
+        key_of = (lambda u: float(u.computed_tokens)) if balance == "tokens" else cm.micro_batch
         # regroup within windows of `balance_window` steps: similar-cost micro-batches share a step
         win = per_step * int(cfg.balance_window)
         regrouped, window, n = [], [], 0

@@ -156,8 +156,9 @@ class BatchConfig:
     split_overlap: int = 1
     sorted_mode: str = "fixed"  # fixed: groups of batch_size | token_budget: groups fill sort_token_budget
     sort_token_budget: int | None = None  # padded tokens per sorted group; default batch_size * max_pack_tokens
-    # balance: none | tokens | cost: group micro-batches into steps/ranks by token count or modelled cost
-    balance: str = "none"
+    # balance: auto | none | tokens | cost: group micro-batches into steps/ranks by token count or modelled cost
+    # (auto: cost when world_size > 1, so no rank idles on a light step; none on one GPU)
+    balance: str = "auto"
     balance_window: int = 8  # steps per window regrouped by the balancer
     drop_last: bool = False  # drop a last, incomplete optimizer step
     cost_a: float = 1.0e-4  # cost model: seconds per token (linear layers), 7B-class model on one H100, bf16

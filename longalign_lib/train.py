@@ -11,8 +11,10 @@ What happens, per optimizer step of a stage-3 plan (batching.plan_epoch):
   isolated by attention.py (cu_seq_lens); naive/sorted ones are right-padded rows (pads cost compute, never loss);
 - every target token carries the weight that batching.step_token_weights gave its sequence, computed over the
   WHOLE step (all micro-batches, all ranks), so the summed loss is exactly the chosen reduction (token / sequence
-  mean / pack mean). The trainer therefore sums micro-batch losses (no division by grad_accum) and multiplies by
-  the world size before backward (DDP averages gradients over ranks);
+  mean / pack mean). The trainer therefore sums micro-batch losses (no division by grad_accum) and undoes the
+  engine's gradient averaging exactly (parallel.py: ×world under DDP, a summing reduce-scatter under FSDP2);
+- several GPUs: torchrun (DDP) or `accelerate launch --config_file configs/accelerate/<engine>.yaml` (DDP, FSDP2,
+  DeepSpeed ZeRO-3); sharded engines write sharded checkpoints and export <run_dir>/model gathered on rank 0;
 - the loss is loss.weighted_chunked_ce on the final hidden states (only target positions reach the LM head);
 - `train.sequence_parallel: N` splits each packed row over N GPUs (sequence_parallel.py, Ulysses): the plan is
   made for world/N data-parallel ranks, each GPU of a group trains its T/N-token slice with labels shifted over
@@ -34,7 +36,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import batching
+from . import batching, parallel
 from .attention import packed_kwargs
 from .dataset import load_tokenized
 from .formatting import count_targets, format_file
@@ -221,6 +223,9 @@ class ChunkedLossLM(nn.Module):
         self.chunk_tokens = int(chunk_tokens)
         self.config = lm.config
         self.sp_group = sp_group  # sequence_parallel.SPGroup: rows arrive split over the group (shift_labels)
+        base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+        # FSDP2 (accelerate's TRANSFORMER_BASED_WRAP) shards one unit per decoder layer, named by the model
+        self._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
 
     def forward(self, input_ids, labels=None, loss_weights=None, position_ids=None, cu_seq_lens=None,
                 max_seqlen=None, attention_mask=None, shift_labels=None, shift_weights=None, row_tokens=None):
@@ -343,7 +348,7 @@ class LongAlignTrainer(Trainer):
     """
 
     def __init__(self, *args, plan_batches: PlanBatches, log_dir: Path, flops_fn=None, ceiling_tflops: float = 0.0,
-                 tensorboard: bool = True, log_fields: dict | None = None, **kwargs):
+                 tensorboard: bool = True, log_fields: dict | None = None, cost_model=None, **kwargs):
         targs = kwargs.get("args") or (args[1] if len(args) > 1 else None)
         if targs is not None and targs.n_gpu > 1:
             # One process sees several GPUs (no torchrun): the plan already says what each device trains, so never
@@ -351,6 +356,10 @@ class LongAlignTrainer(Trainer):
             # (transformers pins n_gpu to 1 the same way for model parallelism.) Use torchrun for several GPUs.
             targs._n_gpu = 1
         super().__init__(*args, **kwargs)
+        self.engine = parallel.configure(self.accelerator, bool(self.args.bf16))
+        self._summed = None  # FSDP2: reduce-scatter set to sum (decided at the first step, once the model is sharded)
+        self._timer = parallel.RankTimer("cuda" if torch.cuda.is_available() and not self.args.use_cpu else "cpu")
+        self.cost_model = cost_model
         self.plan_batches = plan_batches
         self.log_dir = Path(log_dir)
         self.flops_fn = flops_fn
@@ -382,11 +391,18 @@ class LongAlignTrainer(Trainer):
         model.train()
         meta = inputs.get("meta", {})
         inputs = self._prepare_inputs(inputs)
+        world = self.args.world_size
+        if self._summed is None:
+            self._summed = parallel.sum_gradients(model)
+        if world > 1:
+            self._timer.start()
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
-        world = self.args.world_size
-        # the step loss is a SUM over micro-batches and ranks: no /grad_accum, and ×world to undo DDP's mean
-        self.accelerator.backward(loss * world if world > 1 else loss)
+        # the step loss is a SUM over micro-batches and ranks: no /grad_accum, and the engine's averaging undone
+        scale = parallel.loss_scale(self.engine, world, self.args.gradient_accumulation_steps, self._summed)
+        self.accelerator.backward(loss * scale if scale != 1.0 else loss)
+        if world > 1:
+            self._timer.stop()
         a = self._acc
         a["loss"] += float(loss.detach())
         docs = meta.get("docs", [])
@@ -417,6 +433,13 @@ class LongAlignTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         output_dir = Path(output_dir or self.args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        if parallel.is_sharded(self.engine):
+            # the weights are written by the engine itself, sharded (FSDP: torch.distributed.checkpoint, DeepSpeed:
+            # its own files), next to the sharded optimizer state; export_model writes the loadable folder
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, output_dir / "training_args.bin")
+            return
         lm = self.model.lm
         lm.save_pretrained(output_dir, safe_serialization=True)
         if self.processing_class is not None:
@@ -424,6 +447,8 @@ class LongAlignTrainer(Trainer):
         torch.save(self.args, output_dir / "training_args.bin")
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if parallel.is_sharded(self.engine):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_weights(self.model.lm, Path(resume_from_checkpoint))
 
     def _write_log(self, row: dict):
@@ -491,11 +516,17 @@ class _StepLogger(TrainerCallback):
         dt = now - (t._t_last or now)
         t._t_last = now
         vals = torch.tensor([a["loss"], a["tokens"], a["computed"], a["flops"], a["n_target"]], dtype=torch.float64)
+        idle = {}
         if args.world_size > 1 and torch.distributed.is_initialized():
-            dev = args.device if torch.cuda.is_available() else "cpu"
+            dev = args.device if torch.cuda.is_available() and not args.use_cpu else "cpu"
             vals = vals.to(dev)
             torch.distributed.all_reduce(vals)
             vals = vals.cpu()
+            idle = parallel.idle_stats(t._timer.gather(args.world_size, dev))
+            if t.cost_model is not None and a["ref"] is not None:
+                pi, si = a["ref"]
+                idle["idle_model_frac"] = round(parallel.modelled_idle_frac(t.plan_batches.plans[pi].steps[si],
+                                                                            t.cost_model), 4)
         loss, tokens, computed, flops, n_target = vals.tolist()
         stats = t.plan_batches.step_stats(*(a["ref"] or (0, 0)))
         lr = t.lr_scheduler.get_last_lr()[0] if t.lr_scheduler is not None else args.learning_rate
@@ -505,7 +536,7 @@ class _StepLogger(TrainerCallback):
                "step_s": round(dt, 4), "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                "tflops": flops / dt / 1e12 if dt > 0 else 0.0,
                "mfu": (flops / dt / 1e12) / (t.ceiling_tflops * world) if dt > 0 and t.ceiling_tflops else 0.0,
-               "fill": stats["fill"], "M": stats["M"], "K": stats["K"], **t.log_fields}
+               "fill": stats["fill"], "M": stats["M"], "K": stats["K"], **t.log_fields, **idle}
         if torch.cuda.is_available():
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
             torch.cuda.reset_peak_memory_stats()
@@ -595,7 +626,6 @@ def load_model_for_training(cfg, device: str | None = None):
     """(model, tokenizer, full_ft) with RoPE scaling, LoRA and the precision policy of the config applied."""
     import dataclasses
 
-
     mcfg = dataclasses.replace(cfg.model)
     dev = device or auto_device(mcfg.device)
     mcfg.device = dev
@@ -655,6 +685,7 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
     tokens = max(1, bcfg.batch_size) * bcfg.max_pack_tokens // sp_size
     speed = setup_for_training(model, cfg.train, tokens, dev, use_bf16)
     ceiling = cfg.train.matmul_tflops or matmul_ceiling_tflops("cuda" if dev == "cuda" else "cpu")
+    parallel.set_precision_env(use_bf16)  # the cookbook's precision, whatever an accelerate config says
 
     args = TrainingArguments(
         output_dir=str(run_dir / "checkpoints"), per_device_train_batch_size=1,
@@ -678,8 +709,10 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
     wrapper = ChunkedLossLM(model, cfg.train.loss_chunk_tokens, sp_group=sp_group)
     trainer = LongAlignTrainer(model=wrapper, args=args, processing_class=tok, plan_batches=pb, log_dir=run_dir,
                                flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard,
-                               log_fields=speed["log_fields"])
-    info = {"data": data_note, "plans": [p.counters for p in plans], "steps": n_steps, "grad_accum": pb.grad_accum,
+                               log_fields=speed["log_fields"], cost_model=batching.CostModel.from_config(bcfg))
+    info = {"data": data_note, "engine": trainer.engine, "world_size": world,
+            "balance": batching.resolved_balance(bcfg), "plans": [p.counters for p in plans], "steps": n_steps,
+            "grad_accum": pb.grad_accum,
             "strategy": bcfg.strategy, "reduction": bcfg.loss_reduction, "max_pack_tokens": bcfg.max_pack_tokens,
             "ceiling_tflops": ceiling, "device": dev, "full_ft": full_ft, "bf16": use_bf16,
             "attn": model.config._attn_implementation, "home": str(longalign_home()), "sequence_parallel": sp_size,
@@ -747,6 +780,12 @@ def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = Tru
     info["train_s"] = round(time.time() - t0, 2)
     info["log"] = read_jsonl(log) if log.exists() else []
     if not save_model:
+        return {"trainer": trainer, **info}
+    if parallel.is_sharded(trainer.engine):  # gather the shards (every rank takes part), rank 0 writes the folder
+        parallel.export_model(trainer, run_dir / "model")
+        _barrier()
+        info["model_dir"] = str(run_dir / "model")
+        info["log"] = read_jsonl(log) if log.exists() else []
         return {"trainer": trainer, **info}
     if not trainer.is_world_process_zero():  # one writer for the final model; the others wait for it
         _barrier()

@@ -1,0 +1,144 @@
+"""parallel.py: FSDP2 (fully_shard, gloo on CPU) reproduces the single-process step exactly; loss scales; export."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from longalign_lib import parallel, train
+from longalign_lib.config import load_config
+from longalign_lib.formatting import format_records
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return train.tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def rows(smol_tokenizer):
+    recs = train.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
+    exs, _ = format_records(recs, smol_tokenizer, max_length=4096)
+    return [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
+            for e in exs]
+
+
+def _sets(tiny):
+    # one optimizer step whose plan gives each of 2 ranks one packed micro-batch; lr large enough to move weights
+    return [f"model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu",
+            "train.max_pack_tokens=null", "train.epochs=1", "train.max_steps=1", "batching.world_size=2",
+            "batching.grad_accum=1", "batching.max_pack_tokens=700", "train.lr=1e-3", "train.warmup_ratio=0",
+            "train.matmul_tflops=1", "train.max_grad_norm=1.0"]
+
+
+WORKER = """
+import json, sys, torch
+from transformers import Trainer
+from longalign_lib import parallel, train
+from longalign_lib.config import load_config
+out, sets = sys.argv[1], json.loads(sys.argv[2])
+rows = json.load(open(out + "/rows.json"))
+cfg = load_config("cpu-demo", sets)
+# the real engine's pieces: model (same seed), this rank's plan micro-batches, the Trainer's optimizer settings
+trainer, info = train.build_trainer(cfg, out, dataset=rows, device="cpu", quiet=True)
+model, pb, args = trainer.model, trainer.plan_batches, trainer.args
+parallel.shard_model(model)                      # one FSDP2 unit per decoder layer + the root, as accelerate does
+summed = parallel.sum_gradients(model)
+scale = parallel.loss_scale("fsdp2", args.world_size, pb.grad_accum, summed)
+opt_cls, opt_kw = Trainer.get_optimizer_cls_and_kwargs(args, model)
+opt = opt_cls(model.parameters(), **opt_kw)
+loss = 0.0
+for i in range(pb.grad_accum):
+    batch = dict(pb[i]); batch.pop("meta")
+    l = model(**batch)["loss"]
+    (l * scale).backward()
+    loss += float(l.detach())
+torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+opt.step()
+tot = torch.tensor([loss], dtype=torch.float64)
+torch.distributed.all_reduce(tot)
+state = parallel.full_state_dict(trainer)
+if torch.distributed.get_rank() == 0:
+    torch.save(state, out + "/params.pt")
+    json.dump({"loss": tot.item(), "summed": summed, "scale": scale, "micro": pb.grad_accum,
+               "sharded": [type(m).__name__ for m in parallel.fsdp_modules(model)]}, open(out + "/out.json", "w"))
+train.finish_distributed()
+"""
+
+
+def test_fsdp2_step_equals_single_process_accumulation(tiny, rows, tmp_path):
+    """2 gloo processes, fully_shard per layer, summing reduce-scatter == 1 process, grad_accum 2, same plan."""
+    sets = _sets(tiny)
+    ref = train.train(load_config("cpu-demo", sets), tmp_path / "one", dataset=rows, save_model=False, quiet=True)
+    assert ref["grad_accum"] == 2 and len(ref["log"]) == 1  # the 2-rank plan flattened: 2 micro-batches here
+    ref_loss = ref["log"][0]["loss"]
+    ref_params = {f"lm.{k}": v.detach() for k, v in ref["trainer"].model.lm.state_dict().items()}
+
+    two = tmp_path / "two"
+    two.mkdir()
+    (two / "rows.json").write_text(json.dumps(rows))
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(WORKER))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+                        str(worker), str(two), json.dumps(sets)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((two / "out.json").read_text())
+    assert got["summed"] and got["scale"] == 1.0 and got["micro"] == 1  # one micro-batch per rank, sums reduced
+    assert len(got["sharded"]) == 3  # 2 decoder layers + the root
+    assert got["loss"] == pytest.approx(ref_loss, rel=1e-6)
+    params = torch.load(two / "params.pt")
+    moved = 0
+    for k, v in ref_params.items():
+        assert k in params, k
+        torch.testing.assert_close(params[k], v, rtol=1e-5, atol=1e-6)
+        moved += int(not torch.equal(v, params[k]))
+    init = train.load_model_for_training(load_config("cpu-demo", sets), "cpu")[0].state_dict()
+    changed = sum(not torch.equal(init[k[3:]], v) for k, v in ref_params.items())
+    assert changed >= len(ref_params) // 2  # the step moved the weights, so equal weights mean equal updates
+
+
+def test_loss_scale_undoes_each_engines_averaging():
+    assert parallel.loss_scale("single", 1, 4) == 1.0
+    assert parallel.loss_scale("ddp", 2, 4) == 2.0  # all-reduce mean over ranks; accumulation is summed locally
+    assert parallel.loss_scale("fsdp2", 8, 2) == 8.0  # reduce-scatter mean, when it could not be set to sum
+    assert parallel.loss_scale("fsdp2", 8, 2, summed=True) == 1.0
+    assert parallel.loss_scale("deepspeed", 4, 3) == 12.0  # ZeRO mean over ranks and 1/grad_accum per micro-batch
+    with pytest.raises(ValueError):
+        parallel.loss_scale("horovod", 2, 1)
+
+
+def test_idle_stats_from_busy_times():
+    s = parallel.idle_stats([3.0, 1.0, 2.0, 3.0])
+    assert s["idle_s"] == [0.0, 2.0, 1.0, 0.0] and s["idle_frac"] == pytest.approx(3 / 12)
+
+
+def test_export_rebuilds_a_loadable_model_and_merges_lora(tiny, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    from longalign_lib.models import load_model_and_tokenizer
+
+    torch.manual_seed(0)
+    lm, _ = load_model_and_tokenizer(f"random:{tiny}", dtype="fp32", device="cpu")
+    peft_lm = get_peft_model(lm, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for n, p in peft_lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)  # a trained adapter (B starts at zero)
+    rebuilt = parallel.rebuild_on_cpu(peft_lm, {k: v.clone() for k, v in peft_lm.state_dict().items()})
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        want = peft_lm(ids).logits
+        got = rebuilt(ids).logits
+    assert not hasattr(rebuilt, "peft_config")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
