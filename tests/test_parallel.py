@@ -142,3 +142,80 @@ def test_export_rebuilds_a_loadable_model_and_merges_lora(tiny, tmp_path):
         got = rebuilt(ids).logits
     assert not hasattr(rebuilt, "peft_config")
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+TRAINER_WORKER = """
+import json, os, sys, torch
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from transformers import TrainerCallback
+from longalign_lib import parallel, train
+from longalign_lib.config import load_config
+
+
+class CpuFsdp2Trainer(train.LongAlignTrainer):
+    # accelerate enables FSDP on GPUs only: give this CPU (gloo) run the plugin that configs/accelerate/fsdp2.yaml
+    # gives a GPU run, so the Trainer takes its FSDP2 path (fully_shard, DCP checkpoints, sharded optimizer)
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        self.accelerator.state.distributed_type = DistributedType.FSDP
+        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT")
+        self.is_fsdp_enabled = True
+
+
+class StopAt2(TrainerCallback):
+    def on_step_end(self, args, state, control, **kw):
+        if state.global_step == 2:
+            control.should_training_stop = True
+
+
+train.LongAlignTrainer = CpuFsdp2Trainer
+out, sets = sys.argv[1], json.loads(sys.argv[2])
+rows = json.load(open(out + "/rows.json"))
+cfg = lambda *more: load_config("cpu-demo", sets + list(more))
+full = train.train(cfg(), out + "/full", dataset=rows, quiet=True)
+part = train.train(cfg(), out + "/part", dataset=rows, quiet=True, save_model=False, callbacks=[StopAt2()])
+resumed = train.train(cfg(), out + "/part", dataset=rows, quiet=True, resume=True)
+lora = train.train(cfg("model.lora=true", "model.lora_r=4", "train.lr=1e-2"), out + "/lora", dataset=rows, quiet=True)
+if torch.distributed.get_rank() == 0:
+    json.dump({"engine": full["engine"], "units": len(parallel.fsdp_modules(full["trainer"].model)),
+               "full": [r["loss"] for r in full["log"]], "part": [r["loss"] for r in part["log"]],
+               "resumed": [r["loss"] for r in resumed["log"]], "resumed_from": resumed.get("resumed_from"),
+               "idle": [r.get("idle_s") for r in full["log"]],
+               "ckpt": sorted(os.listdir(out + "/part/checkpoints/checkpoint-2"))}, open(out + "/out.json", "w"))
+train.finish_distributed()
+"""
+
+
+@pytest.mark.slow
+def test_trainer_fsdp2_sharded_checkpoints_resume_and_export(tiny, rows, tmp_path):
+    """The Trainer's FSDP2 path on 2 CPU processes: DCP-sharded checkpoints resume bit-exactly (a run stopped at step 2
+    and resumed == an uninterrupted run), the final model is gathered into a loadable folder, LoRA exports merged."""
+    from safetensors.torch import load_file
+
+    from longalign_lib.models import load_model_and_tokenizer
+
+    sets = [s for s in _sets(tiny) if not s.startswith(("train.max_steps", "train.save_steps",
+                                                           "batching.max_pack_tokens"))]
+    sets += ["train.max_steps=4", "train.save_steps=2", "batching.max_pack_tokens=300"]
+    (tmp_path / "rows.json").write_text(json.dumps(rows * 2))
+    worker = tmp_path / "worker.py"
+    worker.write_text(textwrap.dedent(TRAINER_WORKER))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542",
+                        str(worker), str(tmp_path), json.dumps(sets)], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got["engine"] == "fsdp2" and got["units"] == 3
+    assert "pytorch_model_fsdp_0" in got["ckpt"] and "optimizer_0" in got["ckpt"]  # sharded model + optimizer
+    assert len(got["full"]) == 4 and got["part"] == got["full"][:2] and got["resumed_from"].endswith("checkpoint-2")
+    assert got["resumed"] == got["full"]  # the log rows after the resume are those of the uninterrupted run
+    assert all(len(i) == 2 for i in got["idle"])  # idle seconds logged per rank
+    a = load_file(str(tmp_path / "full" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "part" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    model, _ = load_model_and_tokenizer(str(tmp_path / "lora" / "model"), dtype="fp32", device="cpu")
+    assert not any("lora" in n for n, _ in model.named_parameters())
+    base = train.load_model_for_training(load_config("cpu-demo", sets), "cpu")[0]  # the same seeded init
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight, base.model.layers[0].self_attn.q_proj.weight)
