@@ -49,6 +49,13 @@ def is_sharded(engine: str) -> bool:
     return engine in ("fsdp1", "fsdp2", "deepspeed")
 
 
+def bind_device() -> None:
+    """Under torchrun/accelerate, make "cuda" mean this process's GPU (LOCAL_RANK) before any model is loaded:
+    otherwise every rank would first load its copy onto GPU 0."""
+    if torch.cuda.is_available() and "LOCAL_RANK" in os.environ:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+
+
 def set_precision_env(bf16: bool) -> None:
     """The cookbook's train.bf16 decides precision, whatever the accelerate config says (its configs say 'no').
 

@@ -538,7 +538,10 @@ class _StepLogger(TrainerCallback):
                "mfu": (flops / dt / 1e12) / (t.ceiling_tflops * world) if dt > 0 and t.ceiling_tflops else 0.0,
                "fill": stats["fill"], "M": stats["M"], "K": stats["K"], **t.log_fields, **idle}
         if torch.cuda.is_available():
-            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+            peak = torch.tensor([torch.cuda.max_memory_allocated() / 2 ** 30], device=args.device)
+            if args.world_size > 1 and torch.distributed.is_initialized():
+                torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX)  # the fullest GPU
+            row["peak_mem_gib"] = float(peak.item())
             torch.cuda.reset_peak_memory_stats()
         else:
             import resource
@@ -626,6 +629,7 @@ def load_model_for_training(cfg, device: str | None = None):
     """(model, tokenizer, full_ft) with RoPE scaling, LoRA and the precision policy of the config applied."""
     import dataclasses
 
+    parallel.bind_device()  # several processes: each loads onto its own GPU
     mcfg = dataclasses.replace(cfg.model)
     dev = device or auto_device(mcfg.device)
     mcfg.device = dev
