@@ -14,6 +14,7 @@ Adam states, bf16 compute, gradient checkpointing on every decoder layer, chunke
               residual stream stays fp32)
   recompute   one layer's activations rebuilt in backward and their gradients: ≈ T · (4·I + 6·H) · 2 bytes
   loss        one chunk of fp32 logits and their gradient: 2 · chunk · V · 4 bytes
+  buckets     DDP on several GPUs: the fp32 gradient buckets of the all-reduce, 4·P bytes
 Fragmentation and the CUDA context are not counted (leave ≈ 5 GiB). Compare with `peak_mem_gib` measured by
 bench/train_parallel.py (torch.cuda.max_memory_allocated of the fullest GPU).
 """
@@ -49,8 +50,9 @@ def plan(shape: str, gpus: int, seq: int, engine: str, loss_chunk: int = 4096) -
     ckpt = s["layers"] * seq * s["H"] * (4 if engine == "ddp" else 2)
     recompute = seq * (4 * s["I"] + 6 * s["H"]) * 2
     loss = 2 * min(loss_chunk, seq) * s["V"] * 4
+    buckets = 4 * P if engine == "ddp" and gpus > 1 else 0.0
     parts = {"states": states, "layers": layers, "root": root, "checkpoints": ckpt, "recompute": recompute,
-             "loss": loss}
+             "loss": loss, "buckets": buckets}
     out = {k: round(v / GIB, 1) for k, v in parts.items()}
     out.update({"shape": shape, "params_b": round(P / 1e9, 2), "gpus": gpus, "seq": seq, "engine": engine,
                 "total_gib": round(sum(parts.values()) / GIB, 1),
@@ -68,7 +70,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     rows = [plan(a.shape, g, t, e, a.loss_chunk) for g in a.gpus for t in a.seq for e in a.engines]
-    cols = ["engine", "gpus", "seq", "states", "layers", "root", "checkpoints", "recompute", "loss", "total_gib"]
+    cols = ["engine", "gpus", "seq", "states", "layers", "root", "checkpoints", "recompute", "loss", "buckets",
+            "total_gib"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:

@@ -52,13 +52,13 @@ if [ "$(left)" -gt 100 ]; then
 fi
 # D. resume after a kill (FSDP2, sharded checkpoints every 2 steps), then stage 5 loads the exported model
 if [ "$(left)" -gt 60 ]; then
-  R="$C --set train.max_steps=10 --set train.save_steps=2"
+  R="$C --set train.max_steps=30 --set train.save_steps=2"
   AL --config_file configs/accelerate/fsdp2.yaml -m longalign_lib.cli train $R --run-dir $W/r_full > "$F/r_full.log" 2>&1
   port=$((port + 1))
   setsid python3 -m accelerate.commands.launch --num_processes 2 --main_process_port $port --config_file configs/accelerate/fsdp2.yaml \
       -m longalign_lib.cli train $R --run-dir $W/r_kill > "$F/r_kill.log" 2>&1 &
   pid=$!
-  for _ in $(seq 600); do [ -f $W/r_kill/checkpoints/checkpoint-4/trainer_state.json ] && break; sleep 0.1; done
+  for _ in $(seq 2400); do [ -f $W/r_kill/checkpoints/checkpoint-4/trainer_state.json ] && break; sleep 0.05; done
   kill -9 -- -$pid 2>/dev/null; wait $pid 2>/dev/null
   echo "killed with: $(ls $W/r_kill/checkpoints) ; log rows $(wc -l < $W/r_kill/train_log.jsonl)" | tee "$F/r_kill_state.txt"
   AL --config_file configs/accelerate/fsdp2.yaml -m longalign_lib.cli train $R --run-dir $W/r_kill --resume > "$F/r_resume.log" 2>&1
