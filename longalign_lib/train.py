@@ -839,7 +839,8 @@ def summarize_log(rows: list[dict]) -> dict:
             "mfu": statistics.median(r["mfu"] for r in steady),
             "tflops": statistics.median(r["tflops"] for r in steady),
             "fill": statistics.mean(r["fill"] for r in rows), "peak_mem_gib": max(r["peak_mem_gib"] for r in rows),
-            "wall_s": sum(r["step_s"] for r in rows)}
+            "wall_s": sum(r["step_s"] for r in rows),
+            **({"idle_frac": statistics.median(r["idle_frac"] for r in steady)} if "idle_frac" in rows[0] else {})}
 
 
 def loss_figure(curves: dict[str, list[dict]], title: str = "Training loss", x: str = "step"):

@@ -31,12 +31,14 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     metrics = {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in summ.items()},
                "strategy": res["strategy"], "reduction": res["reduction"], "device": res["device"],
                "attn": res["attn"], "train_s": res["train_s"], "kernels": res["kernels"],
-               "ckpt_layers": res["checkpointing"]["n_checkpointed"]}
+               "ckpt_layers": res["checkpointing"]["n_checkpointed"], "engine": res["engine"],
+               "world_size": res["world_size"]}
     ck = res["checkpointing"]
     write_json(Path(run_dir) / "train_summary.json", {**metrics, "info": {k: v for k, v in res.items()
                                                                            if k not in ("trainer", "log")}})
     report = (f"Trained `{cfg.model.name}` for {summ.get('steps')} steps ({res['strategy']} batches, "
-              f"{res['reduction']} loss weighting, attention `{res['attn']}`, {res['device']}). Data: {res['data']}.\n\n"
+              f"{res['reduction']} loss weighting, attention `{res['attn']}`, {res['device']}, engine {res['engine']} on "
+              f"{res['world_size']} process(es)). Data: {res['data']}.\n\n"
               f"Loss {summ.get('loss_first', float('nan')):.3f} → {summ.get('loss_last', float('nan')):.3f}; "
               f"{summ.get('tokens_per_s', 0):,.0f} tokens/s, "
               + (f"MFU {100 * summ.get('mfu', 0):.1f}% of a measured {res['ceiling_tflops']:.0f} TFLOP/s matmul ceiling, "
