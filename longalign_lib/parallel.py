@@ -143,6 +143,8 @@ def loss_scale(engine: str, world: int, grad_accum: int, summed: bool = False) -
     if summed:
         return 1.0
     if engine == "deepspeed":
+        # DeepSpeed 0.19: engine.backward divides the loss by gradient_accumulation_steps(), and ZeRO-3 divides the
+        # reduced gradients by the data-parallel world size (runtime/engine.py, runtime/zero/stage3.py)
         return float(world * max(1, grad_accum))
     return float(world)
 

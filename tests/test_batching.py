@@ -116,12 +116,17 @@ def test_cost_balance_reduces_modelled_idle_time():
     from longalign_lib.simulate import CostModel, simulate
 
     lens, nt = longalign_mix(3000, seed=2)
-    c = cfg_(strategy="packed", max_pack_tokens=65536, world_size=8, grad_accum=2)
+    c = cfg_(strategy="packed", max_pack_tokens=65536, world_size=8, grad_accum=2, balance="none")
     cm = CostModel.from_config(c)
     plain = simulate(plan_epoch(lens, nt, c), cm)
     bal = simulate(plan_epoch(lens, nt, dataclasses.replace(c, balance="cost")), cm)
     assert bal.idle_fraction < plain.idle_fraction * 0.7
     assert bal.total_time < plain.total_time
+    # the default (auto) balances by cost whenever the plan has several ranks, and does nothing on one
+    auto = plan_epoch(lens, nt, dataclasses.replace(c, balance=BatchConfig().balance))
+    assert simulate(auto, cm).idle_fraction == bal.idle_fraction
+    one = dataclasses.replace(c, world_size=1, balance=BatchConfig().balance)
+    assert plan_epoch(lens, nt, one).to_dict() == plan_epoch(lens, nt, dataclasses.replace(one, balance="none")).to_dict()
 
 
 # ------------------------------------------------------------------------------------------------- over-long
