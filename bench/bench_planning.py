@@ -1,4 +1,4 @@
-"""Benchmark: plan one epoch of 1,000,000 sequences (LongAlign-like length mix) with every planner; prints JSON.
+"""Benchmark: plan one epoch of 1,000,000 sequences (synthetic LongAlign-10k + ShareGPT mix) with every planner.
 
 Run as: python bench/bench_planning.py [--n 1000000] [--max-len 65536] [--out bench/results/planning.json]
 CPU only. The issue's goal: packing 1e6 sequences with global best-fit-decreasing in < 10 s on 2 cores.
@@ -15,7 +15,7 @@ import time
 
 from longalign_lib.batching import plan_epoch
 from longalign_lib.config import BatchConfig
-from longalign_lib.simulate import longalign_like_mix
+from longalign_lib.lengths import synthetic_longalign_sharegpt_mix
 
 
 def main(argv=None) -> dict:
@@ -26,13 +26,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--out", default=None, help="also write the JSON here")
     args = ap.parse_args(argv)
-    lens, nt = longalign_like_mix(args.n, seed=0, max_len=args.max_len)
+    mix = synthetic_longalign_sharegpt_mix(args.n, seed=0, max_length=args.max_len)
+    lens, nt = mix.lengths, mix.n_target
     base = BatchConfig(max_pack_tokens=args.max_len, world_size=args.world_size, grad_accum=1)
     runs = {"packed-bfd": dict(strategy="packed", packer="bfd"),
             "packed-next_fit": dict(strategy="packed", packer="next_fit"),
             "sorted": dict(strategy="sorted"), "naive": dict(strategy="naive"),
             "packed-bfd+cost-balance": dict(strategy="packed", packer="bfd", balance="cost")}
     out = {"n_sequences": args.n, "max_len": args.max_len, "world_size": args.world_size,
+           "mix": "lengths.synthetic_longalign_sharegpt_mix (seed 0)",
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(), "results": {}}
     for name, kw in runs.items():
         cfg = dataclasses.replace(base, **kw)

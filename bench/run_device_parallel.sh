@@ -26,7 +26,7 @@ SMALL=${SMALL_MODEL:-$W/small}
 [ -f "$SMALL/config.json" ] || python3 -c "from longalign_lib.train import tiny_model_dir as t; t('$SMALL', hidden=576, layers=8, heads=9, kv_heads=3)"
 python3 -c "from longalign_lib.train import verse_lookup_records as v; from longalign_lib.io import write_jsonl; \
 write_jsonl('$W/verse.jsonl', v(200, 200, 4000, seed=1))"
-C="--preset gpu-small --set model.name=random:$SMALL --set train.train_file=$W/verse.jsonl --set batching.world_size=2 \
+C="--preset gpu-small --set model.name=random:$SMALL --set data.long_file=$W/verse.jsonl --set batching.world_size=2 \
 --set batching.grad_accum=1 --set batching.max_pack_tokens=8192 --set train.tensorboard=false --set train.warmup_ratio=0 \
 --set train.lr=1e-4 --set data.max_length=8192"
 

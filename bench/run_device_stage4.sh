@@ -22,7 +22,7 @@ echo "[tests] $((SECONDS - t0)) s"
 python3 -c "from longalign_lib.train import verse_lookup_records as v; from longalign_lib.io import write_jsonl; \
 write_jsonl('/tmp/verse16k.jsonl', v(400, 200, 16000, seed=1))"
 timeout 200 python3 -m longalign_lib.cli train --preset gpu-small --run-dir /tmp/gpu-small \
-    --set train.train_file=/tmp/verse16k.jsonl --set train.max_steps=40 > "$OUT/files/gpu_small.log" 2>&1
+    --set data.long_file=/tmp/verse16k.jsonl --set train.max_steps=40 > "$OUT/files/gpu_small.log" 2>&1
 tail -2 "$OUT/files/gpu_small.log"
 cp /tmp/gpu-small/train_log.jsonl "$OUT/files/gpu_small_train_log.jsonl"
 cp /tmp/gpu-small/train_summary.json "$OUT/files/gpu_small_summary.json"

@@ -21,7 +21,7 @@ $LA needle --preset gpu-small --run-dir /tmp/s5_rope8 --set "eval.needle_lengths
 echo "[needle rope x8, untrained] $((SECONDS - t0)) s"
 python3 -c "from longalign_lib.train import verse_lookup_records as v; from longalign_lib.io import write_jsonl; \
 write_jsonl('/tmp/verse16k.jsonl', v(400, 200, 16000, seed=1))"
-$LA train --preset gpu-small --run-dir /tmp/s5_trained --set train.train_file=/tmp/verse16k.jsonl \
+$LA train --preset gpu-small --run-dir /tmp/s5_trained --set data.long_file=/tmp/verse16k.jsonl \
    --set train.max_steps=40 >> "$OUT/log.txt" 2>&1
 echo "[train gpu-small] $((SECONDS - t0)) s"
 $LA needle --preset gpu-small --run-dir /tmp/s5_trained --set "eval.needle_lengths=$LENS" >> "$OUT/log.txt" 2>&1

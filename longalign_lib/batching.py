@@ -44,14 +44,17 @@ the positions of an item that are never targets:
 from __future__ import annotations
 
 import gc
+import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .formatting import count_targets
-from .io import LongAlignError
+from .io import LongAlignError, dumps_line, read_json, write_json
 
 IGNORE = -100
 STRATEGIES = ("naive", "sorted", "packed")
@@ -726,6 +729,55 @@ def _plan_epoch(lengths, n_target, cfg, epoch, labels, sequence_parallel=1) -> P
     return plan
 
 
+
+def _columns(ds) -> tuple:
+    """(lengths, n_target, labels) of a tokenized dataset (a `datasets.Dataset` or a list of row dicts); target
+    tokens counted from the labels as the loss sees them (formatting.count_targets), whatever a column says."""
+    if isinstance(ds, list):
+        lengths, labels = [r["length"] for r in ds], [r["labels"] for r in ds]
+    else:
+        lengths, labels = np.asarray(ds["length"]), ds["labels"]
+    return lengths, [count_targets(y) for y in labels], labels
+
+
+def make_plans(ds, cfg, epochs: float, sequence_parallel: int = 1) -> list[Plan]:
+    """The plans of a training run: one per started epoch (`epochs` = train.epochs), a fractional last epoch
+    keeping a prefix of its steps. `longalign pack` writes these plans and `longalign train` trains them: both
+    call this function on the same dataset (inputs.training_set) with the same settings (cfg = cfg.batching,
+    sequence_parallel = train.sequence_parallel: a plan rank is then a group of GPUs sharing each row)."""
+    lengths, n_target, labels = _columns(ds)
+    plans = []
+    for e in range(max(1, math.ceil(epochs))):
+        plan = plan_epoch(lengths, n_target, cfg, epoch=e, labels=labels, sequence_parallel=sequence_parallel)
+        frac = epochs - e
+        if frac < 1:
+            plan.steps = plan.steps[:max(1, int(round(len(plan.steps) * frac)))]
+        plans.append(plan)
+    return plans
+
+
+def plan_path(run_dir: str | Path, epoch: int) -> Path:
+    """Where `longalign pack` writes epoch `epoch`'s plan: <run_dir>/plans/plan_epoch{epoch}.json."""
+    return Path(run_dir) / "plans" / f"plan_epoch{epoch}.json"
+
+
+def save_plans(plans: list[Plan], run_dir: str | Path) -> list[Path]:
+    """Write every plan of make_plans (one JSON file per epoch); returns the paths."""
+    return [write_json(plan_path(run_dir, p.epoch), p.to_dict(), indent=None) for p in plans]
+
+
+def saved_plans_match(plans: list[Plan], run_dir: str | Path) -> bool | None:
+    """True when <run_dir>/plans holds exactly these plans (what `pack` wrote is what is trained), False when a
+    saved plan differs or is missing, None when `pack` wrote no plans there."""
+    if not plan_path(run_dir, 0).exists():
+        return None
+    for p in plans:
+        f = plan_path(run_dir, p.epoch)
+        if not f.exists() or read_json(f) != json.loads(dumps_line(p.to_dict())):
+            return False
+    return not plan_path(run_dir, len(plans)).exists()
+
+
 # ---------------------------------------------------------------------------------------------------- efficiency
 def efficiency(plan: Plan) -> dict:
     """Fill rate (real tokens / reserved slots), padding fraction (pad / computed tokens), sequences per pack..."""
@@ -910,17 +962,6 @@ def collate(plan: Plan, mb: MicroBatch, dataset, token_weights, pad_id: int = 0)
     """collate_packed or collate_padded, whichever the plan's strategy needs."""
     exs = materialize(plan, mb, dataset)
     return collate_padded(exs, token_weights, pad_id) if mb.padded else collate_packed(exs, token_weights)
-
-
-def weighted_loss_sum(logits, labels, loss_weights):
-    """Σ_t loss_weights[t] · CE(logits[t-1], labels[t]) — the convention the collators' weights are built for.
-    (Reference implementation for tests and measurements; loss.py holds the memory-efficient one.)"""
-    import torch.nn.functional as F
-
-    lg = logits[:, :-1].float()
-    y = labels[:, 1:]
-    ce = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), y.reshape(-1).clamp(min=0), reduction="none")
-    return (ce * loss_weights[:, 1:].reshape(-1) * (y.reshape(-1) != IGNORE)).sum()
 
 
 # ------------------------------------------------------------------------------------------------------- figures

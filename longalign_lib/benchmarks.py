@@ -281,7 +281,6 @@ def score_exact(case, prediction: str) -> float | None:
 def main(argv=None) -> int:
     import argparse
 
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer that measures context length")

@@ -134,7 +134,8 @@ class DataConfig:
     n_long: int | None = None  # exact counts instead of a ratio (more than available = repeat records)
     n_short: int | None = None  # short records to keep (None: all)
     num_proc: int = 1  # tokenizer worker processes
-    tokenized_dir: str | None = None  # default: <run_dir>/tokenized
+    # tokenized_dir: stage-2 dataset that tokenize writes and analyze/pack/train read as is; default <run_dir>/tokenized
+    tokenized_dir: str | None = None
     buckets: list[int] | None = None  # length-bucket edges for `analyze`; default: max_length × 1/8, 1/4, 1/2, 1
     seed: int = 0  # random seed of this stage
 
@@ -145,7 +146,7 @@ class BatchConfig:
 
     strategy: str = "packed"  # naive | sorted | packed
     packer: str = "bfd"  # bfd | next_fit
-    max_pack_tokens: int = 2048  # tokens per packed row
+    max_pack_tokens: int = 2048  # tokens per packed row (what `pack` plans is what `train` trains)
     batch_size: int = 1  # sequences per micro-batch (naive/sorted) or packs per micro-batch (packed)
     grad_accum: int = 1  # micro-batches per rank per optimizer step
     world_size: int = 1  # data-parallel ranks the plan is made for (torchrun's world size)
@@ -165,8 +166,6 @@ class BatchConfig:
     cost_b: float = 2.0e-9  # cost model: seconds per token^2 (attention)
     cost_c: float = 0.0  # cost model: fixed seconds per micro-batch
     sim_world_size: int = 8  # K devices in the idle-time simulation of `longalign pack`
-    plan_epochs: int = 1  # epoch plans written by `longalign pack`
-    dataset_dir: str | None = None  # tokenized dataset; default: the stage-2 output in the run directory
     seed: int = 0  # random seed of this stage
 
 
@@ -180,7 +179,7 @@ class TrainConfig:
     adam_beta1: float = 0.9  # Adam beta1
     adam_beta2: float = 0.95  # Adam beta2 (the paper: 0.95)
     weight_decay: float = 0.0  # AdamW weight decay (the paper: 0)
-    epochs: float = 2.0  # passes over the data (the paper: 2)
+    epochs: float = 2.0  # passes over the data (the paper: 2); `pack` writes one plan per started epoch
     max_steps: int = -1  # stop after this many optimizer steps (-1: run all epochs)
     bf16: bool = True  # bf16 autocast on GPUs that support it
     gradient_checkpointing: bool = True  # false: no activation checkpointing at all, whatever the setting below says
@@ -195,9 +194,6 @@ class TrainConfig:
     seed: int = 42  # random seed of this stage
     max_grad_norm: float = 1.0  # gradient clipping norm
     master_fp32: bool = True  # full fine-tuning keeps fp32 weights + Adam states and computes in bf16 (autocast)
-    max_pack_tokens: int | None = None  # override batching.max_pack_tokens for training (cpu-demo: short rows)
-    # train_file: records to train on when <run_dir>/tokenized is absent (default: bundled sample)
-    train_file: str | None = None
     save_total_limit: int = 2  # checkpoints kept
     tensorboard: bool = True  # also write TensorBoard events
     matmul_tflops: float | None = None  # MFU denominator; None: measured once per device and cached
@@ -274,7 +270,7 @@ class EvalConfig:
 class Config:
     preset: str = "cpu-demo"
     run_dir: str = "runs/demo"
-    data_file: str | None = None  # records for the foundation `check`/`format` stages (default: bundled sample)
+    data_file: str | None = None  # records `check` formats (default: the bundled data/sample_longalign.jsonl)
     model: ModelConfig = field(default_factory=ModelConfig)
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     synth: SynthConfig = field(default_factory=SynthConfig)

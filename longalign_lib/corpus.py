@@ -33,10 +33,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .io import LongAlignError, iter_jsonl
+from .io import DATA_DIR, LongAlignError, iter_jsonl
 from .llm import approx_tokens
 
-REPO_DATA = Path(__file__).resolve().parent.parent / "data"
 CODE_EXTS = {".py", ".c", ".h", ".cpp", ".rs", ".go", ".js", ".ts", ".java", ".sh", ".pl", ".pm", ".rb", ".lua"}
 TEXT_EXTS = {".txt", ".md", ".rst", ".pod", ".tex", ".org", ".adoc", ".html", ".htm"} | CODE_EXTS
 HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
@@ -135,9 +134,9 @@ def src_pydoc_topics(rng: random.Random) -> Iterator[RawDoc]:
 
 
 def src_data(rng: random.Random) -> Iterator[RawDoc]:
-    files = sorted(REPO_DATA.glob("kjv_*.txt"))
+    files = sorted(DATA_DIR.glob("kjv_*.txt"))
     if not files:
-        raise SourceMissing(f"no data/kjv_*.txt next to the package ({REPO_DATA})")
+        raise SourceMissing(f"no data/kjv_*.txt next to the package ({DATA_DIR})")
     for p in _files(files, rng):
         book = p.stem.split("_", 1)[1].title()
         yield RawDoc(f"King James Bible, {book}", _read(p), "data", "literature", "public domain", p.name)

@@ -31,11 +31,10 @@ from collections import Counter
 from pathlib import Path
 
 from .formatting import RecordError, assistant_char_spans, count_targets, format_batch
-from .io import LongAlignError, iter_jsonl, read_jsonl, write_json
+from .io import LongAlignError, iter_jsonl, write_json
 
 COLUMNS = ("input_ids", "labels", "length", "n_target", "source")  # the contract stages 3 and 4 read
 META_FILE = "longalign_dataset.json"  # inside the dataset folder: cache key + build summary
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample_longalign.jsonl"
 FORMAT_VERSION = "tokenize-v1"
 
 
@@ -194,7 +193,6 @@ def _tokenize_chunk(lines: list[str]) -> dict:
     A rejected record keeps its reason in `status` (and contributes no tokens); "" means kept.
     """
     import numpy as np
-
 
     n = len(lines)
     status, error = [""] * n, [""] * n
@@ -360,7 +358,6 @@ def build_dataset(files_or_records, tokenizer, cfg, out_dir: str | os.PathLike, 
     from datasets import Dataset
     from datasets.table import InMemoryTable
 
-
     t0 = time.time()
     out_dir = Path(out_dir)
     groups = _groups(files_or_records)
@@ -420,12 +417,18 @@ def build_dataset(files_or_records, tokenizer, cfg, out_dir: str | os.PathLike, 
     return load_tokenized(out_dir), summary
 
 
+def is_tokenized(path: str | os.PathLike) -> bool:
+    """True when `path` holds a saved dataset (what load_tokenized reads)."""
+    path = Path(path)
+    return (path / "dataset_info.json").exists() or (path / "state.json").exists()
+
+
 def load_tokenized(path: str | os.PathLike):
     """Load a dataset written by build_dataset; a clear LongAlignError when it is missing or not one of ours."""
     from datasets import Dataset
 
     path = Path(path)
-    if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+    if not is_tokenized(path):
         raise LongAlignError(f"{path}: no tokenized dataset here; run `longalign tokenize` (or "
                              "dataset.build_dataset) first, or point data.tokenized_dir at one")
     try:
@@ -457,7 +460,6 @@ def find_record(inputs, source: str, origin: str) -> dict:
     return list(value)[pos - 1]
 
 
-# ---------------------------------------------------------------------- inputs of the `tokenize` stage
 def split_sample(records: list[dict]) -> dict[str, list[dict]]:
     """The bundled sample holds both kinds: meta.task_type == 'short' → short, everything else → long."""
     out: dict[str, list[dict]] = {"long": [], "short": []}
@@ -465,26 +467,3 @@ def split_sample(records: list[dict]) -> dict[str, list[dict]]:
         out["short" if (r.get("meta") or {}).get("task_type") == "short" else "long"].append(r)
     return out
 
-
-def resolve_inputs(cfg, run_dir: Path) -> tuple[list, str]:
-    """[(source, path | records)] for the stage, and a sentence saying where they came from."""
-    d = cfg.data
-    inputs: list = []
-    for source, given in (("long", d.long_file), ("short", d.short_file)):
-        path = Path(given) if given else Path(run_dir) / f"{source}.jsonl"
-        if given and not path.exists():
-            raise LongAlignError(f"data.{source}_file={given}: file not found")
-        if path.exists():
-            inputs.append((source, path))
-    for f in d.extra_files:
-        if not Path(f).exists():
-            raise LongAlignError(f"data.extra_files: {f}: file not found")
-        inputs.append((Path(f).stem, Path(f)))
-    if inputs:
-        missing = [f"{s}.jsonl" for s in ("long", "short") if s not in dict(inputs)]
-        note = f" (no {' or '.join(missing)} in `{run_dir}`)" if missing else ""
-        return inputs, "Inputs: " + ", ".join(f"`{p}` ({s})" for s, p in inputs) + note + "."
-    sample = split_sample(read_jsonl(SAMPLE))
-    return list(sample.items()), (
-        f"No stage-1 output in `{run_dir}` (long.jsonl / short.jsonl) and no data.extra_files: fell back to the "
-        f"bundled sample `data/{SAMPLE.name}` ({len(sample['long'])} long + {len(sample['short'])} short records).")

@@ -1,26 +1,110 @@
-"""Where a stage finds its inputs: the bundled sample, the benchmark cases of stage 5 (one resolver per input).
+"""Where each stage finds its inputs: one resolver per input, used by every stage driver and notebook.
 
 Usage:
-    from longalign_lib.inputs import sample_path, load_or_build_bench
-    path = sample_path()                                   # data/sample_longalign.jsonl (LongAlign-10k format)
-    cases, where = load_or_build_bench(cfg, run_dir)       # eval.bench_file, <run_dir>/bench.jsonl, or built offline
+    from longalign_lib import inputs
+    inputs.sample_path()                          # data/sample_longalign.jsonl (LongAlign-10k format, bundled)
+    inputs.records_file(cfg)                      # `data_file`, else the sample (check, notebooks)
+    inputs.stage1_records(cfg, run_dir)           # tokenize: long.jsonl/short.jsonl/data.* files, else the sample
+    inputs.tokenized_dir(cfg, run_dir)            # data.tokenized_dir, else <run_dir>/tokenized
+    ds, note = inputs.training_set(cfg, run_dir)  # analyze, pack, train: the stage-2 dataset (built if missing)
+    docs, note = inputs.corpus_docs(cfg, run_dir) # synth: synth.corpus_file, <run_dir>/corpus.jsonl, else built
+    cases, note = inputs.load_or_build_bench(cfg, run_dir)   # eval, judge: eval.bench_file or the offline set
+
+Stages 3 and 4 read the same dataset through `training_set`, so `pack` plans exactly what `train` trains.
 """
 from __future__ import annotations
 
-import importlib.resources
 from pathlib import Path
 
 from .benchmarks import load_benchmark, make_offline_set, save_benchmark
+from .corpus import Document, build_corpus, load_corpus, make_counter
+from .dataset import build_dataset, is_tokenized, load_tokenized, split_sample
+from .io import LongAlignError, data_dir, read_jsonl, write_jsonl
 from .models import load_tokenizer
 
-SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample_longalign.jsonl"
+SAMPLE_NAME = "sample_longalign.jsonl"
 
 
 def sample_path() -> Path:
-    """The bundled LongAlign-10k-format sample (data/sample_longalign.jsonl)."""
-    if SAMPLE.exists():
-        return SAMPLE
-    return Path(str(importlib.resources.files("longalign_lib"))) / "data" / "sample_longalign.jsonl"
+    """The bundled LongAlign-10k-format sample (data/sample_longalign.jsonl): 3 long + 2 short records."""
+    return data_dir() / SAMPLE_NAME
+
+
+def records_file(cfg) -> Path:
+    """The records file the setup check formats: `data_file` if set, else the bundled sample."""
+    if cfg.data_file:
+        path = Path(cfg.data_file)
+        if not path.exists():
+            raise LongAlignError(f"data_file={cfg.data_file}: file not found")
+        return path
+    return sample_path()
+
+
+def stage1_records(cfg, run_dir: Path) -> tuple[list, str]:
+    """[(source, path | records)] that `tokenize` mixes, and a sentence saying where they came from:
+    data.long_file / data.short_file (default <run_dir>/long.jsonl, short.jsonl) plus data.extra_files; with
+    none of them, the bundled sample split into its long and short records."""
+    d = cfg.data
+    found: list = []
+    for source, given in (("long", d.long_file), ("short", d.short_file)):
+        path = Path(given) if given else Path(run_dir) / f"{source}.jsonl"
+        if given and not path.exists():
+            raise LongAlignError(f"data.{source}_file={given}: file not found")
+        if path.exists():
+            found.append((source, path))
+    for f in d.extra_files:
+        if not Path(f).exists():
+            raise LongAlignError(f"data.extra_files: {f}: file not found")
+        found.append((Path(f).stem, Path(f)))
+    if found:
+        missing = [f"{s}.jsonl" for s in ("long", "short") if s not in dict(found)]
+        note = f" (no {' or '.join(missing)} in `{run_dir}`)" if missing else ""
+        return found, "Inputs: " + ", ".join(f"`{p}` ({s})" for s, p in found) + note + "."
+    sample = split_sample(read_jsonl(sample_path()))
+    return list(sample.items()), (
+        f"No stage-1 output in `{run_dir}` (long.jsonl / short.jsonl) and no data.extra_files: fell back to the "
+        f"bundled sample `data/{SAMPLE_NAME}` ({len(sample['long'])} long + {len(sample['short'])} short records).")
+
+
+def tokenized_dir(cfg, run_dir: Path) -> Path:
+    """Where the stage-2 dataset lives: data.tokenized_dir, else <run_dir>/tokenized."""
+    return Path(cfg.data.tokenized_dir) if cfg.data.tokenized_dir else Path(run_dir) / "tokenized"
+
+
+def training_set(cfg, run_dir: Path, path: str | Path | None = None, tokenizer=None):
+    """(dataset, note): the stage-2 tokenized dataset that analyze, pack and train all read.
+
+    A dataset named explicitly (`path`, or data.tokenized_dir when it holds one) is loaded as it is. Otherwise
+    the stage-1 records (stage1_records) are tokenized with the current data settings into tokenized_dir,
+    exactly as `longalign tokenize` does: a dataset already there from the same inputs, tokenizer and settings
+    is reused (dataset.build_dataset's cache), so a changed setting never trains on a stale set.
+    """
+    for given in (path, cfg.data.tokenized_dir):
+        if given and is_tokenized(given):
+            ds = load_tokenized(given)
+            return ds, f"stage-2 tokenized dataset `{given}` ({len(ds)} sequences)"
+    if path:
+        raise LongAlignError(f"{path}: no tokenized dataset here; run `longalign tokenize` or fix the path")
+    out = tokenized_dir(cfg, run_dir)
+    found, where = stage1_records(cfg, run_dir)
+    tok = tokenizer or load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
+    ds, summary = build_dataset(found, tok, cfg.data, out, num_proc=cfg.data.num_proc)
+    if summary["cached"]:
+        return ds, f"stage-2 tokenized dataset `{out}` ({len(ds)} sequences, up to date with its inputs). {where}"
+    return ds, f"no up-to-date tokenized dataset at `{out}`: tokenized it first ({len(ds)} sequences). {where}"
+
+
+def corpus_docs(cfg, run_dir: Path) -> tuple[list[Document], str]:
+    """The documents `synth` writes tasks for: synth.corpus_file, else <run_dir>/corpus.jsonl, else a corpus built
+    now from the corpus settings (and saved as <run_dir>/corpus.jsonl)."""
+    path = Path(cfg.synth.corpus_file) if cfg.synth.corpus_file else Path(run_dir) / "corpus.jsonl"
+    if path.exists():
+        return load_corpus(path), str(path)
+    if cfg.synth.corpus_file:
+        raise LongAlignError(f"synth.corpus_file={path}: file not found")
+    docs, _ = build_corpus(cfg.corpus, make_counter(load_tokenizer(cfg.corpus.tokenizer or cfg.model.name)))
+    write_jsonl(Path(run_dir) / "corpus.jsonl", [d.to_dict() for d in docs])
+    return docs, f"{Path(run_dir) / 'corpus.jsonl'} (built now: no corpus stage output was found)"
 
 
 def load_or_build_bench(cfg, run_dir: Path, bench: str | None = None, tokenizer=None):

@@ -11,6 +11,15 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+DATA_DIR = Path(__file__).resolve().parent.parent / "data"  # the bundled data/ folder (sample, KJV texts)
+
+
+def data_dir() -> Path:
+    """The bundled data/ folder (sample_longalign.jsonl, kjv_*.txt): the one place every module finds it."""
+    if not DATA_DIR.is_dir():
+        raise LongAlignError(f"{DATA_DIR}: the bundled data folder is missing; run from a checkout of the cookbook")
+    return DATA_DIR
+
 
 class LongAlignError(Exception):
     """An error the user can fix. The CLI prints its message alone (no traceback) and exits with status 2."""

@@ -5,7 +5,8 @@ Usage:
     from longalign_lib import lengths as L
     report = L.analyze({"long": long_lens, "short": short_lens}, {"long": long_tgt, "short": short_tgt}, max_length=65536)
     fig = L.length_histogram({"long": long_lens, "short": short_lens}, max_length=65536)
-    demo = L.synthetic_longalign_lengths(n_long=10_000, n_short=10_000)   # SYNTHETIC numbers, for illustration only
+    demo = L.synthetic_longalign_sharegpt_mix(20_000)        # SYNTHETIC lengths (LongAlign-10k + ShareGPT shape)
+    report = L.analyze(*demo.by_source(), max_length=65536)
 
 Every function takes plain lists or numpy arrays of token counts, so notebooks and stage 3 can call them on any data.
 The buckets are the paper's 0-8k, 8-16k, 16-32k, 32-64k and >64k scaled to a maximum length (max/8, max/4, max/2,
@@ -18,6 +19,7 @@ and the attention work of 4,096 of them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -182,22 +184,52 @@ def analyze(lengths_by_source: dict, n_target_by_source: dict | None = None, max
     return out
 
 
-# ----------------------------------------------------------------------------------------------- synthetic demo
-def synthetic_longalign_lengths(n_long: int = 10_000, n_short: int = 10_000, max_length: int = 65_536,
-                                seed: int = 0) -> dict:
-    """SYNTHETIC lengths shaped like a LongAlign-style mix, for demos only — not measured data.
+# ----------------------------------------------------------------------------------------------- synthetic mix
+@dataclass
+class LengthMix:
+    """Per-sequence token lengths, target tokens and source ("long" / "short") of a training mix."""
 
-    long: log-normal around max/4 (16k for 64k), clipped to [max/16, max]; short: log-normal around max/100
-    (~650 for 64k), clipped to [32, max/8]; target tokens: a few hundred per long answer, ~60% of a short chat.
-    Returns {"long", "short", "long_target", "short_target": arrays, "synthetic": True}.
+    lengths: np.ndarray
+    n_target: np.ndarray
+    source: np.ndarray
+    synthetic: bool = True  # True: drawn from a model of the data, not measured
+
+    def by_source(self) -> tuple[dict, dict]:
+        """({source: lengths}, {source: target tokens}), long first: what analyze() and the figures take."""
+        names = [s for s in ("long", "short") if (self.source == s).any()]
+        return ({s: self.lengths[self.source == s] for s in names},
+                {s: self.n_target[self.source == s] for s in names})
+
+
+def synthetic_longalign_sharegpt_mix(n: int = 20_000, long_share: float = 0.5, max_length: int = 65_536,
+                                     seed: int = 0) -> LengthMix:
+    """SYNTHETIC lengths shaped like LongAlign's training mix — LongAlign-10k long instruction records plus
+    ShareGPT short chats — for demos, simulations and benchmarks only: not measured data.
+
+    long (`long_share` of the n sequences): log-normal around max_length/4 (16k for 64k), clipped to
+    [max_length/16, max_length]; short: log-normal around max_length/100 (~650 for 64k), clipped to
+    [32, max_length/8]; target tokens: a few hundred per long answer, 35-85 % of a short chat. Sequences come
+    in shuffled order. The one synthetic mix of the cookbook (notebooks 02 and 03, `longalign pack`, simulate.py,
+    bench/, tests).
+
+    >>> m = synthetic_longalign_sharegpt_mix(1000, seed=1)
+    >>> int((m.source == "long").sum()), bool(m.lengths.max() <= 65536), m.synthetic
+    (500, True, True)
     """
+    if not 0.0 <= long_share <= 1.0 or n < 0:
+        raise LongAlignError(f"synthetic mix: n={n} and long_share={long_share} must be >= 0 and in [0, 1]")
     rng = np.random.default_rng(seed)
+    n_long = int(round(n * long_share))
+    n_short = n - n_long
     long_ = np.clip(rng.lognormal(np.log(max_length / 4), 0.55, n_long), max_length / 16, max_length).astype(np.int64)
     short = np.clip(rng.lognormal(np.log(max_length / 100), 0.9, n_short), 32, max_length / 8).astype(np.int64)
     long_t = np.minimum(np.clip(rng.lognormal(np.log(max_length / 200), 0.6, n_long), 8, None), long_ // 2)
     short_t = np.maximum(1, (short * rng.uniform(0.35, 0.85, n_short))).astype(np.int64)
-    return {"long": long_, "short": short, "long_target": long_t.astype(np.int64), "short_target": short_t,
-            "synthetic": True}
+    order = rng.permutation(n)
+    lengths = np.concatenate([long_, short])[order]
+    n_target = np.concatenate([long_t.astype(np.int64), short_t])[order]
+    source = np.array(["long"] * n_long + ["short"] * n_short, dtype=object)[order]
+    return LengthMix(lengths, n_target, source)
 
 
 # ----------------------------------------------------------------------------------------------- figures

@@ -155,12 +155,15 @@ def lm_head_of(model):
     return head.weight, getattr(head, "bias", None), softcap
 
 
-def model_loss(model, batch: dict, chunk_tokens: int = 4096) -> tuple[torch.Tensor, dict]:
-    """Forward the decoder on a collated batch and return (weighted loss, stats) without full logits.
+def model_loss(model, batch: dict, chunk_tokens: int = 4096, **decoder_kwargs) -> tuple[torch.Tensor, dict]:
+    """Forward the decoder on a collated batch and return (weighted loss, stats) without full logits: the one loss
+    of the cookbook (the trainer's ChunkedLossLM calls it).
 
-    `batch`: input_ids, labels, loss_weights, and position_ids / cu_seq_lens / max_seqlen for packed rows.
+    `batch`: input_ids, labels, loss_weights, and position_ids / cu_seq_lens / max_seqlen for packed rows; or
+    shift_labels / shift_weights, already shifted over the whole row (a sequence-parallel slice). `decoder_kwargs`
+    go to the decoder (e.g. sp_group).
     """
-    kwargs = {"use_cache": False}
+    kwargs = {"use_cache": False, **decoder_kwargs}
     if batch.get("position_ids") is not None:
         kwargs["position_ids"] = batch["position_ids"]
     if batch.get("cu_seq_lens") is not None:
@@ -173,6 +176,8 @@ def model_loss(model, batch: dict, chunk_tokens: int = 4096) -> tuple[torch.Tens
     scale = getattr(model.config, "logit_scale", None)
     if scale:  # Cohere-style scaled logits: fold the scale into the hidden states
         hidden = hidden * scale
-    loss = weighted_chunked_ce(hidden, weight, batch["labels"], batch.get("loss_weights"), chunk_tokens,
-                               bias=bias, softcap=softcap)
+    shifted = batch.get("shift_labels") is not None
+    loss = weighted_chunked_ce(hidden, weight, batch["shift_labels"] if shifted else batch["labels"],
+                               batch.get("shift_weights") if shifted else batch.get("loss_weights"), chunk_tokens,
+                               bias=bias, softcap=softcap, shift=not shifted)
     return loss, {"tokens": int(batch["input_ids"].numel())}

@@ -22,9 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .io import LongAlignError, append_jsonl, read_jsonl
+from .io import LongAlignError, append_jsonl, data_dir, read_jsonl
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 # Our own needle: a made-up fact that appears nowhere in the default haystack.
 NEEDLE = "The secret ingredient in Grandmother Odile's plum cake is a spoonful of smoked cardamom."
 QUESTION = "What is the secret ingredient in Grandmother Odile's plum cake?"
@@ -38,7 +37,7 @@ _BOUNDARY = re.compile(r"[.!?][\"')\]]*\s+|\n\s*")
 
 def load_haystack(directory: str | Path | None = None, pattern: str | None = None) -> str:
     """Concatenate the text files of `directory` (sorted by name); default: the bundled data/kjv_*.txt."""
-    d = Path(directory) if directory else DATA_DIR
+    d = Path(directory) if directory else data_dir()
     pattern = pattern or ("kjv_*.txt" if directory is None else "*.txt")
     if not d.is_dir():
         raise LongAlignError(f"eval.needle_haystack_dir={str(d)!r}: not a directory; point it at a folder of .txt files")

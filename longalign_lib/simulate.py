@@ -5,7 +5,8 @@ Usage:
     cm = CostModel.from_config(cfg.batching)            # t(micro-batch) = a·Σlen + b·Σlen² + c
     sim = simulate(plan, cm)                             # total time, idle fraction per rank, per-step timeline
     cm = calibrate(measured)                             # fit a, b (, c) from measured micro-batch times
-Run as: python -m longalign_lib.simulate  (prints the default-constant simulation of a LongAlign-like mix)
+Run as: python -m longalign_lib.simulate  (prints the default-constant simulation of the synthetic
+        LongAlign-10k + ShareGPT mix, lengths.synthetic_longalign_sharegpt_mix)
 
 The model: a micro-batch's time is linear in the tokens the model runs over (MLPs, projections: a per token)
 plus quadratic in each attention span (b per token², summed over the sequences of a packed row; over the padded
@@ -20,8 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .batching import CostModel, collate, plan_epoch, step_token_weights, weighted_loss_sum
+from .batching import CostModel, collate, plan_epoch, step_token_weights
 from .io import LongAlignError
+from .lengths import synthetic_longalign_sharegpt_mix
 
 
 @dataclass
@@ -81,18 +83,6 @@ def calibrate(samples: list[tuple[float, float, float]], fit_overhead: bool = Tr
     coef, _ = nnls(X / scale, y)
     coef = coef / scale
     return CostModel(float(coef[0]), float(coef[1]), float(coef[2]) if fit_overhead else 0.0)
-
-
-def longalign_like_mix(n: int, seed: int = 0, max_len: int = 65536, short_share: float = 0.7,
-                       short_max: int = 8192, min_len: int = 200) -> tuple[np.ndarray, np.ndarray]:
-    """SYNTHETIC lengths shaped like LongAlign's training mix (for benchmarks and figures, not real data):
-    `short_share` of sequences uniform in [min_len, short_max), the rest uniform in [short_max, max_len];
-    target tokens 2–30 % of each sequence (answers are short next to long documents)."""
-    rng = np.random.default_rng(seed)
-    short = rng.random(n) < short_share
-    lens = np.where(short, rng.integers(min_len, short_max, n), rng.integers(short_max, max_len + 1, n))
-    nt = np.maximum(1, (lens * rng.uniform(0.02, 0.3, n)).astype(np.int64))
-    return lens.astype(np.int64), nt
 
 
 # ----------------------------------------------------------------------------------------------------- figures
@@ -166,6 +156,7 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
     import torch
     from tqdm.auto import tqdm
 
+    from .loss import reference_weighted_ce  # torch: only when timing for real
 
     device = next(model.parameters()).device
     cm = CostModel()
@@ -175,7 +166,7 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
     warm = [mb for _, mb in mbs_all[:warmup]]
     for mb in warm:  # first calls allocate and pick kernels: not timed
         b = collate(plan, mb, dataset, 1.0, pad_id)
-        _forward_backward(model, b, device, weighted_loss_sum)
+        _forward_backward(model, b, device, reference_weighted_ce)
     model.zero_grad(set_to_none=True)
     for step in tqdm(plan.steps[:n_steps], desc=desc or f"timing {plan.name}", leave=False):
         w = step_token_weights(step, plan.n_target, reduction, source=plan.source)
@@ -185,7 +176,7 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            _forward_backward(model, b, device, weighted_loss_sum)
+            _forward_backward(model, b, device, reference_weighted_ce)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             dt = time.perf_counter() - t0
@@ -232,7 +223,6 @@ def compare_strategies(lengths, n_target, cfg, world_size: int | None = None, ep
     """Plan and simulate every strategy variant on the same sequences: {name: (plan, Simulation)}."""
     import dataclasses
 
-
     cost = cost or CostModel.from_config(cfg)
     out = {}
     for name, c in strategy_variants(cfg).items():
@@ -248,7 +238,7 @@ if __name__ == "__main__":
 
     from .config import BatchConfig
 
-    lens, nt = longalign_like_mix(2000)
-    res = compare_strategies(lens, nt, BatchConfig(max_pack_tokens=65536, world_size=8, grad_accum=1))
+    mix = synthetic_longalign_sharegpt_mix(2000)
+    res = compare_strategies(mix.lengths, mix.n_target, BatchConfig(max_pack_tokens=65536, world_size=8, grad_accum=1))
     print(json.dumps({k: {**s.summary(), "fill_rate": p.counters["fill_rate"],
                           "padding_fraction": p.counters["padding_fraction"]} for k, (p, s) in res.items()}, indent=1))

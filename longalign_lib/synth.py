@@ -41,6 +41,7 @@ from .corpus import Document, detect_lang
 from .formatting import RecordError, clean_messages
 from .io import LongAlignError, append_jsonl, iter_jsonl
 from .llm import ContextTooLong, Deferred, Price, cost_of, run_sync
+from .llm_batch import run_batched
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 TASK_TYPES = ("general", "summary", "reasoning", "extraction")
@@ -455,7 +456,6 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
     """Self-Instruct every document; append each record to `out` (rejections to `rejects`) as it completes."""
     from tqdm.auto import tqdm
 
-
     done, used = _start_streams(out, rejects, resume)
     todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
     counts: Counter = Counter()
@@ -510,8 +510,6 @@ def synth_long_batched(client, docs: list[Document], scfg, out: Path, rejects: P
     """`synth_long` through the provider's Batch API: round 1 sends every question request as one batch, round 2
     the answers (and fresh question samples where none parsed); each round's results fill the request cache and
     the documents finish from it. Batch ids live in `state_dir`; a rerun resumes them (llm_batch.py)."""
-    from .llm_batch import run_batched
-
     total = {"kept": 0, "rejected": Counter(), "task_types": Counter(), "seconds": 0.0}
     first: dict = {}
 
@@ -629,7 +627,6 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
                    progress: bool = True) -> dict:
     """Generate `n` short (question, answer) records Magpie-style and append them to `out`."""
     from tqdm.auto import tqdm
-
 
     done, used = _start_streams(out, rejects, resume)
     prefix = magpie_prefix(tokenizer)

@@ -15,7 +15,7 @@ What happens, per optimizer step of a stage-3 plan (batching.plan_epoch):
   engine's gradient averaging exactly (parallel.py: ×world under DDP, a summing reduce-scatter under FSDP2);
 - several GPUs: torchrun (DDP) or `accelerate launch --config_file configs/accelerate/<engine>.yaml` (DDP, FSDP2,
   DeepSpeed ZeRO-3); sharded engines write sharded checkpoints and export <run_dir>/model gathered on rank 0;
-- the loss is loss.weighted_chunked_ce on the final hidden states (only target positions reach the LM head);
+- the loss is loss.model_loss (weighted_chunked_ce on the final hidden states: only target positions reach the LM head);
 - `train.sequence_parallel: N` splits each packed row over N GPUs (sequence_parallel.py, Ulysses): the plan is
   made for world/N data-parallel ranks, each GPU of a group trains its T/N-token slice with labels shifted over
   the whole row, and the group's losses and gradients add up to the unsplit row's;
@@ -37,74 +37,12 @@ import torch
 from torch import nn
 
 from . import batching, parallel
-from .attention import packed_kwargs
-from .dataset import load_tokenized
-from .formatting import count_targets, format_file
-from .inputs import sample_path
-from .io import LongAlignError, append_jsonl, read_jsonl, write_json, write_jsonl
-from .loss import lm_head_of, weighted_chunked_ce
+from .inputs import training_set
+from .io import LongAlignError, append_jsonl, data_dir, read_jsonl, write_json, write_jsonl
+from .loss import model_loss
 from .models import apply_lora, auto_device, load_model_and_tokenizer, load_tokenizer, longalign_home, resolve
 
 LOG_NAME = "train_log.jsonl"
-
-
-# -------------------------------------------------------------------------------------------------------- data
-def _sample_file() -> Path:
-    return sample_path()
-
-
-def load_training_data(cfg, run_dir: Path, tok) -> tuple[object, str]:
-    """The tokenized training set: <run_dir>/tokenized (stage 2) or, when absent, records formatted on the fly.
-
-    Returns (dataset with input_ids/labels/length/n_target per row, a sentence saying where it came from).
-    """
-    tok_dir = Path(getattr(cfg.data, "tokenized_dir", None) or Path(run_dir) / "tokenized")
-    if tok_dir.exists():
-        ds = load_tokenized(tok_dir)
-        return ds, f"stage-2 dataset {tok_dir} ({len(ds)} rows)"
-
-    src = Path(cfg.train.train_file) if cfg.train.train_file else _sample_file()
-    examples, stats = format_file(src, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
-    if not examples:
-        raise LongAlignError(f"{src}: no usable training record ({stats.to_dict()})")
-    rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": int(e.length),
-             "n_target": int(e.n_target)} for e in examples]
-    return rows, (f"no stage-2 dataset in {tok_dir}: formatted {len(rows)} records of {src} directly "
-                  f"(run `longalign tokenize` first for the real mix)")
-
-
-def _column(ds, name):
-    if isinstance(ds, list):
-        return [r[name] for r in ds]
-    return ds[name]
-
-
-def batch_config(cfg):
-    """The stage-3 settings used for training (train.max_pack_tokens may shorten rows, e.g. for cpu-demo)."""
-    import dataclasses
-
-    b = dataclasses.replace(cfg.batching)
-    if cfg.train.max_pack_tokens:
-        b.max_pack_tokens = int(cfg.train.max_pack_tokens)
-    return b
-
-
-def make_plans(ds, bcfg, epochs: float, sequence_parallel: int = 1) -> list:
-    """One plan per (started) epoch; fractional epochs keep a prefix of the last plan's steps.
-
-    With sequence parallelism a plan rank is a group of `sequence_parallel` GPUs sharing each row."""
-    lengths = _column(ds, "length")
-    labels = _column(ds, "labels")
-    n_target = [count_targets(y) for y in labels]  # as the loss sees them, whatever a given n_target column says
-    plans = []
-    for e in range(max(1, math.ceil(epochs))):
-        plan = batching.plan_epoch(lengths, n_target, bcfg, epoch=e, labels=labels,
-                                   sequence_parallel=sequence_parallel)
-        frac = epochs - e
-        if frac < 1:
-            plan.steps = plan.steps[:max(1, int(round(len(plan.steps) * frac)))]
-        plans.append(plan)
-    return plans
 
 
 @dataclass
@@ -231,24 +169,11 @@ class ChunkedLossLM(nn.Module):
                 max_seqlen=None, attention_mask=None, shift_labels=None, shift_weights=None, row_tokens=None):
         """`labels`/`loss_weights` as collated, or `shift_labels`/`shift_weights` (already shifted over the whole
         row: this rank's slice under sequence parallelism, see sequence_parallel.shard_batch)."""
-        kwargs = {"use_cache": False}
-        if position_ids is not None:
-            kwargs["position_ids"] = position_ids
-        if cu_seq_lens is not None:
-            kwargs.update(packed_kwargs(cu_seq_lens, int(max_seqlen)))
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
-        if self.sp_group is not None and self.sp_group.size > 1:
-            kwargs["sp_group"] = self.sp_group
-        hidden = self.lm.get_decoder()(input_ids=input_ids, **kwargs).last_hidden_state
-        weight, bias, softcap = lm_head_of(self.lm)
-        scale = getattr(self.lm.config, "logit_scale", None)
-        if scale:
-            hidden = hidden * scale
-        shifted = shift_labels is not None
-        loss = weighted_chunked_ce(hidden, weight, shift_labels if shifted else labels,
-                                   shift_weights if shifted else loss_weights, self.chunk_tokens, bias=bias,
-                                   softcap=softcap, shift=not shifted)
+        batch = {"input_ids": input_ids, "labels": labels, "loss_weights": loss_weights, "position_ids": position_ids,
+                 "cu_seq_lens": cu_seq_lens, "max_seqlen": max_seqlen, "attention_mask": attention_mask,
+                 "shift_labels": shift_labels, "shift_weights": shift_weights}
+        extra = {"sp_group": self.sp_group} if self.sp_group is not None and self.sp_group.size > 1 else {}
+        loss, _ = model_loss(self.lm, batch, self.chunk_tokens, **extra)
         return {"loss": loss}
 
 
@@ -564,7 +489,7 @@ def verse_lookup_records(n: int, min_tokens: int = 200, max_tokens: int = 4000, 
     """
     import random
 
-    data = _sample_file().parent
+    data = data_dir()
     verses = []
     for b in books:
         for line in (data / b).read_text(encoding="utf-8").splitlines():
@@ -661,11 +586,12 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
         model, tok, full_ft = load_model_for_training(cfg, dev)
     data_note = "dataset given by the caller"
     if dataset is None:
-        dataset, data_note = load_training_data(cfg, run_dir, tok)
-    bcfg = batch_config(cfg)
+        dataset, data_note = training_set(cfg, run_dir, tokenizer=tok)
+    bcfg = cfg.batching
     world = int(os.environ.get("WORLD_SIZE", "1"))
     sp_size, rank, sp_rank, dp_world = _parallel_layout(cfg, bcfg, world, int(os.environ.get("RANK", "0")))
-    plans = make_plans(dataset, bcfg, cfg.train.epochs, sp_size)
+    plans = batching.make_plans(dataset, bcfg, cfg.train.epochs, sp_size)
+    same = batching.saved_plans_match(plans, run_dir)
     if dp_world != bcfg.world_size:
         if world > 1:
             need = f"{dp_world} (= {world} processes / train.sequence_parallel {sp_size})" if sp_size > 1 else world
@@ -715,7 +641,8 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
                                flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard,
                                log_fields=speed["log_fields"], cost_model=batching.CostModel.from_config(bcfg))
     info = {"data": data_note, "engine": trainer.engine, "world_size": world,
-            "balance": batching.resolved_balance(bcfg), "plans": [p.counters for p in plans], "steps": n_steps,
+            "balance": batching.resolved_balance(bcfg), "plans": [p.counters for p in plans], "plans_from_pack": same,
+            "steps": n_steps,
             "grad_accum": pb.grad_accum,
             "strategy": bcfg.strategy, "reduction": bcfg.loss_reduction, "max_pack_tokens": bcfg.max_pack_tokens,
             "ceiling_tflops": ceiling, "device": dev, "full_ft": full_ft, "bf16": use_bf16,

@@ -26,7 +26,7 @@
 SMOKE = None  # None: on when no CUDA GPU is present (CI and laptops); False: the full settings
 OUT_DIR = "../runs/notebooks/00_setup_check"
 MODEL = "smollm2-135m-instruct"  # or a HF id / local path of any chat model
-DATA_FILE = "../data/sample_longalign.jsonl"
+DATA_FILE = None  # records to format (LongAlign-10k format); None: the bundled data/sample_longalign.jsonl
 MAX_NEW_TOKENS = 48
 
 # %%
@@ -37,6 +37,7 @@ import torch
 from longalign_lib import plots
 from longalign_lib.formatting import IGNORE, format_file, format_record, label_segments
 from longalign_lib.generate import generate_reply
+from longalign_lib.inputs import sample_path
 from longalign_lib.io import write_metrics
 from longalign_lib.models import load_model_and_tokenizer, model_info
 
@@ -45,6 +46,7 @@ if SMOKE is None:
 torch.set_num_threads(1)  # one thread: on a small shared CPU two threads that wait on each other are slower
 out = Path(OUT_DIR)
 out.mkdir(parents=True, exist_ok=True)
+DATA_FILE = DATA_FILE or sample_path()  # the resolver `longalign check` uses too
 if SMOKE:
     MAX_NEW_TOKENS = min(MAX_NEW_TOKENS, 16)
 print(f"SMOKE={SMOKE}, outputs in {out.resolve()}")

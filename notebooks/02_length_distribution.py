@@ -38,14 +38,10 @@ SMOKE = None  # None: on when no CUDA GPU is present (CI and laptops); False: th
 OUT_DIR = "../runs/notebooks/02_length_distribution"
 MODEL = "smollm2-135m-instruct"  # its tokenizer and chat template are used
 STAGE1_DIR = "../runs/notebooks/01_data_synthesis"  # notebook 01's output folder (else the bundled sample)
-LONG_FILES = ["long.jsonl"]  # files in STAGE1_DIR holding long records
-SHORT_FILES = ["short.jsonl", "short_magpie.jsonl"]  # ... and short ones (whichever exist)
-SAMPLE_FILE = "../data/sample_longalign.jsonl"
 MAX_LENGTH = 2048  # the cpu-demo window; length buckets scale with it
 LONG_RATIO = None  # e.g. 0.5 for a 50/50 mix of long and short records; None keeps all
 NUM_PROC = 2
-N_SYNTH_LONG = 10_000  # the SYNTHETIC paper-scale illustration in section 3
-N_SYNTH_SHORT = 10_000
+N_SYNTH = 20_000  # sequences of the SYNTHETIC paper-scale illustration in section 4 (half long, half short)
 SYNTH_MAX_LENGTH = 65_536
 BATCH_SIZE = 8  # for the naive-padding illustration
 # (parameters, layers, hidden size) of two models, for the attention share of compute
@@ -56,11 +52,12 @@ from pathlib import Path
 
 import numpy as np
 
+from longalign_lib import inputs as I
 from longalign_lib import lengths as L
-from longalign_lib.config import DataConfig
-from longalign_lib.dataset import build_dataset, find_record, split_sample
+from longalign_lib.config import load_config
+from longalign_lib.dataset import build_dataset, find_record
 from longalign_lib.formatting import IGNORE, clean_messages
-from longalign_lib.io import read_jsonl, write_metrics
+from longalign_lib.io import write_metrics
 from longalign_lib.models import load_tokenizer
 
 if SMOKE is None:
@@ -70,7 +67,7 @@ if SMOKE is None:
 out = Path(OUT_DIR)
 out.mkdir(parents=True, exist_ok=True)
 if SMOKE:
-    N_SYNTH_LONG, N_SYNTH_SHORT, NUM_PROC = 2_000, 2_000, 1
+    N_SYNTH, NUM_PROC = 4_000, 1
 
 # %% [markdown]
 # ## 1. Tokenize the stage-1 records
@@ -80,18 +77,18 @@ if SMOKE:
 
 # %%
 stage1 = Path(STAGE1_DIR)
-found = [("long", stage1 / f) for f in LONG_FILES if (stage1 / f).exists()] + \
-        [("short", stage1 / f) for f in SHORT_FILES if (stage1 / f).exists()]
-if not SMOKE and found:
-    inputs = found  # [(source, file)]: several files may feed one source
-    print("stage-1 output:", [f"{s}: {p}" for s, p in inputs])
-else:
-    inputs = split_sample(read_jsonl(SAMPLE_FILE))
-    print(f"using the bundled sample {SAMPLE_FILE}: {len(inputs['long'])} long + {len(inputs['short'])} short records")
+sets = [f"model.name={MODEL}", f"data.max_length={MAX_LENGTH}", f"data.num_proc={NUM_PROC}"]
+if LONG_RATIO is not None:
+    sets.append(f"data.long_ratio={LONG_RATIO}")
+if not (stage1 / "short.jsonl").exists() and (stage1 / "short_magpie.jsonl").exists():
+    sets.append(f"data.short_file={stage1 / 'short_magpie.jsonl'}")  # notebook 01 writes its short chats here
+cfg = load_config("cpu-demo", sets)
+# the same resolver `longalign tokenize` uses: long.jsonl / short.jsonl of a run folder, else the bundled sample
+inputs, where = I.stage1_records(cfg, out if SMOKE else stage1)
+print(where)
 
 tok = load_tokenizer(MODEL)
-cfg = DataConfig(max_length=MAX_LENGTH, long_ratio=LONG_RATIO, num_proc=NUM_PROC)
-ds, summary = build_dataset(inputs, tok, cfg, out / "tokenized", num_proc=NUM_PROC)
+ds, summary = build_dataset(inputs, tok, cfg.data, out / "tokenized", num_proc=NUM_PROC)
 print(ds)
 print({k: summary[k] for k in ("total", "kept", "rejected", "truncated", "tokens", "target_tokens", "cached")})
 
@@ -157,14 +154,14 @@ display(Image(str(real_figs["histogram"])), Image(str(real_figs["targets"])))
 # short chats are a few hundred tokens. The picture that matters appears at the paper's scale.
 #
 # ## 4. At paper scale (SYNTHETIC lengths, for illustration)
-# `lengths.synthetic_longalign_lengths` draws lengths shaped like a LongAlign mix — long records log-normal around
-# 16k (8k–64k), short chats around 650 tokens. **These numbers are synthetic**, not measured; run the same cells on
-# your own stage-1 output to see its real shape.
+# `lengths.synthetic_longalign_sharegpt_mix` draws lengths shaped like LongAlign's training mix — LongAlign-10k
+# long records log-normal around 16k (4k–64k), ShareGPT short chats around 650 tokens. It is the cookbook's one
+# synthetic mix: notebook 03, `longalign pack` and the planning benchmark use it too. **These numbers are
+# synthetic**, not measured; run the same cells on your own stage-1 output to see its real shape.
 
 # %%
-syn = L.synthetic_longalign_lengths(N_SYNTH_LONG, N_SYNTH_SHORT, max_length=SYNTH_MAX_LENGTH, seed=0)
-syn_lens = {"long": syn["long"], "short": syn["short"]}
-syn_tgts = {"long": syn["long_target"], "short": syn["short_target"]}
+syn = L.synthetic_longalign_sharegpt_mix(N_SYNTH, long_share=0.5, max_length=SYNTH_MAX_LENGTH, seed=0)
+syn_lens, syn_tgts = syn.by_source()  # {"long": lengths, "short": lengths}, and their target tokens
 paper = L.analyze(syn_lens, syn_tgts, max_length=SYNTH_MAX_LENGTH)
 syn_figs = L.save_figures(syn_lens, syn_tgts, SYNTH_MAX_LENGTH, out, prefix="synthetic", note=" — SYNTHETIC")
 display(Image(str(syn_figs["histogram"])))

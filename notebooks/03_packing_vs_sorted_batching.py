@@ -44,13 +44,12 @@ SMOKE = None  # None: on when no CUDA GPU is present (CI and laptops); False: th
 OUT_DIR = "../runs/notebooks/03_packing_vs_sorted_batching"
 MODEL = "smollm2-135m-instruct"
 STAGE2_DIR = "../runs/notebooks/02_length_distribution/tokenized"  # notebook 02's dataset (else: the sample)
-SAMPLE_FILE = "../data/sample_longalign.jsonl"
 MAX_PACK_TOKENS = 2048  # row budget for the plans on the real data
 BATCH_SIZE = 2  # sequences per micro-batch for naive / sorted
 GRAD_ACCUM = 2
 WORLD_SIZE = 2  # data-parallel ranks of the real-data plans
 SIM_DEVICES = 8  # K devices in the simulation
-SYNTH_N = 2000  # SYNTHETIC LongAlign-like mix (70 % 0.2k–8k, 30 % 8k–64k) for the at-scale comparison
+SYNTH_N = 2000  # sequences of the SYNTHETIC LongAlign-10k + ShareGPT mix (as in notebook 02) at scale
 SYNTH_MAX_LEN = 65_536
 TIMED_STEPS = 3  # optimizer steps timed for real per plan
 TIMING_MAX_TOKENS = 1024  # row budget while timing on this device
@@ -76,9 +75,11 @@ from longalign_lib.batching import (
     plan_epoch,
     step_token_weights,
 )
-from longalign_lib.config import BatchConfig, DataConfig
-from longalign_lib.dataset import build_dataset, load_tokenized, split_sample
-from longalign_lib.io import read_jsonl, write_metrics
+from longalign_lib import inputs as I
+from longalign_lib.config import BatchConfig, load_config
+from longalign_lib.dataset import is_tokenized
+from longalign_lib.io import write_metrics
+from longalign_lib.lengths import synthetic_longalign_sharegpt_mix
 from longalign_lib.models import load_model_and_tokenizer, load_tokenizer
 
 if SMOKE is None:
@@ -100,13 +101,10 @@ _ = torch.manual_seed(SEED)
 
 # %%
 tok = load_tokenizer(MODEL)
-if not SMOKE and (Path(STAGE2_DIR) / "state.json").exists():
-    ds = load_tokenized(STAGE2_DIR)
-    data_note = f"stage-2 dataset {STAGE2_DIR}"
-else:
-    ds, _ = build_dataset(split_sample(read_jsonl(SAMPLE_FILE)), tok, DataConfig(max_length=MAX_PACK_TOKENS),
-                          out / "tokenized", num_proc=1)
-    data_note = f"bundled sample {SAMPLE_FILE}"
+# the resolver `longalign pack` and `longalign train` use: a given dataset, else the stage-1 records (here: the
+# bundled sample) tokenized into <OUT_DIR>/tokenized
+cfg = load_config("cpu-demo", [f"model.name={MODEL}", f"data.max_length={MAX_PACK_TOKENS}"])
+ds, data_note = I.training_set(cfg, out, STAGE2_DIR if not SMOKE and is_tokenized(STAGE2_DIR) else None, tok)
 lengths, n_target = np.asarray(ds["length"]), np.asarray(ds["n_target"])
 labels = ds["labels"]
 print(f"{data_note}: {len(ds)} sequences, lengths {sorted(lengths.tolist())}, target tokens {n_target.tolist()}")
@@ -204,7 +202,7 @@ wstep = max(pk.steps, key=lambda s: s.n_sequences)
 shares = {r: effective_sequence_weights(wstep, r, pk.n_target) for r in ("token", "pack_mean", "sequence")}
 for i in wstep.item_ids:
     print(f"seq {i}: N={pk.n_target[i]:4d}  " + "  ".join(f"{r} {shares[r][i]:.3f}" for r in shares))
-plots.show(loss_weight_figure(wstep, pk.n_target, title=f"Share of the step loss per sequence — {data_note}"),
+plots.show(loss_weight_figure(wstep, pk.n_target, title=f"Share of the step loss per sequence — {len(ds)} sequences of the stage-2 data"),
            out / "loss_weights.png")
 
 # %% [markdown]
@@ -239,14 +237,16 @@ max_pack_mean_share = max(lib["pack_mean"].values())
 # sharing a pack 1/6 each; after the K/(N_i·M) scaling all four count 1/4.
 
 # %% [markdown]
-# ## 5. At scale: a LongAlign-like mix on K devices
-# The real data above is small. To see the efficiency effects, plan a **synthetic** length mix shaped like
-# LongAlign's (70 % of sequences 0.2k–8k tokens, 30 % spread 8k–64k; no text, lengths only) into 64k rows and
+# ## 5. At scale: the synthetic LongAlign-10k + ShareGPT mix on K devices
+# The real data above is small. To see the efficiency effects, plan the **synthetic** LongAlign-10k + ShareGPT
+# length mix of notebook 02 (half long records around 16k tokens, half short chats around 650; no text, lengths
+# only; `lengths.synthetic_longalign_sharegpt_mix`) into 64k rows and
 # simulate K devices running each plan step by step with the cost model t = a·Σlen + b·Σlen² (+ c): synchronous
 # data parallel, so each step lasts as long as its slowest device.
 
 # %%
-syn_len, syn_nt = sim.longalign_like_mix(SYNTH_N, seed=SEED, max_len=SYNTH_MAX_LEN)
+syn = synthetic_longalign_sharegpt_mix(SYNTH_N, seed=SEED, max_length=SYNTH_MAX_LEN)
+syn_len, syn_nt = syn.lengths, syn.n_target
 syn_cfg = BatchConfig(max_pack_tokens=SYNTH_MAX_LEN, batch_size=1, grad_accum=1, world_size=SIM_DEVICES, seed=SEED)
 cost = sim.CostModel.from_config(syn_cfg)
 res = sim.compare_strategies(syn_len, syn_nt, syn_cfg, cost=cost)
@@ -271,7 +271,7 @@ for k, v in step_means.items():
             label=f"{k}: {len(v)} steps, std {np.std(v):,.0f} tokens")
 ax.set_xlabel("mean sequence length in an optimizer step (tokens)")
 ax.set_ylabel("steps")
-ax.set_title(f"Step composition on {SIM_DEVICES} devices — synthetic LongAlign-like mix")
+ax.set_title(f"Step composition on {SIM_DEVICES} devices — synthetic LongAlign-10k + ShareGPT mix")
 ax.legend()
 step_mean_std = {k: float(np.std(v)) for k, v in step_means.items()}
 plots.show(fig, out / "step_composition.png")
@@ -282,7 +282,7 @@ plots.show(fig, out / "step_composition.png")
 
 # %%
 plots.show(fill_histogram_figure({k: res[k][0] for k in ("packed-next_fit", "packed-bfd")},
-                                 title=f"Row fill at 64k — synthetic LongAlign-like mix, {SYNTH_N} sequences"),
+                                 title=f"Row fill at 64k — synthetic LongAlign-10k + ShareGPT mix, {SYNTH_N} sequences"),
            out / "pack_fill.png")
 
 # %% [markdown]
@@ -291,10 +291,11 @@ plots.show(fill_histogram_figure({k: res[k][0] for k in ("packed-next_fit", "pac
 # into the same step (`balance=cost`) cuts it further — at the price of less random steps, like sorted batching.
 
 # %%
-g_len, g_nt = sim.longalign_like_mix(16 * SIM_DEVICES, seed=SEED + 1, max_len=SYNTH_MAX_LEN)
+g = synthetic_longalign_sharegpt_mix(16 * SIM_DEVICES, seed=SEED + 1, max_length=SYNTH_MAX_LEN)
+g_len, g_nt = g.lengths, g.n_target
 small = sim.compare_strategies(g_len, g_nt, syn_cfg, cost=cost)
 plots.show(sim.gantt_figure([small[k][1] for k in ("naive", "sorted", "packed-bfd", "packed-bfd+balance")],
-                            title=f"{SIM_DEVICES} devices, synthetic LongAlign-like mix of {len(g_len)} sequences"),
+                            title=f"{SIM_DEVICES} devices, synthetic LongAlign-10k + ShareGPT mix of {len(g_len)} sequences"),
            out / "gantt.png")
 
 # %%

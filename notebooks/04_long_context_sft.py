@@ -195,7 +195,7 @@ strategies = {
     "packed": ["batching.strategy=packed", "batching.loss_reduction=pack_mean"],
     "packed+weighting": ["batching.strategy=packed", "batching.loss_reduction=sequence"],
 }
-common = [f"model.name={MODEL}", f"batching.max_pack_tokens={PACK_TOKENS}", f"train.max_pack_tokens={PACK_TOKENS}",
+common = [f"model.name={MODEL}", f"batching.max_pack_tokens={PACK_TOKENS}",
           f"batching.grad_accum={GRAD_ACCUM}", "train.epochs=1", "train.max_steps=-1", "train.save_steps=0",
           f"train.lr={LR}", "train.warmup_ratio=0.1", "train.tensorboard=false",
           f"model.rope_base_factor={ROPE_BASE_FACTOR}", f"model.max_position_embeddings={max(PACK_TOKENS, 8192)}",
@@ -269,7 +269,7 @@ lrows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.
          for e in lex]
 lcfg = load_config("cpu-demo" if device == "cpu" else "gpu-small", [
     f"model.name={LEARN_MODEL}", "batching.strategy=packed", "batching.loss_reduction=sequence",
-    "batching.max_pack_tokens=256", "train.max_pack_tokens=256", "batching.grad_accum=1", f"train.epochs={LEARN_EPOCHS}",
+    "batching.max_pack_tokens=256", "batching.grad_accum=1", f"train.epochs={LEARN_EPOCHS}",
     "train.max_steps=-1", f"train.lr={LEARN_LR}", "train.lr_scheduler=constant", "train.warmup_ratio=0",
     "train.save_steps=0", "train.tensorboard=false", "model.device=" + device])
 lres = train.train(lcfg, out / "runs" / "learn", dataset=lrows, save_model=False, model=lm, tok=ltok, quiet=True)

@@ -21,10 +21,11 @@ from longalign_lib.batching import (
     next_fit,
     plan_epoch,
     step_token_weights,
-    weighted_loss_sum,
 )
 from longalign_lib.config import BatchConfig
 from longalign_lib.io import LongAlignError
+from longalign_lib.lengths import synthetic_longalign_sharegpt_mix
+from longalign_lib.loss import reference_weighted_ce
 
 
 def cfg_(**kw) -> BatchConfig:
@@ -68,12 +69,9 @@ def test_next_fit_keeps_order_and_capacity():
 
 
 def longalign_mix(n, seed=0, cap=65536):
-    """70 % of sequences 0.2k–8k tokens, 30 % spread 8k–64k (LongAlign-like)."""
-    rng = np.random.default_rng(seed)
-    short = rng.random(n) < 0.7
-    lens = np.where(short, rng.integers(200, 8192, n), rng.integers(8192, cap + 1, n))
-    nt = np.maximum(1, (lens * rng.uniform(0.02, 0.3, n)).astype(np.int64))
-    return lens, nt
+    """The cookbook's one synthetic LongAlign-10k + ShareGPT length mix, as (lengths, target tokens)."""
+    mix = synthetic_longalign_sharegpt_mix(n, seed=seed, max_length=cap)
+    return mix.lengths, mix.n_target
 
 
 def test_bfd_fills_98_percent_at_64k_and_beats_next_fit():
@@ -327,7 +325,7 @@ def test_packed_sequence_gradients_equal_unpacked_per_sequence_mean():
     for mb in step.micro_batches():  # all ranks' micro-batches: the trainer's step loss is their SUM
         b = collate(plan, mb, rows, w)
         out = model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False)
-        weighted_loss_sum(out.logits, b["labels"], b["loss_weights"]).backward()
+        reference_weighted_ce(out.logits, b["labels"], b["loss_weights"]).backward()
     packed = {n: p.grad.clone() for n, p in model.named_parameters()}
 
     model.zero_grad()

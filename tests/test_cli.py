@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 from longalign_lib.cli import main
 from longalign_lib.stages import NAMES
@@ -45,17 +46,70 @@ def test_unknown_stage_in_run(tmp_path, capsys):
     assert "unknown stage" in capsys.readouterr().err
 
 
+def _fake_stages(monkeypatch, calls, result=None):
+    """The real registry (names, settings, reads) with run functions that record their call and write one file."""
+    import dataclasses
+
+    from longalign_lib import pipeline
+    from longalign_lib.stages import STAGES, StageResult
+
+    def fake(stage):
+        def run(cfg, run_dir, args):
+            calls.append(stage.name)
+            (Path(run_dir) / f"{stage.name}.out").write_text(f"{stage.name} {len(calls)}\n")
+            return result or StageResult({"n": len(calls)}, [f"{stage.name}.out"], f"{stage.name} ran")
+        return dataclasses.replace(stage, run=run)
+
+    monkeypatch.setattr(pipeline, "STAGES", tuple(fake(s) for s in STAGES))
+
+
 def test_dry_run_does_not_mark_stage_done(tmp_path, monkeypatch):
     from longalign_lib import pipeline
     from longalign_lib.config import load_config
-    from longalign_lib.stages import Stage, StageResult
+    from longalign_lib.stages import StageResult
 
-    def fake(result):
-        monkeypatch.setattr(pipeline, "get", lambda name: Stage(name, "fake", lambda cfg, run_dir, args: result))
-
-    fake(StageResult(dry_run=True))
+    _fake_stages(monkeypatch, [], StageResult(dry_run=True))
     pipeline.run_one("synth", load_config("cpu-demo"), tmp_path)
     assert not (tmp_path / "stages" / "synth.json").exists()
-    fake(StageResult({"n": 1}))
+    _fake_stages(monkeypatch, [])
     pipeline.run_one("synth", load_config("cpu-demo"), tmp_path)
     assert (tmp_path / "stages" / "synth.json").exists()
+
+
+def test_rerun_after_a_changed_setting_reruns_that_stage_and_downstream(tmp_path, monkeypatch):
+    from longalign_lib import pipeline
+    from longalign_lib.config import load_config
+
+    calls: list[str] = []
+    _fake_stages(monkeypatch, calls)
+    pipeline.run_all(load_config("cpu-demo"), tmp_path)
+    assert calls == list(NAMES)
+    calls.clear()
+    pipeline.run_all(load_config("cpu-demo"), tmp_path)
+    assert calls == []
+    assert "Reused from an earlier run (settings and inputs unchanged): " + ", ".join(NAMES) in \
+        (tmp_path / "report.md").read_text()
+    cfg = load_config("cpu-demo", ["train.lr=1e-6"])  # longalign run --set train.lr=1e-6
+    pipeline.run_all(cfg, tmp_path)
+    assert calls == ["train", "eval", "judge", "needle"]
+    report = (tmp_path / "report.md").read_text()
+    assert "unchanged): check, corpus, synth, tokenize, analyze, pack." in report and "| train | ran |" in report
+    calls.clear()
+    pipeline.run_all(cfg, tmp_path)
+    assert calls == []
+    (tmp_path / "synth.out").write_text("long.jsonl edited by hand\n")  # a stage file changed: its readers rerun
+    pipeline.run_all(cfg, tmp_path)
+    assert calls == ["tokenize", "analyze", "pack", "train", "eval", "judge", "needle"]
+    calls.clear()
+    src = tmp_path / "extra.jsonl"
+    src.write_text("{}\n")
+    cfg2 = load_config("cpu-demo", ["train.lr=1e-6", f"data.extra_files=[{src}]"])
+    pipeline.run_all(cfg2, tmp_path, stages=["check", "tokenize"])
+    assert calls == ["tokenize"]
+    calls.clear()
+    src.write_text("{}\n{}\n")  # a file a setting names changed: the stage reruns
+    pipeline.run_all(cfg2, tmp_path, stages=["check", "tokenize"])
+    assert calls == ["tokenize"]
+    calls.clear()
+    pipeline.run_all(cfg2, tmp_path, stages=["check", "tokenize"], force=True)
+    assert calls == ["check", "tokenize"]

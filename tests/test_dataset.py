@@ -256,3 +256,21 @@ def test_target_counts_are_what_the_loss_sees(tmp_path, smol_tokenizer):
     print(f"loss sees {seen} targets; Example.n_target {ex.n_target}; dataset n_target {ds[0]['n_target']}")
     assert seen == sum(y != IGNORE for y in ex.labels[1:])
     assert ex.n_target == seen and ds[0]["n_target"] == seen
+
+
+def test_training_set_is_what_tokenize_wrote_and_never_stale(tmp_path):
+    """inputs.training_set (analyze, pack and train read through it): the tokenize output while its inputs and
+    settings match; re-tokenized when a data setting changed; a clear error for a missing explicit folder."""
+    from longalign_lib import inputs
+    from longalign_lib.pipeline import run_one
+
+    run = tmp_path / "run"
+    cfg = load_config("cpu-demo", ["data.max_length=1024"])
+    r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
+    ds, note = inputs.training_set(cfg, run)
+    longest = max(ds["length"])
+    assert "up to date" in note and len(ds) == r.metrics["records"] == 5 and longest == 1024
+    ds2, note2 = inputs.training_set(load_config("cpu-demo", ["data.max_length=512"]), run)
+    assert "tokenized it first" in note2 and max(ds2["length"]) == 512
+    with pytest.raises(LongAlignError, match="no tokenized dataset here"):
+        inputs.training_set(cfg, run, path=tmp_path / "nowhere")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
-from longalign_lib import attention, kernels, train
+from longalign_lib import attention, batching, kernels, train
 from longalign_lib.config import load_config
 from longalign_lib.io import LongAlignError
 from longalign_lib.loss import reference_weighted_ce
@@ -130,7 +130,7 @@ def test_trainer_logs_the_plan(tmp_path):
     m = _model("llama", "sdpa", num_hidden_layers=4)
     rows = _rows([200, 150, 300, 250])
     sets = ["train.tensorboard=false", "train.save_steps=0", "train.epochs=1", "model.device=cpu",
-            "train.gradient_checkpointing=true", "train.activation_checkpointing=auto", "train.max_pack_tokens=null",
+            "train.gradient_checkpointing=true", "train.activation_checkpointing=auto",
             "batching.max_pack_tokens=512", "batching.grad_accum=1"]
     mem = kernels.memory_model(m, 512)
     mid = (mem.peak(0) + mem.peak(4)) / 2 / kernels.GIB  # a budget that fits some kept layers but not all
@@ -208,8 +208,8 @@ def test_packed_matches_one_by_one_with_liger_gpu(arch, backend, dtype, tol, res
 def test_step_loss_does_not_depend_on_grouping_with_liger_gpu(sets, restore_transformers):
     m = _liger(_model("qwen2", "sdpa", "cuda"))
     rows = _rows([120, 250, 60, 200, 90, 150])
-    cfg = load_config("cpu-demo", ["batching.loss_reduction=sequence", "train.max_pack_tokens=null", *sets])
-    plans = train.make_plans(rows, train.batch_config(cfg), 1.0)
+    cfg = load_config("cpu-demo", ["batching.loss_reduction=sequence", *sets])
+    plans = batching.make_plans(rows, cfg.batching, 1.0)
     assert len(plans[0].steps) == 1
     pb = train.PlanBatches(plans, rows, 0, "sequence", 0)
     wrapper = train.ChunkedLossLM(m, chunk_tokens=64)
@@ -246,7 +246,7 @@ def test_budgeted_checkpointing_fits_its_budget_gpu(tmp_path, restore_transforme
     cfg = load_config("gpu-small", ["train.tensorboard=false", "train.save_steps=0", "train.epochs=1",
                                     "train.max_steps=3", "train.activation_checkpointing=auto",
                                     f"train.memory_budget_gib={budget}", f"batching.max_pack_tokens={tokens}",
-                                    "batching.grad_accum=1", "train.max_pack_tokens=null"])
+                                    "batching.grad_accum=1"])
     res = train.train(cfg, tmp_path / "run", model=m, tok=None, dataset=rows, device="cuda", save_model=False)
     log = res["log"]
     k = log[0]["ckpt_layers"]

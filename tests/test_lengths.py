@@ -96,17 +96,21 @@ def test_bad_inputs_raise_clear_errors():
 
 
 def test_synthetic_mix_is_labelled_and_deterministic():
-    a, b = L.synthetic_longalign_lengths(500, 400, seed=3), L.synthetic_longalign_lengths(500, 400, seed=3)
-    assert a["synthetic"] is True and all(np.array_equal(a[k], b[k]) for k in ("long", "short", "long_target"))
-    assert a["long"].min() >= 65536 / 16 and a["long"].max() <= 65536 and a["short"].max() <= 8192
-    assert (a["long_target"] <= a["long"]).all() and (a["short_target"] <= a["short"]).all()
-    assert np.median(a["long"]) > 10 * np.median(a["short"])
+    a, b = L.synthetic_longalign_sharegpt_mix(900, 5 / 9, seed=3), L.synthetic_longalign_sharegpt_mix(900, 5 / 9, seed=3)
+    assert a.synthetic is True and all(np.array_equal(getattr(a, k), getattr(b, k)) for k in ("lengths", "n_target"))
+    lens, tgts = a.by_source()
+    assert list(lens) == ["long", "short"] and len(lens["long"]) == 500 and len(lens["short"]) == 400
+    assert lens["long"].min() >= 65536 / 16 and lens["long"].max() <= 65536 and lens["short"].max() <= 8192
+    assert all((tgts[s] <= lens[s]).all() and (tgts[s] >= 1).all() for s in lens)
+    assert np.median(lens["long"]) > 10 * np.median(lens["short"])
+    assert 0.3 < (a.source[:100] == "long").mean() < 0.8  # shuffled, not all long first
+    with pytest.raises(LongAlignError, match="long_share"):
+        L.synthetic_longalign_sharegpt_mix(10, long_share=1.5)
 
 
 def test_figures_are_written(tmp_path):
-    d = L.synthetic_longalign_lengths(300, 300, seed=0)
-    paths = L.save_figures({"long": d["long"], "short": d["short"]},
-                           {"long": d["long_target"], "short": d["short_target"]}, 65536, tmp_path, note=" (synthetic)")
+    lens, tgts = L.synthetic_longalign_sharegpt_mix(600, seed=0).by_source()
+    paths = L.save_figures(lens, tgts, 65536, tmp_path, note=" (synthetic)")
     assert set(paths) == {"histogram", "cdf", "bucket_share", "targets"}
     for p in paths.values():
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and p.stat().st_size > 20_000

@@ -118,3 +118,13 @@ def test_model_loss_matches_hf_logits(smol_model_and_tokenizer):
                                         torch.tensor([[-100] + e["labels"][1:]]),
                                         torch.full((1, len(e["labels"])), w)) for e, w in zip(exs, (0.25, 0.5), strict=False))
     assert abs(loss.item() - ref.item()) / ref.item() < 1e-5
+    # the trainer's loss is this function, not a second implementation: same batch, bit-identical value and grads
+    from longalign_lib.train import ChunkedLossLM
+
+    head = model.get_output_embeddings().weight
+    trained = ChunkedLossLM(model, chunk_tokens=3)(**batch)["loss"]
+    (g_trained,) = torch.autograd.grad(trained, head)
+    direct, _ = model_loss(model, batch, chunk_tokens=3)
+    (g_direct,) = torch.autograd.grad(direct, head)
+    assert torch.equal(trained, direct) and torch.equal(g_trained, g_direct)
+    assert torch.equal(trained.detach(), loss)

@@ -36,7 +36,7 @@ def rows(smol_tokenizer):
 def _sets(tiny):
     # one optimizer step whose plan gives each of 2 ranks one packed micro-batch; lr large enough to move weights
     return [f"model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu",
-            "train.max_pack_tokens=null", "train.epochs=1", "train.max_steps=1", "batching.world_size=2",
+            "train.epochs=1", "train.max_steps=1", "batching.world_size=2",
             "batching.grad_accum=1", "batching.max_pack_tokens=700", "train.lr=1e-3", "train.warmup_ratio=0",
             "train.matmul_tflops=1", "train.max_grad_norm=1.0"]
 

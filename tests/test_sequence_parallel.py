@@ -261,7 +261,7 @@ def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_
         from longalign_lib import train
         from longalign_lib.config import load_config
         cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0",
-                          "model.device=cpu", "train.max_pack_tokens=null", "train.epochs=1", "train.max_steps=2",
+                          "model.device=cpu", "train.epochs=1", "train.max_steps=2",
                           "batching.world_size=1", "batching.grad_accum=2", "batching.max_pack_tokens=700",
                           "train.sequence_parallel=" + sys.argv[2]])
         rows = json.load(open({str(tmp_path / "rows.json")!r}))

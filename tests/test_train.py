@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longalign_lib import train
+from longalign_lib import batching, train
 from longalign_lib.config import load_config
 from longalign_lib.formatting import format_records
 from longalign_lib.loss import reference_weighted_ce
@@ -37,7 +37,7 @@ def rows(smol_tokenizer):
 
 def _cfg(tiny, *sets):
     return load_config("cpu-demo", [f"model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0",
-                                    "train.epochs=1", "model.device=cpu", "train.max_pack_tokens=null", *sets])
+                                    "train.epochs=1", "model.device=cpu", *sets])
 
 
 def _model(tiny):
@@ -69,7 +69,7 @@ def _reference_step(model, rows):
 def test_step_loss_and_grads_do_not_depend_on_grouping(tiny, rows, sets):
     model, tok = _model(tiny)
     cfg = _cfg(tiny, "batching.loss_reduction=sequence", "batching.overlong=truncate", *sets)
-    plans = train.make_plans(rows, train.batch_config(cfg), 1.0)
+    plans = batching.make_plans(rows, cfg.batching, 1.0)
     if cfg.batching.world_size > 1:
         plans = [train._flatten_ranks(p) for p in plans]
     assert len(plans[0].steps) == 1, "all six sequences in one optimizer step"
@@ -116,7 +116,7 @@ def test_cli_stage_logs_and_saves(tiny, tmp_path):
     run_dir = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "longalign_lib.cli", "train", "--preset", "cpu-demo", "--run-dir",
                         str(run_dir), "--set", f"model.name=random:{tiny}", "--set", "train.max_steps=2",
-                        "--set", "train.max_pack_tokens=512", "--set", "model.device=cpu"], capture_output=True, text=True, cwd=ROOT,
+                        "--set", "model.device=cpu"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "LONGALIGN_HOME": os.environ["LONGALIGN_HOME"]}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]
@@ -128,18 +128,50 @@ def test_cli_stage_logs_and_saves(tiny, tmp_path):
     assert (run_dir / "model" / "config.json").exists() and (run_dir / "figures" / "train_loss.png").exists()
     assert (run_dir / "checkpoints" / "checkpoint-2" / "trainer_state.json").exists()
     summary = json.loads((run_dir / "train_summary.json").read_text())
-    assert "no stage-2 dataset" in summary["info"]["data"]
+    assert "tokenized it first" in summary["info"]["data"] and summary["plans_from_pack"] is None
 
 
 def test_trains_from_the_stage2_dataset(tiny, smol_tokenizer, tmp_path):
     from longalign_lib.dataset import build_dataset
 
-    cfg = _cfg(tiny, "train.max_steps=1", "batching.max_pack_tokens=1024", "data.max_length=1024")
+    # a dataset built elsewhere is named by data.tokenized_dir and trained as it is
+    cfg = _cfg(tiny, "train.max_steps=1", "batching.max_pack_tokens=1024", "data.max_length=1024",
+               f"data.tokenized_dir={tmp_path / 'mine'}")
     recs = train.verse_lookup_records(5, min_tokens=60, max_tokens=200, seed=5)
-    ds, _ = build_dataset(recs, smol_tokenizer, cfg.data, tmp_path / "run" / "tokenized", num_proc=1)
+    ds, _ = build_dataset(recs, smol_tokenizer, cfg.data, tmp_path / "mine", num_proc=1)
     res = train.train(cfg, tmp_path / "run", save_model=False)
-    assert res["data"].startswith("stage-2 dataset") and len(ds) == 5
+    assert res["data"].startswith("stage-2 tokenized dataset") and str(tmp_path / "mine") in res["data"]
+    assert len(ds) == 5 and sum(p["planned_items"] for p in res["plans"]) == 5
     assert res["log"][0]["M"] >= 1 and res["log"][0]["loss"] > 0
+
+
+def test_trained_micro_batches_are_the_plans_pack_wrote(tiny, tmp_path):
+    """The stage-3/stage-4 seam: `longalign train` runs exactly the micro-batches of the plan files `pack` wrote."""
+    from argparse import Namespace
+
+    from longalign_lib.io import read_json, write_jsonl
+    from longalign_lib.pipeline import run_one
+
+    run = tmp_path / "run"
+    write_jsonl(run / "long.jsonl", train.verse_lookup_records(9, min_tokens=60, max_tokens=250, seed=7))
+    cfg = _cfg(tiny, "train.epochs=2", "batching.max_pack_tokens=600", "batching.grad_accum=2", "data.max_length=1024")
+    run_one("pack", cfg, run, Namespace(synthetic_n=64))  # tokenizes long.jsonl first (the one stage-2 resolver)
+    trainer, info = train.build_trainer(cfg, run, quiet=True)
+    assert info["plans_from_pack"] is True
+    pb, ds = trainer.plan_batches, trainer.plan_batches.dataset
+    files = [read_json(batching.plan_path(run, e)) for e in (0, 1)]
+    planned = [mb for f in files for step in f["steps"] for mb in step[0]]
+    trained = [i for i, ref in enumerate(pb.refs) if ref.micro >= 0]
+    assert len(trained) == len(planned) > 2
+    for i, want in zip(trained, planned, strict=True):
+        ref = pb.refs[i]
+        assert pb.plans[ref.plan].steps[ref.step].ranks[0][ref.micro].to_dict() == want
+        (row,) = want["packs"]  # one packed row per micro-batch; every record fits (no truncation, no pieces)
+        assert pb[i]["input_ids"][0].tolist() == [t for j in row for t in ds[j]["input_ids"]]
+    # a changed setting plans differently: train says the plans on disk are not what it trains
+    _, other = train.build_trainer(_cfg(tiny, "train.epochs=2", "batching.max_pack_tokens=600", "batching.grad_accum=2",
+                                        "data.max_length=1024", "batching.seed=1"), run, quiet=True)
+    assert other["plans_from_pack"] is False
 
 
 def test_lora_trains_only_adapters_and_saves_merged(tiny, rows, tmp_path):
@@ -181,9 +213,9 @@ def test_two_rank_ddp_matches_one_process(tiny, rows, tmp_path):
     worker.write_text(textwrap.dedent(f"""
         import json, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from longalign_lib import train
+        from longalign_lib import batching, train
         from longalign_lib.config import load_config
-        cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu", "train.max_pack_tokens=null",
+        cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu",
                           "train.epochs=1", "train.max_steps=1", "batching.world_size=2", "batching.grad_accum=1",
                           "batching.max_pack_tokens=700"])
         rows = json.load(open({str(data)!r}))
@@ -242,7 +274,7 @@ def test_every_logged_loss_is_the_step_loss_under_ddp(tiny, rows, tmp_path):
         from longalign_lib import train
         from longalign_lib.config import load_config
         cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0",
-                          "model.device=cpu", "train.max_pack_tokens=null", "train.epochs=3", "train.max_steps=3",
+                          "model.device=cpu", "train.epochs=3", "train.max_steps=3",
                           "train.logging_steps=2", "batching.world_size=2", "batching.grad_accum=2",
                           "batching.max_pack_tokens=400", "train.lr=1e-3"])
         rows = json.load(open({str(data)!r}))
@@ -278,7 +310,7 @@ def test_step_weights_count_targets_as_the_loss_sees_them(tiny, rows):
     r = rows[3]
     data.append({**r, "labels": [r["input_ids"][0]] + [-100] * (r["length"] - 1), "n_target": 1})
     cfg = _cfg(tiny, "batching.loss_reduction=sequence", "batching.max_pack_tokens=4096", "batching.grad_accum=1")
-    plans = train.make_plans(data, train.batch_config(cfg), 1.0)
+    plans = batching.make_plans(data, cfg.batching, 1.0)
     pb = train.PlanBatches(plans, data, 0, "sequence", 0)
     assert pb.n_steps == 1
     per_seq = []  # each planned sequence's share of the step loss: the sum of its tokens' weights
@@ -297,7 +329,7 @@ def test_split_rows_share_a_step_and_ranks_stay_in_lockstep(tiny, rows):
     lockstep), and each step's token weights, over both ranks, sum to 1 (Eq. 2: every record counts once)."""
     cfg = _cfg(tiny, "batching.overlong=split", "batching.max_pack_tokens=40", "batching.world_size=2",
                "batching.grad_accum=1", "batching.split_overlap=8")
-    plans = train.make_plans(rows, train.batch_config(cfg), 1.0)
+    plans = batching.make_plans(rows, cfg.batching, 1.0)
     assert plans[0].counters["split"] == len(rows) and plans[0].counters["oversized_steps"] > 0
     pbs = [train.PlanBatches(plans, rows, r, "sequence", 0) for r in (0, 1)]
     assert pbs[0].grad_accum == pbs[1].grad_accum > 1 and len(pbs[0]) == len(pbs[1])

@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import dataset
+from ..inputs import tokenized_dir, training_set
 from ..io import write_json
 from ..lengths import analyze, bucket_edges, dataset_columns, save_figures
-from ..models import load_tokenizer
 from .base import StageResult
 
 
@@ -20,14 +19,10 @@ def add_arguments(p) -> None:
 
 def run(cfg, run_dir: Path, args) -> StageResult:
     run_dir = Path(run_dir)
-    path = Path(getattr(args, "tokenized", None) or cfg.data.tokenized_dir or run_dir / "tokenized")
-    where = f"Tokenized dataset `{path}`."
-    if not (path / "dataset_info.json").exists():
-        inputs, src = dataset.resolve_inputs(cfg, run_dir)
-        tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-        dataset.build_dataset(inputs, tok, cfg.data, path, num_proc=cfg.data.num_proc)
-        where = f"No tokenized dataset at `{path}`: tokenized it first. {src}"
-    ds = dataset.load_tokenized(path)
+    given = getattr(args, "tokenized", None)
+    path = Path(given) if given else tokenized_dir(cfg, run_dir)
+    ds, note = training_set(cfg, run_dir, given)
+    where = note[0].upper() + note[1:] + ("" if note.endswith(".") else ".")
     lens, tgts = dataset_columns(ds)
     edges = list(cfg.data.buckets) if cfg.data.buckets else bucket_edges(cfg.data.max_length)
     result = analyze(lens, tgts, max_length=cfg.data.max_length, edges=edges)

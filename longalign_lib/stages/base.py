@@ -52,12 +52,19 @@ FlagFn = Callable[[argparse.ArgumentParser], None]
 
 @dataclass(frozen=True)
 class Stage:
-    """One recipe stage: `longalign <name>` runs `run(cfg, run_dir, args)`; `add_arguments(parser)` adds its flags."""
+    """One recipe stage: `longalign <name>` runs `run(cfg, run_dir, args)`; `add_arguments(parser)` adds its flags.
+
+    `settings`: the config sections (or `section.key`s) the stage's result depends on; `reads`: the earlier stages
+    whose output files it reads. Together they make the stage's fingerprint (pipeline.fingerprint): `longalign run`
+    reruns a stage when its settings, the files those settings name, or an upstream stage changed.
+    """
 
     name: str
     help: str
     run: RunFn
     add_arguments: FlagFn | None = None
+    settings: tuple[str, ...] = ()
+    reads: tuple[str, ...] = ()
 
 
 def add_resume_flag(p: argparse.ArgumentParser) -> None:

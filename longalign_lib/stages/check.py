@@ -11,7 +11,7 @@ from pathlib import Path
 from .. import plots
 from ..formatting import format_file, label_segments
 from ..generate import generate_reply
-from ..inputs import sample_path
+from ..inputs import records_file
 from ..io import write_json
 from ..models import load_model_and_tokenizer, model_info
 from .base import StageResult
@@ -26,7 +26,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     t0 = time.time()
     model, tok = load_model_and_tokenizer(cfg=cfg.model)
     load_s = time.time() - t0
-    data = Path(cfg.data_file) if cfg.data_file else sample_path()
+    data = records_file(cfg)
     examples, stats = format_file(data, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
     ex = min(examples, key=lambda e: e.length)
     fig = plots.label_mask_figure(label_segments(tok, ex))

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import plots
-from ..corpus import Document, build_corpus, load_corpus, make_counter
+from ..inputs import corpus_docs
 from ..io import LongAlignError, iter_jsonl, write_json, write_jsonl
 from ..llm import client_from_config, make_client
 from ..llm_batch import batch_summary
@@ -31,17 +31,6 @@ from .base import StageResult, add_resume_flag
 def add_arguments(p) -> None:
     p.add_argument("--dry-run", action="store_true", help="print calls, estimated tokens and cost; spend nothing")
     add_resume_flag(p)
-
-
-def _docs_for(cfg, run_dir: Path) -> tuple[list[Document], str]:
-    path = Path(cfg.synth.corpus_file) if cfg.synth.corpus_file else run_dir / "corpus.jsonl"
-    if path.exists():
-        return load_corpus(path), str(path)
-    if cfg.synth.corpus_file:
-        raise LongAlignError(f"synth.corpus_file={path}: file not found")
-    docs, _ = build_corpus(cfg.corpus, make_counter(load_tokenizer(cfg.corpus.tokenizer or cfg.model.name)))
-    write_jsonl(run_dir / "corpus.jsonl", [d.to_dict() for d in docs])
-    return docs, f"{run_dir / 'corpus.jsonl'} (built now: no corpus stage output was found)"
 
 
 def short_tokenizer(cfg, short_client):
@@ -109,7 +98,7 @@ def _short_client(cfg, long_client):
 def run(cfg, run_dir: Path, args) -> StageResult:
     s = cfg.synth
     run_dir = Path(run_dir)
-    docs, corpus_from = _docs_for(cfg, run_dir)
+    docs, corpus_from = corpus_docs(cfg, run_dir)
     if s.max_docs:
         docs = docs[: s.max_docs]
     client = client_from_config(s, model_cfg=cfg.model)

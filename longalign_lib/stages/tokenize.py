@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dataset import build_dataset, resolve_inputs
+from ..dataset import build_dataset
+from ..inputs import stage1_records, tokenized_dir
 from ..io import write_json
 from ..models import load_tokenizer
 from .base import StageResult
@@ -18,15 +19,14 @@ def add_arguments(p) -> None:
 
 def run(cfg, run_dir: Path, args) -> StageResult:
     run_dir = Path(run_dir)
-    inputs, where = resolve_inputs(cfg, run_dir)
+    records, where = stage1_records(cfg, run_dir)
     tok = load_tokenizer(cfg.model.name, trust_remote_code=cfg.model.trust_remote_code)
-    out_dir = Path(cfg.data.tokenized_dir) if cfg.data.tokenized_dir else run_dir / "tokenized"
-    ds, summary = build_dataset(inputs, tok, cfg.data, out_dir, num_proc=cfg.data.num_proc,
+    out_dir = tokenized_dir(cfg, run_dir)
+    ds, summary = build_dataset(records, tok, cfg.data, out_dir, num_proc=cfg.data.num_proc,
                                 rebuild=bool(getattr(args, "rebuild", False)))
     summary["where"] = where
     write_json(run_dir / "tokenize.json", summary)
     import pyarrow.compute as pc  # heavy: only when the stage runs
-
 
     metrics = {"records": summary["kept"], "rejected": sum(summary["rejected"].values()),
                "truncated": sum(summary["truncated"].values()), "tokens": summary["tokens"],

@@ -11,6 +11,11 @@ from .. import plots
 from ..io import write_json
 from .base import StageResult, add_resume_flag
 
+PLAN_NOTE = {True: "The micro-batches trained are those of the plans `pack` wrote (plans/).",
+             False: "The plans in plans/ differ from the ones trained (settings or data changed since `pack` ran): "
+                    "rerun `longalign pack` to see what was trained.",
+             None: "No plans/ from `pack` in the run directory; the plans were built here with the same function."}
+
 
 def add_arguments(p) -> None:
     add_resume_flag(p)
@@ -32,7 +37,8 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                "strategy": res["strategy"], "reduction": res["reduction"], "device": res["device"],
                "attn": res["attn"], "train_s": res["train_s"], "kernels": res["kernels"],
                "ckpt_layers": res["checkpointing"]["n_checkpointed"], "engine": res["engine"],
-               "world_size": res["world_size"]}
+               "world_size": res["world_size"],
+               "plans_from_pack": res["plans_from_pack"]}
     ck = res["checkpointing"]
     write_json(Path(run_dir) / "train_summary.json", {**metrics, "info": {k: v for k, v in res.items()
                                                                            if k not in ("trainer", "log")}})
