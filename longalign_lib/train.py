@@ -639,7 +639,8 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
     wrapper = ChunkedLossLM(model, cfg.train.loss_chunk_tokens, sp_group=sp_group)
     trainer = LongAlignTrainer(model=wrapper, args=args, processing_class=tok, plan_batches=pb, log_dir=run_dir,
                                flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard,
-                               log_fields=speed["log_fields"], cost_model=batching.CostModel.from_config(bcfg))
+                               log_fields=speed["log_fields"],
+                               cost_model=batching.CostModel.from_config(bcfg, sp_size))
     info = {"data": data_note, "engine": trainer.engine, "world_size": world,
             "balance": batching.resolved_balance(bcfg), "plans": [p.counters for p in plans], "plans_from_pack": same,
             "steps": n_steps,
