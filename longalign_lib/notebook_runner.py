@@ -18,17 +18,19 @@ from pathlib import Path
 from .io import LongAlignError, read_json
 
 
-def to_ipynb(py_path: str | Path) -> Path:
-    """Convert a py:percent notebook to .ipynb beside it (the .py stays the source of truth)."""
+def to_ipynb(py_path: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Convert a py:percent notebook to .ipynb in `out_dir` (default: beside it); the .py stays the source of truth.
+
+    The runner writes it into the run's output folder, never next to the source: a generated .ipynb beside a .py
+    that JupyterLab opens is a second copy that can go stale."""
     import jupytext
 
     py_path = Path(py_path)
     nb = jupytext.read(py_path, fmt="py:percent")
-    nb.metadata["jupytext"] = {"formats": "ipynb,py:percent"}
     nb.metadata.setdefault("kernelspec", {"name": "python3", "display_name": "Python 3", "language": "python"})
     if not any("parameters" in c.metadata.get("tags", []) for c in nb.cells if c.cell_type == "code"):
         raise LongAlignError(f"{py_path}: no code cell is tagged 'parameters' (add `# %% tags=[\"parameters\"]`)")
-    out = py_path.with_suffix(".ipynb")
+    out = (Path(out_dir) / f"{py_path.stem}.input.ipynb") if out_dir else py_path.with_suffix(".ipynb")
     jupytext.write(nb, out, fmt="ipynb")
     return out
 
@@ -59,12 +61,12 @@ def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None 
     import papermill as pm
 
     py_path = Path(py_path)
-    ipynb = to_ipynb(py_path)
     out_dir = Path(out_dir or Path("runs") / "notebooks" / py_path.stem).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
+    ipynb = to_ipynb(py_path, out_dir)
     params = {"SMOKE": smoke, "OUT_DIR": str(out_dir), **(parameters or {})}
     t0 = time.time()
-    pm.execute_notebook(str(ipynb), str(out_dir / ipynb.name), parameters=params, kernel_name=_kernel_for_this_python(),
+    pm.execute_notebook(str(ipynb), str(out_dir / f"{py_path.stem}.ipynb"), parameters=params, kernel_name=_kernel_for_this_python(),
                         cwd=str(py_path.parent.resolve()), progress_bar=False, execution_timeout=timeout)
     metrics_path = out_dir / "metrics.json"
     if not metrics_path.exists():

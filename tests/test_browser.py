@@ -76,6 +76,9 @@ def jupyterlab(tmp_path):
     news = tmp_path / "user-settings" / "@jupyterlab" / "apputils-extension"
     news.mkdir(parents=True)  # no "receive Jupyter news?" toast over the screenshot
     (news / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))
+    docmanager = tmp_path / "user-settings" / "@jupyterlab" / "docmanager-extension"
+    docmanager.mkdir(parents=True)  # never save: the test must not rewrite notebooks/00_setup_check.py
+    (docmanager / "plugin.jupyterlab-settings").write_text(json.dumps({"autosave": False}))
     port, token = _free_port(), secrets.token_hex(16)
     log = tmp_path / "jupyterlab.log"
     with open(log, "w") as out:
