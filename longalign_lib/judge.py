@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .io import LongAlignError, iter_jsonl, read_jsonl
 from .llm import Deferred, client_from_config
+from .rating_probs import PATTERNS, LocalRatingScorer, OpenAIRatingScorer, parse_rating  # noqa: F401
 from .scoring import agreement, bootstrap_ci
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
@@ -100,27 +101,7 @@ def build_judge_prompt(template: str, question: str, reference: str, answer: str
 
 
 # ---------------------------------------------------------------- parsing
-_NUM = r"(\d+(?:\.\d+)?)"
-PATTERNS = [
-    ("double_brackets", re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\]\]")),
-    ("single_brackets", re.compile(r"(?<!\[)\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\](?!\])")),
-    ("rating_word", re.compile(r"(?i)\b(?:rating|score|grade)\s*(?:is|:|=|of)?\s*" + _NUM + r"(?!\s*\.\d)")),
-    ("out_of_10", re.compile(_NUM + r"\s*(?:/\s*10|out of 10)\b")),
-]
-
-
-def parse_rating(text: str, strict: bool = False) -> tuple[float | None, str | None]:
-    """The judge's 1-10 rating from its reply and how it was found: (rating, pattern name) or (None, None).
-
-    The last [[n]] wins; without one, the looser forms are tried in order ([n], "rating: n", "n/10").
-    Values outside 1..10 are ignored. `strict`: only [[n]].
-    """
-    for name, pat in PATTERNS[:1] if strict else PATTERNS:
-        vals = [float(m.group(1)) for m in pat.finditer(text or "")]
-        vals = [v for v in vals if 1.0 <= v <= 10.0]
-        if vals:
-            return vals[-1], name
-    return None, None
+# parse_rating and PATTERNS live in rating_probs.py (how a rating is read off a reply); re-exported here.
 
 
 # ---------------------------------------------------------------- judging
@@ -276,8 +257,6 @@ def resolve_scoring(ec) -> str:
 def make_rating_scorer(ec, model_cfg=None, client=None):
     """The probability-weighted scorer for the configured judge: a local transformers model, or `client`'s
     OpenAI-compatible server (which must return logprobs)."""
-    from .rating_probs import LocalRatingScorer, OpenAIRatingScorer
-
     if judge_config(ec).judge_backend == "local":
         from .models import load_model_and_tokenizer
 

@@ -21,10 +21,34 @@ valid ratings before renormalising) says how much the judge itself believed it w
 from __future__ import annotations
 
 import math
+import re
 
 from .io import LongAlignError
 
 RATINGS = tuple(range(1, 11))
+
+_NUM = r"(\d+(?:\.\d+)?)"
+PATTERNS = [
+    ("double_brackets", re.compile(r"\[\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\]\]")),
+    ("single_brackets", re.compile(r"(?<!\[)\[\s*" + _NUM + r"\s*(?:/\s*10\s*)?\](?!\])")),
+    ("rating_word", re.compile(r"(?i)\b(?:rating|score|grade)\s*(?:is|:|=|of)?\s*" + _NUM + r"(?!\s*\.\d)")),
+    ("out_of_10", re.compile(_NUM + r"\s*(?:/\s*10|out of 10)\b")),
+]
+
+
+def parse_rating(text: str, strict: bool = False) -> tuple[float | None, str | None]:
+    """The judge's 1-10 rating from its reply and how it was found: (rating, pattern name) or (None, None).
+
+    The last [[n]] wins; without one, the looser forms are tried in order ([n], "rating: n", "n/10").
+    Values outside 1..10 are ignored. `strict`: only [[n]].
+    """
+    for name, pat in PATTERNS[:1] if strict else PATTERNS:
+        vals = [float(m.group(1)) for m in pat.finditer(text or "")]
+        vals = [v for v in vals if 1.0 <= v <= 10.0]
+        if vals:
+            return vals[-1], name
+    return None, None
+
 
 
 def summarize_probs(raw: dict[int, float]) -> dict | None:
@@ -188,8 +212,6 @@ class OpenAIRatingScorer:
         self.client, self.top_logprobs, self.max_new_tokens, self.seed = client, int(top_logprobs), max_new_tokens, seed
 
     def distribution(self, messages: list[dict]) -> dict | None:
-        from .judge import parse_rating
-
         rep = self.client.chat(messages, max_new_tokens=self.max_new_tokens, temperature=0.0, seed=self.seed,
                                logprobs=True, top_logprobs=self.top_logprobs)
         out = distribution_from_top_logprobs(getattr(rep, "logprobs", None)) or {}
