@@ -234,10 +234,26 @@ def test_clear_errors():
         sp.init_groups(2)
 
 
+FSDP2_ON_CPU = """
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+class CpuFsdp2Trainer(train.LongAlignTrainer):  # accelerate enables FSDP on GPUs only (as in tests/test_parallel.py)
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        self.accelerator.state.distributed_type = DistributedType.FSDP
+        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT")
+        self.is_fsdp_enabled = True
+if len(sys.argv) > 3 and sys.argv[3] == "fsdp2":
+    train.LongAlignTrainer = CpuFsdp2Trainer
+"""
+
+
 @pytest.mark.slow
-def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_path):
-    """`train.sequence_parallel=2` on 2 processes (gloo, CPU; one data-parallel group) reproduces the one-process
-    run of the same plan: the logged step loss, the gradient norm and the tokens counted once per row."""
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_path, engine):
+    """`train.sequence_parallel=2` on 2 processes (gloo, CPU; one data-parallel group), under DDP or the Trainer's
+    FSDP2 path, reproduces the one-process run of the same plan: the logged step losses (step 2 after an optimizer
+    step), the gradient norms and the tokens counted once per row."""
     import os
     import subprocess
     import sys
@@ -260,6 +276,7 @@ def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_
         sys.path.insert(0, {str(root)!r})
         from longalign_lib import train
         from longalign_lib.config import load_config
+    """) + FSDP2_ON_CPU + textwrap.dedent(f"""
         cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0",
                           "model.device=cpu", "train.epochs=1", "train.max_steps=2",
                           "batching.world_size=1", "batching.grad_accum=2", "batching.max_pack_tokens=700",
@@ -269,7 +286,7 @@ def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_
         hist = [h for h in res["trainer"].state.log_history if "grad_norm" in h]
         if res["trainer"].is_world_process_zero():
             json.dump({{"loss": [r["loss"] for r in res["log"]], "tokens": [r["tokens"] for r in res["log"]],
-                        "grad_norm": [h["grad_norm"] for h in hist], "attn": res["attn"]}},
+                        "grad_norm": [h["grad_norm"] for h in hist], "attn": res["attn"], "engine": res["engine"]}},
                       open(sys.argv[1] + "/out.json", "w"))
         train.finish_distributed()
     """))
@@ -278,12 +295,12 @@ def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_
                          text=True, timeout=600)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", str(worker), str(tmp_path / "two"), "2"], env=env,
+                          f"--master_port={_free_port()}", str(worker), str(tmp_path / "two"), "2", engine], env=env,
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "out.json").read_text())
     b = json.loads((tmp_path / "two" / "out.json").read_text())
-    assert b["attn"] == "longalign_sp_sdpa" and a["attn"] == "longalign_sdpa"
+    assert b["attn"] == "longalign_sp_sdpa" and a["attn"] == "longalign_sdpa" and b["engine"] == engine
     assert len(a["loss"]) == len(b["loss"]) == 2
     assert b["tokens"] == a["tokens"]  # counted once per group, not once per GPU
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)  # step 2 also checks the optimizer step matched
