@@ -56,3 +56,23 @@ def _single_thread():
 
 one_torch_thread = pytest.fixture(_single_thread, name="one_torch_thread")
 one_torch_thread_module = pytest.fixture(_single_thread, scope="module", name="one_torch_thread_module")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 2-layer random model folder with SmolLM2's tokenizer (train.tiny_model_dir), one per test module."""
+    from longalign_lib import train
+
+    return train.tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def rows(smol_tokenizer):
+    """Six verse-lookup records (half long) as tokenized rows: input_ids, labels, length, n_target."""
+    from longalign_lib import train
+    from longalign_lib.formatting import format_records
+
+    recs = train.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
+    exs, _ = format_records(recs, smol_tokenizer, max_length=4096)
+    return [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
+            for e in exs]

@@ -13,24 +13,10 @@ import torch
 
 from longalign_lib import parallel, train
 from longalign_lib.config import load_config
-from longalign_lib.formatting import format_records
 
 ROOT = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return train.tiny_model_dir(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def rows(smol_tokenizer):
-    recs = train.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
-    exs, _ = format_records(recs, smol_tokenizer, max_length=4096)
-    return [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
-            for e in exs]
 
 
 def _sets(tiny):
