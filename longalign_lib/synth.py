@@ -150,6 +150,23 @@ LABEL = re.compile(r"^\s*(?:\*\*)?(?:question|q|问题)\s*(?:\*\*)?\s*[:：]\s*(
 ANSWER_LINE = re.compile(r"^\s*(?:\*\*)?(?:answer|ans|a|答案|答|回答)\s*(?:\*\*)?\s*[:：]", re.I)
 
 
+META_QUESTION = re.compile(  # a question to the user about the chat itself, not about the document
+    r"\b(?:your (?:next|first|other|follow[- ]up) questions?|(?:any|more|other|further) questions?"
+    r"|anything else|(?:can|may|shall) i (?:help|assist)|how can i (?:help|assist)|assist you"
+    r"|(?:would|do) you (?:like|want) me to|shall i|what else can i|let me know)\b"
+    r"|你(?:的)?下一个问题|还有(?:什么|其他)问题|需要我|我可以帮", re.I)
+
+
+def is_meta_question(q: str) -> bool:
+    """A question addressed to the user about the conversation ("What's your next question?", "Would you like
+    me to ...?", "Anything else?") rather than about the document: never a training question.
+
+    >>> is_meta_question("What's your next question?"), is_meta_question("What is the next step in the ritual?")
+    (True, False)
+    """
+    return bool(META_QUESTION.search(q))
+
+
 def is_question_like(q: str) -> bool:
     """A question or a request: ends with '?', starts like one (what/how/summarize/list ...), or reads as one in Chinese."""
     q = q.strip()
@@ -164,7 +181,7 @@ def _plausible(q: str) -> bool:
         return False
     if PREAMBLE.match(q) and not q.rstrip().endswith(("?", "？")):
         return False
-    return is_question_like(q)
+    return is_question_like(q) and not is_meta_question(q)
 
 
 def norm_question(q: str) -> str:

@@ -437,3 +437,12 @@ def test_grounding_is_robust_to_inflection():
     answer = "God's heavens and the earth were created first; the earth had no forms and was a void."
     assert grounding(answer, doc) > 0.8
     assert check_answer(answer, doc, SynthConfig(min_answer_words=4)) is None
+
+
+def test_parser_rejects_questions_to_the_user_about_the_chat():
+    reply = ("1. What's your next question?\n2. Who was Boaz, and how was he related to Elimelech?\n"
+             "3. Do you have any other questions about the text?\n4. Would you like me to summarize chapter 2?\n"
+             "5. What is the next thing Naomi asks Ruth to do?")
+    assert parse_questions(reply) == ["Who was Boaz, and how was he related to Elimelech?",
+                                      "What is the next thing Naomi asks Ruth to do?"]
+    assert parse_questions("What's your next question?") == []
