@@ -68,8 +68,9 @@ out.mkdir(parents=True, exist_ok=True)
 device = "cuda" if torch.cuda.is_available() else "cpu"
 if SMOKE:
     MODEL = "random:" + str(train.tiny_model_dir(out / "tiny_model"))
-    N_RECORDS, MAX_CONTEXT_TOKENS, PACK_TOKENS, BATCH_SIZE, GRAD_ACCUM, LR = 12, 240, 512, 4, 1, 1e-3
+    N_RECORDS, MAX_CONTEXT_TOKENS, PACK_TOKENS, BATCH_SIZE, GRAD_ACCUM, LR = 8, 240, 512, 4, 1, 1e-3
     ROPE_BASE_FACTOR = 1.0
+    LEARN_TEST = 3  # three held-out verses: each before/after answer is a CPU generation
 print("model:", MODEL, "| device:", device, "| SMOKE:", SMOKE)
 
 # %% [markdown]
@@ -249,11 +250,13 @@ learn = [r for r in train.verse_lookup_records(20 * (LEARN_TRAIN + LEARN_TEST), 
          if r["meta"]["verses"] <= 2][: LEARN_TRAIN + LEARN_TEST]
 learn_train, learn_test = learn[:LEARN_TRAIN], learn[LEARN_TRAIN:]
 lm, ltok = load_model_and_tokenizer(LEARN_MODEL, dtype="fp32", device=device)
+# room for the longest expected verse and a few tokens more: a longer reply cannot be exact anyway
+answer_tokens = max(len(ltok(r["messages"][1]["content"])["input_ids"]) for r in learn_test) + 8
 
 
 def quote_scores(m, desc):
     preds = [p["prediction"].strip() for p in generate_replies(
-        m, ltok, [r["messages"][:1] for r in learn_test], max_new_tokens=40, progress=False)]
+        m, ltok, [r["messages"][:1] for r in learn_test], max_new_tokens=answer_tokens, progress=False)]
     refs = [r["messages"][1]["content"].strip() for r in learn_test]
     exact = [p == r for p, r in zip(preds, refs, strict=True)]
     f1 = [token_f1(p, r) for p, r in zip(preds, refs, strict=True)]
