@@ -24,7 +24,7 @@
 # - that for the **same tokens** packing trains faster than naive batching (tokens/s, not just wall time);
 # - that the recipe really trains: SmolLM2-135M learns to quote a verse exactly in a few steps, before vs after.
 #
-# **Time**: ~80 s on 2 CPU cores (SMOKE, the default without a GPU: the strategy comparison uses a 2-layer random
+# **Time**: ~90 s on 2 CPU cores (SMOKE, the default without a GPU: the strategy comparison uses a 2-layer random
 # model with SmolLM2's tokenizer, the learning demo the real SmolLM2); full mode trains SmolLM2 at 16k (use a GPU).
 #
 # Library code: `longalign_lib.batching` (plans, weights, collators), `longalign_lib.attention` (isolation),
@@ -70,7 +70,7 @@ if SMOKE:
     MODEL = "random:" + str(train.tiny_model_dir(out / "tiny_model"))
     N_RECORDS, MAX_CONTEXT_TOKENS, PACK_TOKENS, BATCH_SIZE, GRAD_ACCUM, LR = 8, 240, 512, 4, 1, 1e-3
     ROPE_BASE_FACTOR = 1.0
-    LEARN_TEST = 3  # three held-out verses: each before/after answer is a CPU generation
+    LEARN_TRAIN, LEARN_TEST = 4, 3  # 4 records x 2 epochs teach the format; 3 held-out verses, generated on CPU
 print("model:", MODEL, "| device:", device, "| SMOKE:", SMOKE)
 
 # %% [markdown]
