@@ -31,8 +31,9 @@ setup: $(BIN)/.setup-done $(LAB_OVERRIDES)  ## build .venv (CPU torch here; TORC
 demo: setup  ## run the main job end to end on the offline SmolLM2 default (PRESET=cpu-demo; rerun resumes)
 	$(BIN)/longalign run --preset $(PRESET) --run-dir runs/demo
 
-test: setup  ## run the test suite (unit tests + notebook smoke tests)
-	$(BIN)/python -m pytest -q
+test: setup  ## run the test suite (unit tests + notebook smoke tests), two workers (one per core), file by file
+	$(BIN)/python -c "from longalign_lib.models import convert_bundled; convert_bundled(quiet=True)"
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint:  ## ruff
 	$(BIN)/ruff check longalign_lib tests bench

@@ -149,7 +149,7 @@ def _stage_cfg(llm_server, tmp_path, *extra):
 
     return load_config("cpu-demo", [f"eval.judge_base_url={llm_server.openai_url}", "eval.judge_model=judge-m",
                                     f"eval.judge_cache_dir={tmp_path / 'cache'}", "eval.judge_max_attempts=2",
-                                    "eval.judge_prompt_file=default", *extra])
+                                    "eval.judge_prompt_file=default", "eval.judge_runs=2", *extra])  # the protocol: 2 runs
 
 
 def test_judge_stage_over_http_with_human_scores_and_resume(llm_server, tmp_path):
