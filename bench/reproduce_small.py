@@ -206,11 +206,12 @@ def arm_config(s: dict, arm: str, seed: int, accum_packed: int, device: str):
     from longalign_lib.config import load_config
 
     sets, _ = ARMS[arm]
-    accum = accum_packed if arm.startswith("packed") else s["grad_accum"]
+    packed = arm.startswith("packed")  # packed: one pack per micro-batch; naive/sorted: batch_size sequences
+    accum = accum_packed if packed else s["grad_accum"]
     return load_config("gpu-small", [
         f"model.name={s['model']}", f"model.rope_base_factor={s['rope']}",
         f"model.max_position_embeddings={s['window']}", f"model.device={device}",
-        f"batching.max_pack_tokens={s['window']}", f"batching.batch_size={s['batch_size']}",
+        f"batching.max_pack_tokens={s['window']}", f"batching.batch_size={1 if packed else s['batch_size']}",
         f"batching.grad_accum={accum}", f"batching.seed={seed}", "batching.drop_last=false",
         "train.epochs=1", "train.max_steps=-1", "train.save_steps=0", "train.tensorboard=false",
         f"train.lr={s['lr']}", "train.warmup_ratio=0.05", "train.lr_scheduler=cosine", f"train.seed={seed}",

