@@ -4,10 +4,12 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
 MODE    ?= smoke
+NB      ?= notebooks/*.py
+DIR     ?= runs/device_notebooks
 PRESET  ?= cpu-demo
 export LONGALIGN_HOME ?= $(CURDIR)/.longalign_home
 
-.PHONY: help setup demo test lint notebooks docs-notebooks bench clean corpus-extras docs browser-deps
+.PHONY: help setup demo test lint notebooks docs-notebooks docs-notebooks-render bench clean corpus-extras docs browser-deps
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN{FS=":.*## "}{printf "  make %-14s %s\n",$$1,$$2}'
@@ -38,11 +40,14 @@ test: setup  ## run the test suite (unit tests + notebook smoke tests), two work
 lint:  ## ruff
 	$(BIN)/ruff check longalign_lib tests bench
 
-notebooks: setup  ## pair notebooks/*.py to .ipynb and execute them headless (MODE=smoke|full)
-	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) notebooks/*.py
+notebooks: setup  ## pair notebooks/*.py to .ipynb and execute them headless (MODE=smoke|full, NB=notebooks/01_*.py)
+	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) $(NB)
 
-docs-notebooks: setup  ## execute the notebooks (MODE=smoke|full) and render them with figures into docs/notebooks/
-	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) --render docs/notebooks notebooks/*.py
+docs-notebooks: setup  ## execute the notebooks (MODE, NB) and render them with figures into docs/notebooks/ (keeps full-mode pages)
+	$(BIN)/python -m longalign_lib.notebook_runner --mode $(MODE) --render docs/notebooks $(NB)
+
+docs-notebooks-render: setup  ## render notebooks executed elsewhere (DIR=folder of <name>.ipynb, e.g. from bench/run_device_notebooks.sh)
+	$(BIN)/python -m longalign_lib.notebook_runner --render-only $(DIR) --render docs/notebooks
 
 bench: setup  ## GPU benchmarks (on a CUDA machine): stage-4 tests, gpu-small training, throughput → bench/results/
 	LONGALIGN_HOME=$(LONGALIGN_HOME) PATH=$(CURDIR)/$(BIN):$$PATH bash bench/run_device_stage4.sh bench/results/device

@@ -1,16 +1,26 @@
-"""Pair jupytext py:percent notebooks to .ipynb and execute them headless with papermill.
+"""Pair jupytext py:percent notebooks to .ipynb and execute them headless with papermill; render executed ones.
 
 Run as: python -m longalign_lib.notebook_runner [--mode smoke|full] [--out-dir runs/notebooks] [--render docs/notebooks]
-        notebooks/*.py
-(`make notebooks MODE=full` does this; `make docs-notebooks` renders into docs/notebooks/.) Each notebook's first
+        [--time-limit S] notebooks/*.py
+        python -m longalign_lib.notebook_runner --render-only DIR [--render docs/notebooks] [NAME ...]
+(`make notebooks MODE=full` does the first; `make docs-notebooks` renders into docs/notebooks/.) Each notebook's first
 code cell is tagged `parameters`; the runner injects SMOKE and OUT_DIR, the executed notebook is written to
-OUT_DIR/<name>.ipynb, and the notebook's last cell writes OUT_DIR/metrics.json (tests read it). With --render DIR,
+OUT_DIR/<name>.ipynb, and the notebook's last cell writes OUT_DIR/metrics.json (tests read it). The runner stamps the
+executed notebook's metadata with how it ran (`longalign`: mode, device, date, seconds, status). With --render DIR,
 each executed notebook is also turned into DIR/<name>.md with its figures in DIR/<name>_files/ (readable on
-GitHub or any Markdown viewer without running anything).
+GitHub or any Markdown viewer without running anything), headed by a line saying how it was executed
+(longalign_lib.notebook_docs). --render-only renders notebooks executed elsewhere (e.g. in full mode on a GPU by
+bench/run_device_notebooks.sh): every DIR/<name>.ipynb or DIR/<name>/<name>.ipynb that ran to the end. A SMOKE
+run does not replace a page rendered from a full-mode run unless --replace-full is given.
 """
 from __future__ import annotations
 
 import argparse
+import datetime as dt
+import os
+import platform
+import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -55,19 +65,85 @@ def _kernel_for_this_python() -> str:
     return name
 
 
+def machine_device() -> str:
+    """What the notebooks of this process run on, in words: the GPU's name (nvidia-smi, else torch) or the CPU."""
+    if shutil.which("nvidia-smi"):
+        try:
+            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                   text=True, timeout=20).stdout.split("\n")
+            names = [n.strip() for n in names if n.strip()]
+            if names:
+                return f"{len(names)} x {names[0]}" if len(names) > 1 else names[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"CPU ({os.cpu_count()} cores)"
+
+
+def _versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("torch", "transformers"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def stamp(ipynb: str | Path, info: dict) -> None:
+    """Record how a notebook was executed in its metadata (`longalign` key); written atomically."""
+    import nbformat
+
+    from .io import write_text
+
+    nb = nbformat.read(ipynb, as_version=4)
+    nb.metadata["longalign"] = info
+    write_text(ipynb, nbformat.writes(nb))
+
+
 def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None = None,
-            parameters: dict | None = None, timeout: int = 1800) -> dict:
-    """Execute one notebook headless; returns its metrics.json (plus `seconds`)."""
+            parameters: dict | None = None, timeout: int = 1800, time_limit: float | None = None) -> dict:
+    """Execute one notebook headless; returns its metrics.json (plus `seconds`).
+
+    `timeout` bounds each cell; `time_limit` (seconds) the whole notebook: the cell running when it is spent is
+    interrupted and the notebook fails. Either way the executed notebook is saved with what ran and stamped
+    (`stamp`: mode, device, date, seconds, status) before any error is raised."""
     import papermill as pm
 
     py_path = Path(py_path)
     out_dir = Path(out_dir or Path("runs") / "notebooks" / py_path.stem).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     ipynb = to_ipynb(py_path, out_dir)
+    executed = out_dir / f"{py_path.stem}.ipynb"
     params = {"SMOKE": smoke, "OUT_DIR": str(out_dir), **(parameters or {})}
     t0 = time.time()
-    pm.execute_notebook(str(ipynb), str(out_dir / f"{py_path.stem}.ipynb"), parameters=params, kernel_name=_kernel_for_this_python(),
-                        cwd=str(py_path.parent.resolve()), progress_bar=False, execution_timeout=timeout)
+    extra = {}
+    if time_limit:
+        deadline = t0 + time_limit
+        extra = {"timeout_func": lambda cell: max(1, min(timeout, int(deadline - time.time()))),
+                 "interrupt_on_timeout": True}
+    info = {"mode": "smoke" if smoke else "full", "device": machine_device(),
+            "executed": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), **_versions()}
+    status = "ok"
+    try:
+        pm.execute_notebook(str(ipynb), str(executed), parameters=params, kernel_name=_kernel_for_this_python(),
+                            cwd=str(py_path.parent.resolve()), progress_bar=False, execution_timeout=timeout, **extra)
+    except BaseException as e:
+        over = time_limit and time.time() - t0 >= time_limit - 1
+        status = f"stopped at the {time_limit:.0f} s time limit" if over else \
+            f"failed: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"
+        raise
+    finally:
+        if executed.exists():
+            stamp(executed, {**info, "seconds": round(time.time() - t0, 1), "status": status})
     metrics_path = out_dir / "metrics.json"
     if not metrics_path.exists():
         raise LongAlignError(f"{py_path}: ran, but its last cell wrote no {metrics_path}")
@@ -76,65 +152,46 @@ def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None 
     return metrics
 
 
-def render_markdown(ipynb: str | Path, out_dir: str | Path, note: str = "") -> Path:
-    """An executed notebook → `out_dir/<name>.md` plus its figures in `out_dir/<name>_files/` (nbconvert).
-
-    Progress bars and warnings (stderr) and papermill's injected-parameters cell are left out; everything else —
-    prose, code, printed results, figures — is kept in order. Written atomically; returns the Markdown path.
-    """
-    import nbformat
-    from nbconvert import MarkdownExporter
-
-    from .io import write_text
-
-    ipynb, out_dir = Path(ipynb), Path(out_dir)
-    nb = nbformat.read(ipynb, as_version=4)
-    cells = []
-    for c in nb.cells:
-        if "injected-parameters" in c.metadata.get("tags", []):
-            continue
-        if c.cell_type == "code":
-            c.outputs = [o for o in c.outputs if not (o.get("output_type") == "stream" and o.get("name") == "stderr")]
-            c.metadata.pop("jupyter", None)  # solutions shown (collapsed only in JupyterLab)
-        cells.append(c)
-    nb.cells = cells
-    name = ipynb.stem
-    body, resources = MarkdownExporter().from_notebook_node(
-        nb, resources={"output_files_dir": f"{name}_files", "unique_key": name})
-    files_dir = out_dir / f"{name}_files"
-    if files_dir.exists():
-        import shutil
-
-        shutil.rmtree(files_dir)
-    files_dir.mkdir(parents=True, exist_ok=True)
-    for rel, data in resources.get("outputs", {}).items():
-        (out_dir / rel).write_bytes(data)
-    header = f"<!-- generated by `make docs-notebooks` from notebooks/{name}.py; do not edit -->\n"
-    return write_text(out_dir / f"{name}.md", header + (f"\n> {note}\n\n" if note else "") + body)
-
-
 def main(argv=None) -> int:
+    from .notebook_docs import is_full_page, render_markdown, render_only, write_index
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("notebooks", nargs="+")
+    ap.add_argument("notebooks", nargs="*", help="notebooks/*.py to execute (with --render-only: names to render)")
     ap.add_argument("--mode", choices=["smoke", "full"], default="smoke")
     ap.add_argument("--out-dir", default="runs/notebooks")
     ap.add_argument("--render", default=None, help="also render each executed notebook to Markdown in this folder")
+    ap.add_argument("--render-only", metavar="DIR", default=None,
+                    help="execute nothing: render the executed notebooks in DIR into --render (default docs/notebooks)")
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds each notebook may run in all")
+    ap.add_argument("--replace-full", action="store_true",
+                    help="let a SMOKE run replace a rendered page that came from a full-mode run")
     a = ap.parse_args(argv)
+    if a.render_only:
+        try:
+            return render_only(a.render_only, a.render or "docs/notebooks", a.notebooks)
+        except LongAlignError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    if not a.notebooks:
+        ap.error("give the notebooks to execute (notebooks/*.py), or --render-only DIR")
     failed = 0
     for nb in a.notebooks:
         name = Path(nb).stem
         try:
-            m = execute(nb, smoke=a.mode == "smoke", out_dir=Path(a.out_dir) / name)
+            m = execute(nb, smoke=a.mode == "smoke", out_dir=Path(a.out_dir) / name, time_limit=a.time_limit)
             print(f"{name}: ok in {m['seconds']}s -> {Path(a.out_dir) / name}")
             if a.render:
-                note = (f"Executed in {'SMOKE' if a.mode == 'smoke' else 'full'} mode on "
-                        f"{'a CUDA GPU' if m.get('device') == 'cuda' else 'a CPU'} ({m['seconds']:.0f} s) "
-                        f"by `make docs-notebooks`; the source is [notebooks/{name}.py](../../notebooks/{name}.py).")
-                md = render_markdown(Path(a.out_dir) / name / f"{name}.ipynb", a.render, note)
+                page = Path(a.render) / f"{name}.md"
+                if a.mode == "smoke" and is_full_page(page) and not a.replace_full:
+                    print(f"{name}: kept {page} (a full-mode run; --replace-full replaces it with this SMOKE run)")
+                    continue
+                md = render_markdown(Path(a.out_dir) / name / f"{name}.ipynb", a.render)
                 print(f"{name}: rendered -> {md}")
         except Exception as e:  # report every notebook, then fail
             failed += 1
             print(f"{name}: FAILED: {str(e).splitlines()[0][:300] if str(e) else type(e).__name__}", file=sys.stderr)
+    if a.render:
+        print(f"index -> {write_index(a.render)}")
     return 1 if failed else 0
 
 
