@@ -19,8 +19,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -66,23 +64,24 @@ def _kernel_for_this_python() -> str:
 
 
 def machine_device() -> str:
-    """What the notebooks of this process run on, in words: the GPU's name (nvidia-smi, else torch) or the CPU."""
-    if shutil.which("nvidia-smi"):
+    """What the notebooks of this process run on, in words: the GPU's model (read from the NVIDIA driver's /proc
+    files, so this process never opens a CUDA context beside the kernel's), else torch's name for it, else the CPU."""
+    names = []
+    for info in sorted(Path("/proc/driver/nvidia/gpus").glob("*/information")):
         try:
-            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                   text=True, timeout=20).stdout.split("\n")
-            names = [n.strip() for n in names if n.strip()]
-            if names:
-                return f"{len(names)} x {names[0]}" if len(names) > 1 else names[0]
-        except (OSError, subprocess.SubprocessError):
+            names += [ln.split(":", 1)[1].strip() for ln in info.read_text().splitlines() if ln.startswith("Model:")]
+        except OSError:
             pass
-    try:
-        import torch
+    if not names:
+        try:
+            import torch
 
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
+            if torch.cuda.is_available():
+                names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        except ImportError:
+            pass
+    if names:
+        return f"{len(names)} x {names[0]}" if len(names) > 1 else names[0]
     return f"CPU ({os.cpu_count()} cores)"
 
 
@@ -156,12 +155,13 @@ def main(argv=None) -> int:
     from .notebook_docs import is_full_page, render_markdown, render_only, write_index
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("notebooks", nargs="*", help="notebooks/*.py to execute (with --render-only: names to render)")
+    ap.add_argument("notebooks", nargs="*", help="notebooks/*.py to execute (or, after `notebook_runner --render-only DIR`, the names to render)")
     ap.add_argument("--mode", choices=["smoke", "full"], default="smoke")
     ap.add_argument("--out-dir", default="runs/notebooks")
     ap.add_argument("--render", default=None, help="also render each executed notebook to Markdown in this folder")
     ap.add_argument("--render-only", metavar="DIR", default=None,
-                    help="execute nothing: render the executed notebooks in DIR into --render (default docs/notebooks)")
+                    help="execute nothing: render the executed notebooks in DIR into the `notebook_runner --render` folder "
+                         "(default docs/notebooks)")
     ap.add_argument("--time-limit", type=float, default=None, help="seconds each notebook may run in all")
     ap.add_argument("--replace-full", action="store_true",
                     help="let a SMOKE run replace a rendered page that came from a full-mode run")
@@ -173,7 +173,7 @@ def main(argv=None) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     if not a.notebooks:
-        ap.error("give the notebooks to execute (notebooks/*.py), or --render-only DIR")
+        ap.error("give the notebooks to execute (notebooks/*.py), or `notebook_runner --render-only DIR`")
     failed = 0
     for nb in a.notebooks:
         name = Path(nb).stem
@@ -183,7 +183,7 @@ def main(argv=None) -> int:
             if a.render:
                 page = Path(a.render) / f"{name}.md"
                 if a.mode == "smoke" and is_full_page(page) and not a.replace_full:
-                    print(f"{name}: kept {page} (a full-mode run; --replace-full replaces it with this SMOKE run)")
+                    print(f"{name}: kept {page} (a full-mode run; `notebook_runner --replace-full` replaces it with this SMOKE run)")
                     continue
                 md = render_markdown(Path(a.out_dir) / name / f"{name}.ipynb", a.render)
                 print(f"{name}: rendered -> {md}")

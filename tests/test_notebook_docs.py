@@ -106,7 +106,9 @@ def test_execute_stamps_the_run_and_stops_at_the_time_limit(tmp_path):
     stamp = nbformat.read(tmp_path / "ok" / "07_toy.ipynb", as_version=4).metadata["longalign"]
     assert stamp["mode"] == "full" and stamp["status"] == "ok" and stamp["device"] and stamp["seconds"] > 0
 
-    with pytest.raises(Exception):
+    from papermill.exceptions import PapermillExecutionError
+
+    with pytest.raises(PapermillExecutionError, match="KeyboardInterrupt"):
         execute(src, smoke=True, out_dir=tmp_path / "cut", parameters={"SLEEP": 120}, time_limit=15)
     nb = nbformat.read(tmp_path / "cut" / "07_toy.ipynb", as_version=4)
     assert nb.metadata["longalign"]["status"] == "stopped at the 15 s time limit"
