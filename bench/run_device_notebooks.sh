@@ -39,7 +39,7 @@ python3 - <<'PY' || { echo "[setup] the notebook runner cannot start (papermill/
 import importlib, platform, sys
 vers, core_ok = {}, True
 for m in ("papermill", "jupytext", "ipykernel", "nbformat", "zmq", "torch", "transformers", "datasets", "pyarrow",
-          "fsspec", "huggingface_hub", "rouge_score", "krippendorff", "nltk", "longalign_lib"):
+          "fsspec", "huggingface_hub", "rouge_score", "krippendorff", "nltk", "liger_kernel", "longalign_lib"):
     try:
         vers[m] = getattr(importlib.import_module(m), "__version__", "?")
     except Exception as e:  # 02/03 need datasets, 05 rouge_score + krippendorff: the others can still run

@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import os
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -122,6 +123,8 @@ def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None 
     out_dir.mkdir(parents=True, exist_ok=True)
     ipynb = to_ipynb(py_path, out_dir)
     executed = out_dir / f"{py_path.stem}.ipynb"
+    for stale in (executed, out_dir / "metrics.json"):  # an earlier run's outputs must not pass for this one's
+        stale.unlink(missing_ok=True)
     params = {"SMOKE": smoke, "OUT_DIR": str(out_dir), **(parameters or {})}
     t0 = time.time()
     extra = {}
@@ -137,8 +140,8 @@ def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None 
                             cwd=str(py_path.parent.resolve()), progress_bar=False, execution_timeout=timeout, **extra)
     except BaseException as e:
         over = time_limit and time.time() - t0 >= time_limit - 1
-        status = f"stopped at the {time_limit:.0f} s time limit" if over else \
-            f"failed: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"
+        last = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[-1:] or [type(e).__name__]
+        status = f"stopped at the {time_limit:.0f} s time limit" if over else f"failed: {last[0][:300]}"
         raise
     finally:
         if executed.exists():

@@ -1,5 +1,5 @@
 """Rendering executed notebooks into docs pages (longalign_lib.notebook_docs, `notebook_runner --render-only`), and the
-runner's stamp of how a notebook ran, including a run cut by its time limit.
+runner's stamp of how a notebook ran, including a run cut by its time limit and a failing one.
 Run as: python -m pytest -q tests/test_notebook_docs.py"""
 from __future__ import annotations
 
@@ -94,12 +94,12 @@ def test_render_only_names_and_bad_folders(tmp_path, capsys):
 
 @pytest.mark.notebook
 def test_execute_stamps_the_run_and_stops_at_the_time_limit(tmp_path):
-    """A real kernel: a finished run is stamped ok; a run cut by --time-limit keeps its executed cells, is stamped
-    with why it stopped, and the renderer refuses it."""
+    """A real kernel: a finished run is stamped ok; a run cut by its time limit keeps its executed cells, is stamped
+    with why it stopped, and the renderer refuses it; a failing run is stamped with its error."""
     src = tmp_path / "07_toy.py"
-    src.write_text('# %% tags=["parameters"]\nSMOKE = None\nOUT_DIR = "."\nSLEEP = 0\n\n'
+    src.write_text('# %% tags=["parameters"]\nSMOKE = None\nOUT_DIR = "."\nSLEEP = 0\nFAIL = False\n\n'
                    '# %%\nimport json, pathlib, time\nprint("started", SMOKE)\n\n'
-                   '# %%\ntime.sleep(SLEEP)\n\n'
+                   '# %%\ntime.sleep(SLEEP)\nif FAIL:\n    1 / 0\n\n'
                    '# %%\npathlib.Path(OUT_DIR, "metrics.json").write_text(json.dumps({"smoke": SMOKE}))\n')
     m = execute(src, smoke=False, out_dir=tmp_path / "ok")
     assert m["smoke"] is False
@@ -115,3 +115,9 @@ def test_execute_stamps_the_run_and_stops_at_the_time_limit(tmp_path):
     assert nb.metadata["longalign"]["seconds"] < 60
     assert any("started True" in o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
     assert docs.run_status(nb) != "ok"
+
+    with pytest.raises(PapermillExecutionError):  # a failing cell: stamped with the error, the old metrics gone
+        execute(src, smoke=False, out_dir=tmp_path / "ok", parameters={"FAIL": True})
+    nb = nbformat.read(tmp_path / "ok" / "07_toy.ipynb", as_version=4)
+    assert nb.metadata["longalign"]["status"] == "failed: ZeroDivisionError: division by zero"
+    assert not (tmp_path / "ok" / "metrics.json").exists()
