@@ -2,7 +2,8 @@
 
 On a machine shared with other jobs, wall time says little; the demo runs one torch thread, so a stage's CPU
 seconds (process time, all threads) are what it would take on an idle core. The model conversion a clean
-$LONGALIGN_HOME starts with is timed first, as its own row.
+$LONGALIGN_HOME starts with is timed first, as its own row. Each row also records the 1-minute load average when
+the stage ended (`load_1m`): wall time means something only next to it.
 
 Run as: python bench/profile_demo.py [--preset cpu-demo] [--home /tmp/clean_home] [--out bench/results/demo_profile.json]
         [--stages check,corpus,synth] [--set section.key=value ...]
@@ -28,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], dest="overrides")
     ap.add_argument("--out", default="bench/results/demo_profile.json")
     a = ap.parse_args(argv)
+    load_start = os.getloadavg()
     home = Path(a.home or tempfile.mkdtemp(prefix="longalign_home_"))
     os.environ["LONGALIGN_HOME"] = str(home)
     run_dir = Path(a.run_dir or tempfile.mkdtemp(prefix="longalign_demo_"))
@@ -42,8 +44,9 @@ def main(argv=None) -> int:
         w0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         rows.append({"stage": name, "wall_s": round(time.perf_counter() - w0, 1),
-                     "cpu_s": round(time.process_time() - c0, 1)})
-        print(f"[profile] {name:10s} wall {rows[-1]['wall_s']:7.1f} s   cpu {rows[-1]['cpu_s']:7.1f} s", flush=True)
+                     "cpu_s": round(time.process_time() - c0, 1), "load_1m": round(os.getloadavg()[0], 2)})
+        print(f"[profile] {name:10s} wall {rows[-1]['wall_s']:7.1f} s   cpu {rows[-1]['cpu_s']:7.1f} s   "
+              f"(load {rows[-1]['load_1m']:.1f})", flush=True)
         return out
 
     cfg = load_config(a.preset, a.overrides)
@@ -56,7 +59,7 @@ def main(argv=None) -> int:
     pipeline.write_report(cfg, run_dir, results)
     total = {"wall_s": round(sum(r["wall_s"] or 0 for r in rows), 1), "cpu_s": round(sum(r["cpu_s"] for r in rows), 1)}
     report = {"preset": a.preset, "overrides": a.overrides, "home": str(home), "run_dir": str(run_dir),
-              "load_avg_at_end": os.getloadavg(), "cpu_count": os.cpu_count(), "stages": rows, "total": total,
+              "load_avg_at_start": load_start, "load_avg_at_end": os.getloadavg(), "cpu_count": os.cpu_count(), "stages": rows, "total": total,
               "metrics": {n: r.metrics for n, r in results.items()}}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(report, indent=1, default=str))

@@ -51,9 +51,11 @@ def convert_bundled(name: str = "smollm2-135m-instruct", quiet: bool = False) ->
     target = longalign_home() / "models" / name
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
+    import copy
     import shutil
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = bundled_gguf_path(name)
     if not quiet:
@@ -61,12 +63,14 @@ def convert_bundled(name: str = "smollm2-135m-instruct", quiet: bool = False) ->
               file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the loaded model's config, copied: parsing the GGUF metadata again would cost ~8 CPU-s (49k-token vocabulary)
+    config = copy.deepcopy(src.config)
     for attr in ("quantization_config",):
         if hasattr(config, attr):
             delattr(config, attr)
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
+    with torch.device("meta"):  # no random initialisation of weights that are replaced at once
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(src.state_dict(), strict=False, assign=True)
     missing = [k for k in missing if "lm_head" not in k]  # tied embeddings
     if missing or unexpected:
         raise LongAlignError(f"GGUF conversion of {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -102,7 +102,7 @@ def test_cli_stage_logs_and_saves(tiny, tmp_path):
     run_dir = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "longalign_lib.cli", "train", "--preset", "cpu-demo", "--run-dir",
                         str(run_dir), "--set", f"model.name=random:{tiny}", "--set", "train.max_steps=2",
-                        "--set", "model.device=cpu"], capture_output=True, text=True, cwd=ROOT,
+                        "--set", "train.save_steps=2", "--set", "model.device=cpu"], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, "LONGALIGN_HOME": os.environ["LONGALIGN_HOME"]}, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (run_dir / "train_log.jsonl").read_text().splitlines()]

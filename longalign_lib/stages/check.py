@@ -23,6 +23,8 @@ def add_arguments(p) -> None:
 
 
 def run(cfg, run_dir: Path, args) -> StageResult:
+    import torch
+
     t0 = time.time()
     model, tok = load_model_and_tokenizer(cfg=cfg.model)
     load_s = time.time() - t0
@@ -32,7 +34,13 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     fig = plots.label_mask_figure(label_segments(tok, ex))
     fig_path = plots.save(fig, run_dir / "figures" / "label_mask.png", close=True)
     t1 = time.time()
-    reply = generate_reply(model, tok, [{"role": "user", "content": args.prompt}], max_new_tokens=48)
+    before = torch.get_num_threads()
+    if cfg.eval.local_threads and model.device.type == "cpu":  # the threads generation uses in eval (1 on cpu-demo)
+        torch.set_num_threads(cfg.eval.local_threads)
+    try:
+        reply = generate_reply(model, tok, [{"role": "user", "content": args.prompt}], max_new_tokens=48)
+    finally:
+        torch.set_num_threads(before)
     info = model_info(model, cfg.model.name)
     metrics = {"model": cfg.model.name, "device": info.device, "dtype": info.dtype, "n_params": info.n_params,
                "load_s": round(load_s, 2), "generate_s": round(time.time() - t1, 2), "records": stats.kept,
