@@ -26,7 +26,7 @@
 # - where the word-overlap **proxy** fails (an exactly right answer with a low token F1);
 # - what a CI on a 50-item benchmark looks like, and a paired test of two runs (with vs without the document).
 #
-# **Time**: about 90 s of CPU on 2 cores (SMOKE, the default without a GPU; the needle grid is opt-in there);
+# **Time**: about 70 s on 2 CPU cores (SMOKE, the default without a GPU; the needle grid is opt-in there);
 # about a minute on a GPU with the full settings.
 #
 # Library code: `longalign_lib.judge`, `longalign_lib.rating_probs`, `longalign_lib.agreement`,
