@@ -46,6 +46,8 @@ PRESET = "cpu-demo"
 BACKEND = "local"  # local | openai | anthropic
 MODEL = "smollm2-135m-instruct"  # e.g. gpt-4o-mini, claude-3-5-haiku-latest, or the model your vLLM serves
 BASE_URL = None  # e.g. "http://localhost:8000/v1" for vLLM / llama.cpp / Ollama
+SOURCES = ["stdlib", "pydoc_topics", "debian_docs", "data"]  # every genre at hand (`make demo` keeps to stdlib)
+TASK_TYPES = ["general", "summary", "reasoning", "extraction"]  # the four Self-Instruct task types, in turn
 N_DOCS = 6
 MIN_TOKENS = 1000
 MAX_TOKENS = 2000
@@ -101,7 +103,8 @@ if SMOKE:  # short documents, short answers, two of them: < 90 s on 2 CPU cores
     N_DOCS, MIN_TOKENS, MAX_TOKENS, MAX_NEW_TOKENS, N_SHORT = 2, 250, 500, 40, 1
 cfg = load_config(PRESET, [f"corpus.n_docs={N_DOCS}", f"corpus.min_tokens={MIN_TOKENS}",
                            f"corpus.max_tokens={MAX_TOKENS}", f"synth.max_new_tokens={MAX_NEW_TOKENS}",
-                           f"synth.backend={BACKEND}", f"synth.model={MODEL}", f"synth.n_short={N_SHORT}"])
+                           f"synth.backend={BACKEND}", f"synth.model={MODEL}", f"synth.n_short={N_SHORT}",
+                           f"corpus.sources=[{','.join(SOURCES)}]", f"synth.task_types=[{','.join(TASK_TYPES)}]"])
 if SMOKE:
     cfg.synth.short_question_tokens, cfg.synth.short_max_new_tokens, cfg.synth.min_answer_words = 32, 32, 4
 
