@@ -6,7 +6,9 @@ Run as (one GPU; `bash bench/run_device_reproduce.sh OUT` runs all of it in orde
     python bench/reproduce_small.py train  --work W --arm packed_weighted --seed 0
     python bench/reproduce_small.py eval   --work W --model packed_weighted-s0   (or: base, rope8)
     python bench/reproduce_small.py report --work W --out bench/results/reproduce_small
-CPU smoke test (tiny random model, seconds): tests/test_reproduce_small.py runs the same functions with `--tiny`.
+    python bench/reproduce_small.py report --work W --out DIR --n-boot 200   (fewer resamples: a quick look)
+CPU test (tiny random model, ~30 s): tests/test_reproduce_small.py runs every command in-process via `main` with
+`data --tiny`.
 
 What it does, following LongAlign (Bai et al., 2024), §3–4 and Table 3 / Fig. 4–5, at 135M parameters:
 - Model: SmolLM2-135M-Instruct (8k window as shipped), RoPE base ×8 and a 16k window (the paper: ×200 for 64k).
@@ -359,14 +361,18 @@ def cmd_report(a) -> dict:
     groups = {g: [evals[m] for m in ms if m in evals] for g, ms in groups.items()}
     groups = {g: v for g, v in groups.items() if v}
     buckets = s["buckets"]
+    nb = a.n_boot
+
+    def ci(reps: dict) -> dict:
+        return two_level_ci(reps, n_boot=nb)
+
     table = {}
     for g, evs in groups.items():
-        row = {"seeds": len(evs), "long": two_level_ci(_by_item(evs, "long")),
-               "needle": two_level_ci(_by_item(evs, "needle")),
-               "short": two_level_ci(_by_item(evs, "short", "correct")),
-               "long_by_bucket": [two_level_ci(_by_item(evs, "long", where=lambda r, b=b: r["bucket"] == b))
+        row = {"seeds": len(evs), "long": ci(_by_item(evs, "long")), "needle": ci(_by_item(evs, "needle")),
+               "short": ci(_by_item(evs, "short", "correct")),
+               "long_by_bucket": [ci(_by_item(evs, "long", where=lambda r, b=b: r["bucket"] == b))
                                   for b in range(len(buckets))],
-               "long_by_task": {t: two_level_ci(_by_item(evs, "long", where=lambda r, t=t: r["task"] == t))
+               "long_by_task": {t: ci(_by_item(evs, "long", where=lambda r, t=t: r["task"] == t))
                                 for t in EVAL_TASKS},
                "needle_skipped": evs[0]["needle"]["skipped_lengths"],
                "long_truncated": sum(r["truncated"] for r in evs[0]["long"])}
@@ -387,7 +393,8 @@ def cmd_report(a) -> dict:
         if x in groups and y in groups:
             for part, key in (("long", "score"), ("needle", "score"), ("short", "correct")):
                 comparisons[f"{x} vs {y}: {part}"] = paired_compare(_by_item(groups[x], part, key),
-                                                                    _by_item(groups[y], part, key), seed=0)
+                                                                    _by_item(groups[y], part, key), n_boot=nb,
+                                                                    seed=0)
     result = {"settings": {k: v for k, v in s.items() if k != "data"}, "data": s.get("data"), "table": table,
               "comparisons": comparisons}
     _write_json(out / "results.json", result)
@@ -505,6 +512,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", help="eval: base | rope8 | <arm>-s<seed>")
     ap.add_argument("--out", default="bench/results/reproduce_small")
+    ap.add_argument("--n-boot", type=int, default=2000,
+                    help="report: bootstrap resamples per CI (the published results use 2000)")
     ap.add_argument("--tiny", action="store_true", help="data: a tiny random model and tiny sizes (CPU smoke test)")
     ap.add_argument("--concurrent", action="store_true", help="train: other runs share the GPU (time not reported)")
     ap.add_argument("--force", action="store_true", help="redo a finished train/eval")

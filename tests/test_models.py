@@ -79,3 +79,43 @@ def test_dtype_choice():
     assert auto_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(LongAlignError):
         auto_dtype("int3", "cpu")
+
+
+def test_converted_bundled_model_ends_turns_with_im_end():
+    """The saved tokenizer and generation config say what the official SmolLM2 tokenizer_config says, so a chat
+    turn ends with the eos token and generation stops there (transformers 5.17 read another eos from GGUF)."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    path = convert_bundled()
+    tok = AutoTokenizer.from_pretrained(path)
+    assert (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token) == (
+        "<|im_start|>", "<|im_end|>", "<|im_end|>", "<|endoftext|>")
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token_id == tok.pad_token_id == im_end != tok.convert_tokens_to_ids("<|endoftext|>")
+    gen = GenerationConfig.from_pretrained(path)
+    assert gen.eos_token_id == gen.pad_token_id == im_end
+    full = tok.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}],
+                                   tokenize=False)
+    start = full.index("Hello")
+    assert full[start:full.index(tok.eos_token, start)] == "Hello"
+
+
+def test_set_special_tokens_repairs_a_wrong_eos(tmp_path):
+    from transformers import AutoTokenizer
+
+    from longalign_lib.models import BUNDLED, set_special_tokens
+
+    tok = AutoTokenizer.from_pretrained(convert_bundled())
+    tok.eos_token = tok.pad_token = "<|endoftext|>"  # what a GGUF read may give
+    assert tok.eos_token_id == tok.convert_tokens_to_ids("<|endoftext|>")
+    assert set_special_tokens(tok, BUNDLED["smollm2-135m-instruct"].special_tokens) is tok
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|im_end|>" and tok.eos_token_id == tok.pad_token_id == im_end
+    assert tok.bos_token_id == tok.convert_tokens_to_ids("<|im_start|>")
+    tok.save_pretrained(tmp_path)  # as convert_bundled saves it
+    again = AutoTokenizer.from_pretrained(tmp_path)
+    assert again.eos_token_id == again.pad_token_id == im_end and again.unk_token == "<|endoftext|>"
+    with pytest.raises(LongAlignError, match="not in the tokenizer's vocabulary"):
+        set_special_tokens(tok, {"eos": "<|no_such_token|>"})
+    with pytest.raises(LongAlignError, match="choose bos, eos, pad or unk"):
+        set_special_tokens(tok, {"sep": "<|im_end|>"})
