@@ -1,6 +1,6 @@
 """The paper's batching findings reproduced small: SmolLM2-135M-Instruct at 16k, four ways of batching, ≥ 3 seeds.
 
-Run as (one GPU; `bash bench/run_device_reproduce.sh OUT` runs all of it in order):
+Run as (one GPU; `bash bench/run_device_reproduce.sh OUT PART` runs it in order, one seed per call):
     python bench/reproduce_small.py data   --work W                 # long records + evaluation sets (CPU)
     python bench/reproduce_small.py short  --work W                 # short chats written by the shipped model
     python bench/reproduce_small.py train  --work W --arm packed_weighted --seed 0
