@@ -641,6 +641,10 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
                                flops_fn=flops_fn, ceiling_tflops=ceiling, tensorboard=cfg.train.tensorboard,
                                log_fields=speed["log_fields"],
                                cost_model=batching.CostModel.from_config(bcfg, sp_size))
+    if quiet:  # without tqdm, transformers prints every log dict instead; train_log.jsonl already has them
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     info = {"data": data_note, "engine": trainer.engine, "world_size": world,
             "balance": batching.resolved_balance(bcfg), "plans": [p.counters for p in plans], "plans_from_pack": same,
             "steps": n_steps,
