@@ -427,6 +427,12 @@ def markdown(result: dict) -> str:
                      + " | ".join(f"{100 * b['mean']:.1f}" if b["mean"] is not None else "–"
                                   for b in r["long_by_bucket"])
                      + f" | {_fmt(r['needle'])} | {_fmt(r['short'])} | {t} | {tr.get('steps', '–')} |")
+    lines += ["", "Long tasks by task type (% exact, mean over seeds)", "",
+              "| model | " + " | ".join(EVAL_TASKS) + " |", "|---|" + "---:|" * len(EVAL_TASKS)]
+    for g, r in table.items():
+        lines.append(f"| {names.get(g, g)} | " + " | ".join(
+            f"{100 * r['long_by_task'][t]['mean']:.1f}" if r["long_by_task"][t]["mean"] is not None else "–"
+            for t in EVAL_TASKS) + " |")
     lines += ["", "Paired comparisons (items; the seeds of an item are its repetitions): mean difference in points, "
               "95 % CI, permutation p", "", "| comparison | n | difference | 95 % CI | p |", "|---|---:|---:|---|---:|"]
     for k, c in result["comparisons"].items():
@@ -450,6 +456,7 @@ def figures(result: dict, groups: dict, out: Path) -> None:
         ax1.bar([ARMS[a][1] for a in timed], t, color=plots.CYCLE[:len(timed)])
         for i, v in enumerate(t):
             ax1.annotate(f"{v:.0f} s\n{t[0] / v:.2f}×", (i, v), ha="center", va="bottom", fontsize=8)
+        ax1.set_ylim(0, 1.25 * max(t))
         ax1.set_ylabel("training time, one epoch (s)")
         ax1.set_title("Same data, one epoch (seed 0, alone on the GPU)")
         comp = [table[a]["train"]["computed_tokens"] / table[a]["train"]["tokens"] for a in timed]
