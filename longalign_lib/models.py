@@ -18,7 +18,6 @@ from pathlib import Path
 from .io import LongAlignError
 
 
-
 @dataclass(frozen=True)
 class BundledModel:
     """A model shipped as a GGUF file inside a pip package, converted once to a plain checkpoint."""
