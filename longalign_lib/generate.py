@@ -6,6 +6,7 @@ Library:
     text = generate_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=64)
     outs = generate_replies(model, tok, [msgs1, msgs2], max_new_tokens=128, max_input_tokens=8000)
     gen = make_generate_fn(model, tok, max_new_tokens=32)      # list of message lists -> list of replies
+    s = reference_scores(model, tok, records, max_new_tokens=64)  # replies vs the records' answers: exact, F1
 
 Why the model's own template: LongAlign's evaluation code wraps every prompt in `[INST] ... [/INST]`; for a model
 trained with another template (ChatML, GLM-4, Llama-3) that is an unseen format and costs it points. Here every
@@ -168,6 +169,21 @@ def _generate_replies(model, tok, messages_list, max_new_tokens, max_input_token
         bar.update(len(b))
     bar.close()
     return out
+
+
+def reference_scores(model, tok, records: list[dict], max_new_tokens: int = 64, **kw) -> dict:
+    """Greedy replies to each LongAlign record's first user turn, scored against the record's assistant reply.
+
+    Returns {"predictions": [str], "exact": [bool], "f1": [float]} (scoring.exact_and_f1). `kw` goes to
+    generate_replies (batch_size, threads, ...). Notebook 04 uses it before and after training.
+    """
+    from .scoring import exact_and_f1
+
+    outs = generate_replies(model, tok, [r["messages"][:1] for r in records], max_new_tokens=max_new_tokens,
+                            progress=False, **kw)
+    preds = [o["prediction"].strip() for o in outs]
+    exact, f1 = exact_and_f1(preds, [r["messages"][1]["content"] for r in records])
+    return {"predictions": preds, "exact": exact, "f1": f1}
 
 
 def make_generate_fn(model, tok, max_new_tokens: int = 64, seed: int = 0, max_input_tokens: int | None = None,

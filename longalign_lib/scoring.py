@@ -36,6 +36,16 @@ def token_f1(prediction: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def exact_and_f1(predictions: list[str], references: list[str]) -> tuple[list[bool], list[float]]:
+    """Per pair: exact (word for word, surrounding whitespace ignored) and token-F1.
+
+    >>> exact_and_f1([" In the beginning ", "God said"], ["In the beginning", "And God said"])
+    ([True, False], [1.0, 0.8])
+    """
+    pairs = list(zip(predictions, references, strict=True))
+    return [p.strip() == r.strip() for p, r in pairs], [token_f1(p, r) for p, r in pairs]
+
+
 @lru_cache(maxsize=1)
 def _rouge():
     from rouge_score import rouge_scorer

@@ -207,22 +207,19 @@ from nltk.stem.snowball import EnglishStemmer  # noqa: E402
 from longalign_lib.synth import STOP  # noqa: E402  (the library's stop words: "the", "were", "which", ...)
 
 stem = EnglishStemmer().stem
-
-
-def units(text):
-    words = re.findall(r"[a-z][a-z0-9_']{3,}", re.sub(r"['’]s\b", "", text.lower()))
-    return [stem(w) for w in words if w not in STOP]
-
-
 toy_doc = "In the beginning God created the heaven and the earth. And the earth was without form, and void."
 toy_answers = {"on topic, inflected": "God's heavens and the earth were created; the earth had no forms.",
                "off topic": "Quantum chromodynamics binds quarks inside protons through gluon exchange."}
+units = {}  # text → its content units: words of ≥ 4 characters ("'s" dropped), stop words out, stemmed
+for name, text in {"document": toy_doc, **toy_answers}.items():
+    words = re.findall(r"[a-z][a-z0-9_']{3,}", re.sub(r"['’]s\b", "", text.lower()))
+    units[name] = [stem(w) for w in words if w not in STOP]
 for label, ans in toy_answers.items():
-    u, doc_units = units(ans), set(units(toy_doc))
-    score = sum(x in doc_units for x in u) / len(u)
+    u = units[label]
+    score = sum(x in set(units["document"]) for x in u) / len(u)
     print(f"{label:20s} units {u} → grounding {score:.2f} (library {grounding(ans, toy_doc):.2f})")
     assert abs(score - grounding(ans, toy_doc)) < 1e-9, "by-hand grounding differs from synth.grounding"
-    assert units(ans) == content_units(ans)
+    assert u == content_units(ans)
 print("✓ by hand == synth.grounding; threshold synth.min_grounding =", cfg.synth.min_grounding)
 
 # %% [markdown]

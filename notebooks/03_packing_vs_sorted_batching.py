@@ -115,39 +115,29 @@ print(f"{data_note}: {len(ds)} sequences, lengths {sorted(lengths.tolist())}, ta
 # each into the open row with the *least* room that still fits it. Both in a few lines, on a toy input:
 
 # %%
-def next_fit_by_hand(lengths, capacity):
-    rows, room = [], 0
-    for i, n in enumerate(lengths):
-        if not rows or n > room:
-            rows.append([])
-            room = capacity
-        rows[-1].append(i)
-        room -= n
-    return rows
-
-
-def bfd_by_hand(lengths, capacity):
-    rows, rooms = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        fits = [r for r in range(len(rows)) if rooms[r] >= lengths[i]]
-        if fits:
-            r = min(fits, key=lambda r: rooms[r])  # the tightest fit
-        else:
-            rows.append([])
-            rooms.append(capacity)
-            r = len(rows) - 1
-        rows[r].append(i)
-        rooms[r] -= lengths[i]
-    return rows
-
-
 toy, cap = [6, 3, 7, 4, 7, 6, 3, 4], 10
-nf, bfd = next_fit_by_hand(toy, cap), bfd_by_hand(toy, cap)
+nf, room = [], 0  # next-fit: one open row; a sequence that does not fit opens the next row
+for i, n in enumerate(toy):
+    if not nf or n > room:
+        nf.append([])
+        room = cap
+    nf[-1].append(i)
+    room -= n
+bfd, rooms = [], []  # best-fit-decreasing: longest first, into the open row with the least room that still fits
+for i in sorted(range(len(toy)), key=lambda i: -toy[i]):
+    fits = [r for r in range(len(bfd)) if rooms[r] >= toy[i]]
+    if not fits:
+        bfd.append([])
+        rooms.append(cap)
+    r = min(fits, key=lambda r: rooms[r]) if fits else len(bfd) - 1  # the tightest fit
+    bfd[r].append(i)
+    rooms[r] -= toy[i]
 for name, rows in (("next-fit", nf), ("BFD", bfd)):
     print(f"{name:9s} {len(rows)} rows: {[[toy[i] for i in r] for r in rows]}  fill {sum(toy) / (len(rows) * cap):.0%}")
 assert nf == next_fit(np.array(toy), cap), "next-fit by hand differs from batching.next_fit"
-row_sizes = lambda rows: sorted(sorted(toy[i] for i in r) for r in rows)  # noqa: E731  (ties may swap equal items)
-assert row_sizes(bfd) == row_sizes(best_fit_decreasing(np.array(toy), cap)), "BFD by hand differs from the library"
+lib_bfd = best_fit_decreasing(np.array(toy), cap)  # compare row contents: ties may swap equal items
+assert sorted(sorted(toy[i] for i in r) for r in bfd) == sorted(sorted(toy[i] for i in r) for r in lib_bfd), \
+    "BFD by hand differs from the library"
 print("✓ both equal the library (batching.next_fit, batching.best_fit_decreasing)")
 
 # %% [markdown]
@@ -359,7 +349,7 @@ if timing:
 #   token 1/(M·N_i) over the whole optimizer step gives every sequence the same 1/M.
 #
 # ## Exercises
-# 1. Run `next_fit_by_hand` on `toy` sorted longest first (next-fit-decreasing). How many rows? Is it as good as BFD?
+# 1. Run next-fit (`batching.next_fit`) on `toy` sorted longest first (next-fit-decreasing). How many rows? Is it as good as BFD?
 #    Why not?
 # 2. In the worked example, add a fifth sequence of 16 tokens (`[8, 8, 8, 8, 16]`, rows of 24). Which sequence gets
 #    the largest Eq. 3 share now, and what does Eq. 2 give each?
@@ -369,7 +359,7 @@ if timing:
 # Solutions (collapsed in JupyterLab; CI runs and checks them):
 
 # %% tags=["solution"] jupyter={"source_hidden": true}
-nfd = next_fit_by_hand(sorted(toy, reverse=True), cap)
+nfd = next_fit(np.array(sorted(toy, reverse=True)), cap)
 print("1. next-fit-decreasing:", len(nfd), "rows;", [[sorted(toy, reverse=True)[i] for i in r] for r in nfd])
 assert len(nf) > len(nfd) == 5 > len(bfd)  # sorting helps, but next-fit never goes back to a row it has left
 

@@ -54,11 +54,10 @@ import torch
 from longalign_lib import attention, batching, plots, train
 from longalign_lib.config import load_config
 from longalign_lib.formatting import format_records
-from longalign_lib.generate import generate_replies
+from longalign_lib.generate import reference_scores
 from longalign_lib.io import write_metrics
 from longalign_lib.loss import reference_weighted_ce
 from longalign_lib.models import load_model_and_tokenizer, load_tokenizer
-from longalign_lib.scoring import token_f1
 
 if SMOKE is None:
     SMOKE = not torch.cuda.is_available()
@@ -256,17 +255,8 @@ lm, ltok = load_model_and_tokenizer(LEARN_MODEL, dtype="fp32", device=device)
 answer_tokens = max(len(ltok(r["messages"][1]["content"])["input_ids"]) for r in learn_test) + 8
 
 
-def quote_scores(m, desc):
-    preds = [p["prediction"].strip() for p in generate_replies(
-        m, ltok, [r["messages"][:1] for r in learn_test], max_new_tokens=answer_tokens, progress=False)]
-    refs = [r["messages"][1]["content"].strip() for r in learn_test]
-    exact = [p == r for p, r in zip(preds, refs, strict=True)]
-    f1 = [token_f1(p, r) for p, r in zip(preds, refs, strict=True)]
-    print(f"{desc}: {sum(exact)}/{len(exact)} exact, mean token-F1 {np.mean(f1):.2f}")
-    return preds, exact, f1
-
-
-before = quote_scores(lm, "before training")
+before = reference_scores(lm, ltok, learn_test, max_new_tokens=answer_tokens)
+print(f"before training: {sum(before['exact'])}/{len(learn_test)} exact, mean token-F1 {np.mean(before['f1']):.2f}")
 lex, _ = format_records(learn_train, ltok)
 lrows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
          for e in lex]
@@ -277,8 +267,9 @@ lcfg = load_config("cpu-demo" if device == "cpu" else "gpu-small", [
     "train.save_steps=0", "train.tensorboard=false", "model.device=" + device])
 lres = train.train(lcfg, out / "runs" / "learn", dataset=lrows, save_model=False, model=lm, tok=ltok, quiet=True)
 lm = lres["trainer"].model.lm.eval()
-after = quote_scores(lm, "after training ")
-for q, b, a, r in list(zip(learn_test, before[0], after[0], learn_test, strict=True))[:3]:
+after = reference_scores(lm, ltok, learn_test, max_new_tokens=answer_tokens)
+print(f"after training:  {sum(after['exact'])}/{len(learn_test)} exact, mean token-F1 {np.mean(after['f1']):.2f}")
+for q, b, a, r in list(zip(learn_test, before['predictions'], after['predictions'], learn_test, strict=True))[:3]:
     print(f"\n{q['meta']['ref']}\n  before: {b[:120]!r}\n  after:  {a[:120]!r}\n  verse:  {r['messages'][1]['content'][:120]!r}")
 plots.show(train.loss_figure({"packed+weighting": lres["log"]},
                              title=f"SmolLM2-135M on verse quoting: {len(lres['log'])} steps, "
@@ -331,8 +322,8 @@ metrics_file = write_metrics(out, {
     "padding_fraction": {k: v["padding_fraction"] for k, v in plans_info.items()},
     "final_loss": {k: v[-1]["loss"] for k, v in logs.items()}, "first_loss": {k: v[0]["loss"] for k, v in logs.items()},
     "steps": {k: len(v) for k, v in logs.items()},
-    "learn": {"exact_before": int(sum(before[1])), "exact_after": int(sum(after[1])), "n_test": len(learn_test),
-              "f1_before": float(np.mean(before[2])), "f1_after": float(np.mean(after[2])),
+    "learn": {"exact_before": int(sum(before["exact"])), "exact_after": int(sum(after["exact"])), "n_test": len(learn_test),
+              "f1_before": float(np.mean(before["f1"])), "f1_after": float(np.mean(after["f1"])),
               "loss_first": lres["log"][0]["loss"], "loss_last": lres["log"][-1]["loss"], "steps": len(lres["log"])},
     "figures": [str(out / f) for f in ("block_mask.png", "packed_batch.png", "wall_time.png", "learn_loss.png")],
 })

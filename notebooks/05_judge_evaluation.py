@@ -153,18 +153,15 @@ print(judge_tok.decode(scorer.prompt_ids([{"role": "user", "content": prompt}]))
 # `judge.parse_rating` also accepts a few looser forms (`[n]`, `Rating: n`, `n/10`) and records which one matched.
 
 # %%
-def parse_by_hand(text):
-    found = [float(m) for m in re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", text)]
-    found = [v for v in found if 1 <= v <= 10]
-    return found[-1] if found else None
-
-
 replies = ["The answer names the right code. [[9]]", "[[3]] at first; on reflection [[7]]", "[[12]]",
            "Rating: 4", "I cannot tell."]
 for r in replies:
+    found = [float(m) for m in re.findall(r"\[\[\s*(\d+(?:\.\d+)?)\s*\]\]", r)]  # every [[n]] ...
+    found = [v for v in found if 1 <= v <= 10]  # ... within 1-10
+    by_hand = found[-1] if found else None  # the last one wins
     lib = parse_rating(r, strict=True)[0]
-    assert parse_by_hand(r) == lib, (r, lib)
-    print(f"{r!r:42s} by hand {parse_by_hand(r)}   library (strict) {lib}   library (loose) {parse_rating(r)}")
+    assert by_hand == lib, (r, lib)
+    print(f"{r!r:42s} by hand {by_hand}   library (strict) {lib}   library (loose) {parse_rating(r)}")
 print("✓ by-hand [[n]] parsing == judge.parse_rating(strict=True)")
 
 # %% [markdown]
@@ -246,14 +243,10 @@ for it, r in list(zip(meta_items, meta_j))[:6]:
 # %%
 ref = np.array([2, 3, 4, 5, 5, 6, 7])
 lenient = ref + 3
-
-
-def ranks(x):  # average ranks for ties
-    x = np.asarray(x, dtype=float)
-    return np.array([np.sum(x < v) + (np.sum(x == v) + 1) / 2 for v in x])
-
-
-rho_by_hand = np.corrcoef(ranks(lenient), ranks(ref))[0, 1]
+# average ranks, ties sharing the mean of their positions; Spearman = Pearson correlation of the ranks
+rank_len = np.array([np.sum(lenient < v) + (np.sum(lenient == v) + 1) / 2 for v in lenient])
+rank_ref = np.array([np.sum(ref < v) + (np.sum(ref == v) + 1) / 2 for v in ref])
+rho_by_hand = np.corrcoef(rank_len, rank_ref)[0, 1]
 assert abs(rho_by_hand - ag.spearman(lenient, ref)) < 1e-12
 toy = ag.reliability_report(lenient, ref, n_boot=200)
 print(f"Spearman by hand {rho_by_hand:.3f} = library {ag.spearman(lenient, ref):.3f}; weighted κ "

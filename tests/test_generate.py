@@ -12,6 +12,7 @@ from longalign_lib.generate import (
     middle_truncate,
     model_window,
     plan_batches,
+    reference_scores,
 )
 from longalign_lib.io import LongAlignError, read_jsonl
 
@@ -70,6 +71,18 @@ def test_batched_generation_matches_one_by_one(smol_model_and_tokenizer):
     together = generate_batch(model, tok, prompts, max_new_tokens=8)
     alone = [generate_batch(model, tok, [p], max_new_tokens=8)[0] for p in prompts]
     assert together == alone and all(t for t, _ in together)
+
+
+
+def test_reference_scores_compare_replies_with_the_records_answers(smol_model_and_tokenizer):
+    model, tok = smol_model_and_tokenizer
+    q = [{"role": "user", "content": "What is the capital of France? Reply with one word."}]
+    reply = generate_batch(model, tok, [encode_prompt(tok, q)[0]], max_new_tokens=8)[0][0]
+    records = [{"messages": q + [{"role": "assistant", "content": f"  {reply} "}]},  # its own reply: exact
+               {"messages": q + [{"role": "assistant", "content": "Zanzibar quokka"}]}]
+    s = reference_scores(model, tok, records, max_new_tokens=8)
+    assert s["predictions"] == [reply, reply]
+    assert s["exact"] == [True, False] and s["f1"][0] == 1.0 and s["f1"][1] < 1.0
 
 
 def _bench(path, n=3):
