@@ -132,21 +132,10 @@ def test_export_rebuilds_a_loadable_model_and_merges_lora(tiny, tmp_path):
 
 TRAINER_WORKER = """
 import json, os, sys, torch
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import TrainerCallback
 from longalign_lib import parallel, train
 from longalign_lib.config import load_config
-
-
-class CpuFsdp2Trainer(train.LongAlignTrainer):
-    # accelerate enables FSDP on GPUs only: give this CPU (gloo) run the plugin that configs/accelerate/fsdp2.yaml
-    # gives a GPU run, so the Trainer takes its FSDP2 path (fully_shard, DCP checkpoints, sharded optimizer)
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        self.accelerator.state.distributed_type = DistributedType.FSDP
-        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT")
-        self.is_fsdp_enabled = True
+from tests.fsdp2_cpu import CpuFsdp2Trainer
 
 
 class StopAt2(TrainerCallback):

@@ -235,14 +235,7 @@ def test_clear_errors():
 
 
 FSDP2_ON_CPU = """
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
-class CpuFsdp2Trainer(train.LongAlignTrainer):  # accelerate enables FSDP on GPUs only (as in tests/test_parallel.py)
-    def create_accelerator_and_postprocess(self):
-        super().create_accelerator_and_postprocess()
-        self.accelerator.state.distributed_type = DistributedType.FSDP
-        self.accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", state_dict_type="SHARDED_STATE_DICT")
-        self.is_fsdp_enabled = True
+from tests.fsdp2_cpu import CpuFsdp2Trainer  # the Trainer's FSDP2 path on CPU, as in tests/test_parallel.py
 if len(sys.argv) > 3 and sys.argv[3] == "fsdp2":
     train.LongAlignTrainer = CpuFsdp2Trainer
 """
