@@ -45,6 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from longalign_lib.io import LongAlignError, read_json, write_json  # noqa: E402  (write_json: atomic)
+
 ARMS = {  # name → (batching settings, label)
     "naive": (["batching.strategy=naive", "batching.loss_reduction=sequence"], "naive batching"),
     "sorted": (["batching.strategy=sorted", "batching.loss_reduction=sequence"], "sorted batching"),
@@ -65,13 +67,10 @@ TINY = dict(FULL, window=1024, rope=1.0, n_long=6, n_short=4, min_tokens=120, ma
 
 
 def settings(work: Path) -> dict:
-    return json.loads((work / "settings.json").read_text())
-
-
-def _write_json(path: Path, obj) -> None:
-    from longalign_lib.io import write_json
-
-    write_json(path, obj, indent=1)
+    if not (work / "settings.json").exists():
+        raise LongAlignError(f"{work / 'settings.json'}: not found; run `python bench/reproduce_small.py data "
+                             f"--work {work}` first")
+    return read_json(work / "settings.json")
 
 
 def _log_uniform(rng: random.Random, lo: int, hi: int) -> int:
@@ -156,7 +155,7 @@ def cmd_data(a) -> None:
     write_jsonl(a.work / "eval_long.jsonl", eval_cases(tok, s["buckets"], s["per_bucket"]))
     s["data"] = {"n_long": len(long), "long_seconds": round(time.time() - t0, 1),
                  "long_context_tokens": sorted(r["meta"]["context_tokens"] for r in long)}
-    _write_json(a.work / "settings.json", s)
+    write_json(a.work / "settings.json", s)
     print(f"[data] {len(long)} long records and the evaluation sets written ({s['data']['long_seconds']} s)")
 
 
@@ -181,7 +180,7 @@ def cmd_short(a) -> None:
     write_jsonl(a.work / "train_short.jsonl", short)
     s["data"].update(n_short=len(short), short_dropped_empty=len(prompts) - len(short),
                      short_seconds=round(time.time() - t0, 1))
-    _write_json(a.work / "settings.json", s)
+    write_json(a.work / "settings.json", s)
     print(f"[short] {len(short)} short records ({s['data']['short_seconds']} s); e.g. {short[0]['messages'] if short else None}")
 
 
@@ -193,8 +192,7 @@ def train_rows(work: Path, tok, window: int) -> list[dict]:
     records = [r for f in ("train_long.jsonl", "train_short.jsonl") if (work / f).exists()
                for r in read_jsonl(work / f)]
     examples, _ = format_records(records, tok, max_length=window)
-    return [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
-            for e in examples]
+    return [e.row() for e in examples]
 
 
 def packed_accum(rows: list[dict], window: int, batch_size: int, grad_accum: int) -> int:
@@ -250,7 +248,7 @@ def cmd_train(a) -> None:
            "peak_mem_gib": max((r["peak_mem_gib"] for r in log), default=None),
            "loss": [r["loss"] for r in log], "model_dir": res["model_dir"]}
     out["tokens_per_s"] = out["tokens"] / out["step_s"] if out["step_s"] else None
-    _write_json(run / "result.json", out)
+    write_json(run / "result.json", out)
     print(f"[train] {name}: {out['steps']} steps, {out['tokens']:,} tokens ({out['computed_tokens']:,} computed), "
           f"{out['step_s']:.1f} s in steps, loss {out['loss'][0]:.3f} → {out['loss'][-1]:.3f}")
 
@@ -304,7 +302,7 @@ def cmd_eval(a) -> None:
            "long": long, "needle": {k: needle[k] for k in ("lengths", "depths", "skipped_lengths", "mean_score")}
            | {"cells": [{k: c[k] for k in ("length", "depth", "score", "prediction")} for c in needle["cells"]]},
            "short": short}
-    _write_json(dest, res)
+    write_json(dest, res)
     acc = sum(x["score"] for x in long) / len(long)
     print(f"[eval] {a.model}: long {acc:.3f}, needle {needle['mean_score']}, "
           f"short {sum(r['correct'] for r in short) / len(short):.3f} ({res['seconds']} s)")
@@ -397,7 +395,7 @@ def cmd_report(a) -> dict:
                                                                     seed=0)
     result = {"settings": {k: v for k, v in s.items() if k != "data"}, "data": s.get("data"), "table": table,
               "comparisons": comparisons}
-    _write_json(out / "results.json", result)
+    write_json(out / "results.json", result)
     write_text(out / "results.md", markdown(result))
     figures(result, groups, out)
     print((out / "results.md").read_text())
@@ -530,7 +528,11 @@ def main(argv=None) -> int:
         ap.error("train needs --arm")
     if a.cmd == "eval" and not a.model:
         ap.error("eval needs --model")
-    {"data": cmd_data, "short": cmd_short, "train": cmd_train, "eval": cmd_eval, "report": cmd_report}[a.cmd](a)
+    try:
+        {"data": cmd_data, "short": cmd_short, "train": cmd_train, "eval": cmd_eval, "report": cmd_report}[a.cmd](a)
+    except LongAlignError as e:  # bad input: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -55,6 +55,11 @@ class Example:
         """Target tokens as the loss sees them (see count_targets)."""
         return count_targets(self.labels)
 
+    def row(self) -> dict:
+        """The training row `train.train(..., dataset=[...])` takes: stage 2's columns, in memory."""
+        return {"input_ids": list(self.input_ids), "labels": list(self.labels), "length": self.length,
+                "n_target": self.n_target}
+
 
 def count_targets(labels) -> int:
     """Target tokens of one sequence as the loss sees them: labels != -100 at positions 1.. — the one place where

@@ -84,8 +84,7 @@ print("model:", MODEL, "| device:", device, "| SMOKE:", SMOKE)
 tok = load_tokenizer(MODEL)
 records = train.verse_lookup_records(N_RECORDS, min_tokens=200, max_tokens=MAX_CONTEXT_TOKENS, seed=0)
 examples, fstats = format_records(records, tok, max_length=PACK_TOKENS)
-rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
-        for e in examples]
+rows = [e.row() for e in examples]
 lengths = [r["length"] for r in rows]
 print(f"{len(rows)} records, {sum(lengths):,} tokens, lengths {min(lengths)}..{max(lengths)}, "
       f"target tokens {sum(r['n_target'] for r in rows):,}")
@@ -258,8 +257,7 @@ answer_tokens = max(len(ltok(r["messages"][1]["content"])["input_ids"]) for r in
 before = reference_scores(lm, ltok, learn_test, max_new_tokens=answer_tokens)
 print(f"before training: {sum(before['exact'])}/{len(learn_test)} exact, mean token-F1 {np.mean(before['f1']):.2f}")
 lex, _ = format_records(learn_train, ltok)
-lrows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
-         for e in lex]
+lrows = [e.row() for e in lex]
 lcfg = load_config("cpu-demo" if device == "cpu" else "gpu-small", [
     f"model.name={LEARN_MODEL}", "batching.strategy=packed", "batching.loss_reduction=sequence",
     "batching.max_pack_tokens=256", "batching.grad_accum=1", f"train.epochs={LEARN_EPOCHS}",

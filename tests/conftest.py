@@ -74,5 +74,4 @@ def rows(smol_tokenizer):
 
     recs = train.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
     exs, _ = format_records(recs, smol_tokenizer, max_length=4096)
-    return [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
-            for e in exs]
+    return [e.row() for e in exs]

@@ -260,8 +260,7 @@ def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_
     tiny = train.tiny_model_dir(tmp_path / "tiny")
     recs = train.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
     exs, _ = format_records(recs, smol_tokenizer, max_length=4096)
-    rows = [{"input_ids": list(e.input_ids), "labels": list(e.labels), "length": e.length, "n_target": e.n_target}
-            for e in exs]
+    rows = [e.row() for e in exs]
     (tmp_path / "rows.json").write_text(json.dumps(rows))
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(f"""
