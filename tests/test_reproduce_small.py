@@ -173,3 +173,9 @@ def test_report_table_cis_and_figures(done):
     assert md.startswith("| model | seeds | long tasks % |") and "packing + loss weighting" in md
     for png in ("training_time.png", "needle_before_after.png", "long_tasks_by_length.png"):
         assert (out / png).stat().st_size > 1000, png
+
+
+def test_a_step_without_its_data_says_which_step_to_run(rs, tmp_path, capsys):
+    assert rs.main(["train", "--work", str(tmp_path / "empty"), "--arm", "naive"]) == 2
+    err = capsys.readouterr().err
+    assert "settings.json: not found" in err and "reproduce_small.py data --work" in err
