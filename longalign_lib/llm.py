@@ -71,6 +71,34 @@ class Reply:
     cached: bool = False
     cost_usd: float = 0.0
     logprobs: list | None = None  # per-token log-probabilities, when asked for (openai: logprobs=True, top_logprobs=k)
+    finish_reason: str | None = None  # "stop" (the model ended), "length" (cut at max_new_tokens), other, or None
+
+    @property
+    def truncated(self) -> bool:
+        """True when the reply was cut by the token cap: never keep such a reply as training data.
+
+        >>> Reply("The answer is", finish_reason="length").truncated
+        True
+        >>> Reply("The answer is 4.", finish_reason="stop").truncated
+        False
+        """
+        return self.finish_reason == "length"
+
+
+def norm_finish(reason) -> str | None:
+    """One vocabulary for why generation ended: OpenAI's `finish_reason`, Anthropic's `stop_reason`, local.
+
+    >>> [norm_finish(r) for r in ("stop", "length", "max_tokens", "end_turn", "stop_sequence", None)]
+    ['stop', 'length', 'length', 'stop', 'stop', None]
+    """
+    if reason is None:
+        return None
+    r = str(reason)
+    if r in ("length", "max_tokens", "model_length"):
+        return "length"
+    if r in ("stop", "end_turn", "stop_sequence", "eos"):
+        return "stop"
+    return r
 
 
 class ContextTooLong(LongAlignError):
@@ -327,7 +355,8 @@ class _OpenAIBackend(_SDKBackend):
         text = ((choice.get("message") or {}).get("content") if kind == "chat" else choice.get("text")) or ""
         lp = choice.get("logprobs")
         logprobs = lp.get("content") if isinstance(lp, dict) and kind == "chat" else None
-        return (text, cls.usage_of(j.get("usage")), j.get("model") or model) + ((logprobs,) if logprobs else ())
+        meta = {"logprobs": logprobs, "finish_reason": norm_finish(choice.get("finish_reason"))}
+        return text, cls.usage_of(j.get("usage")), j.get("model") or model, meta
 
     async def call(self, messages, params):
         create = self._client.chat.completions.create
@@ -433,7 +462,8 @@ class _AnthropicBackend(_SDKBackend):
     @classmethod
     def parse_message(cls, m: dict, model: str):
         text = "".join(b.get("text", "") for b in (m.get("content") or []) if b.get("type") == "text")
-        return text, cls.usage_of(m.get("usage")), m.get("model") or model
+        meta = {"finish_reason": norm_finish(m.get("stop_reason"))}
+        return text, cls.usage_of(m.get("usage")), m.get("model") or model, meta
 
     async def call(self, messages, params):
         create = self._client.messages.create
@@ -587,27 +617,28 @@ class _LocalBackend:
             self._last = (seq, out.past_key_values)
         self.stats["reused_tokens"] += reused
         new = seq[len(ids):]
+        finish = "stop" if new and new[-1] in eos else ("length" if len(new) >= max_new else "stop")
         text = tok.decode(new, skip_special_tokens=True)
         if stop:
             for s in [stop] if isinstance(stop, str) else stop:
                 if s and s in text:
                     text = text[: text.index(s)]
-        return text.strip(), {"input_tokens": len(ids), "output_tokens": len(new)}
+        return text.strip(), {"input_tokens": len(ids), "output_tokens": len(new)}, {"finish_reason": finish}
 
     def _chat_sync(self, messages, params):
         with self._lock:
             _, tok = self._load()
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                           return_dict=True)["input_ids"]
-            text, usage = self._generate(list(ids), params)
-        return text, usage, self.model
+            text, usage, meta = self._generate(list(ids), params)
+        return text, usage, self.model, meta
 
     def _complete_sync(self, prompt, params):
         with self._lock:
             _, tok = self._load()
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
-            text, usage = self._generate(list(ids), params)
-        return text, usage, self.model
+            text, usage, meta = self._generate(list(ids), params)
+        return text, usage, self.model, meta
 
     async def call(self, messages, params):
         return await asyncio.get_running_loop().run_in_executor(None, self._chat_sync, messages, params)
@@ -691,7 +722,7 @@ class LLMClient:
         try:
             j = json.loads(path.read_text(encoding="utf-8"))
             return Reply(j["text"], {**empty_usage(), **j["usage"]}, j.get("model", self.model), cached=True,
-                         logprobs=j.get("logprobs"))
+                         logprobs=j.get("logprobs"), finish_reason=j.get("finish_reason"))
         except (ValueError, KeyError, OSError):
             return None  # a damaged entry is simply recomputed
 
@@ -701,7 +732,8 @@ class LLMClient:
         if path is not None:
             write_json(path, {"backend": self.backend_name, "model": reply.model, "params": _norm_params(params),
                               "text": reply.text, "usage": reply.usage, "cost_usd": reply.cost_usd, "via": via,
-                              "created": time.time(), **({"logprobs": reply.logprobs} if reply.logprobs else {})})
+                              "created": time.time(), "finish_reason": reply.finish_reason,
+                              **({"logprobs": reply.logprobs} if reply.logprobs else {})})
 
     def is_cached_key(self, key: str) -> bool:
         p = self._cache_path(key)
@@ -776,11 +808,11 @@ class LLMClient:
                     self.stats["requests"] += 1  # SDK backends count each HTTP attempt themselves
                 if kind == "chat":
                     wire = payload if isinstance(self.backend, _SDKBackend) else _plain(payload)
-                    text, usage, model, *extra = await self.backend.call(wire, params)
+                    text, usage, model, meta = await self.backend.call(wire, params)
                 else:
-                    text, usage, model, *extra = await self.backend.complete(payload, params)
+                    text, usage, model, meta = await self.backend.complete(payload, params)
         reply = self.account(Reply(text, {**empty_usage(), **usage}, model, cached=False,
-                                   logprobs=extra[0] if extra else None))
+                                   logprobs=meta.get("logprobs"), finish_reason=meta.get("finish_reason")))
         self.cache_put(key, reply, params)
         return reply
 

@@ -150,8 +150,9 @@ class BatchRunner:
             if r is None:
                 failed[cid] = f"no result (batch {st.get('status', '?')})"
             elif r[0] == "ok":
-                _, text, usage, model = r
-                reply = c.account(Reply(text, usage, model, cached=False), batch=True)
+                _, text, usage, model, meta = r
+                reply = c.account(Reply(text, usage, model, cached=False, logprobs=meta.get("logprobs"),
+                                        finish_reason=meta.get("finish_reason")), batch=True)
                 c.cache_put(key, reply, st["params"].get(cid, {}), via=f"batch:{st['batch_id']}")
             else:
                 failed[cid] = r[1]
