@@ -171,6 +171,42 @@ def render_only(folder: str | Path, out_dir: str | Path, names=()) -> int:
     return 1 if failed else 0
 
 
+def source_code_cells(py_path: str | Path) -> list[str]:
+    """The code cells of a py:percent notebook, as jupytext reads them (the sources a rendered page must show)."""
+    import jupytext
+
+    nb = jupytext.read(Path(py_path), fmt="py:percent")
+    return [c.source.strip() for c in nb.cells if c.cell_type == "code" and c.source.strip()]
+
+
+def stale_code_cells(md_path: str | Path, py_path: str | Path) -> list[str]:
+    r"""Code cells of the source that the rendered page does not show verbatim, in order ([] = the page is current).
+
+    A page is current when every code cell of `py_path` appears as a fenced ```python block of `md_path`, in the
+    source's order (nbconvert writes each code cell's source unchanged; outputs and prose sit between them).
+
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp())
+        >>> _ = (d / "n.py").write_text("# %%\nx = 1\n\n# %%\nprint(x)\n")
+        >>> _ = (d / "n.md").write_text("```python\nx = 1\n```\n\n    1\n\n```python\nprint(x)\n```\n")
+        >>> stale_code_cells(d / "n.md", d / "n.py")
+        []
+        >>> _ = (d / "n.py").write_text("# %%\nx = 2\n\n# %%\nprint(x)\n")
+        >>> stale_code_cells(d / "n.md", d / "n.py")
+        ['x = 2']
+    """
+    page = Path(md_path).read_text(encoding="utf-8")
+    stale, pos = [], 0
+    for src in source_code_cells(py_path):
+        block = "```python\n" + src + "\n```"
+        at = page.find(block, pos)
+        if at < 0:
+            stale.append(src)
+        else:
+            pos = at + len(block)
+    return stale
+
+
 def is_full_page(md_path: str | Path) -> bool:
     """True when a rendered page came from a full-mode run (a SMOKE re-render must not silently replace it)."""
     note = page_note(md_path)

@@ -121,3 +121,13 @@ def test_execute_stamps_the_run_and_stops_at_the_time_limit(tmp_path):
     nb = nbformat.read(tmp_path / "ok" / "07_toy.ipynb", as_version=4)
     assert nb.metadata["longalign"]["status"] == "failed: ZeroDivisionError: division by zero"
     assert not (tmp_path / "ok" / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(__file__).parents[1] / "notebooks").glob("[0-9][0-9]_*.py")))
+def test_rendered_page_shows_todays_source(name):
+    """docs/notebooks/<name>.md shows every code cell of notebooks/<name>.py verbatim: re-render after editing one
+    (`bash bench/run_device_notebooks.sh OUT` on a GPU + `make docs-notebooks-render DIR=OUT`, or
+    `make docs-notebooks NB=notebooks/<name>.py` for a SMOKE page)."""
+    root = Path(__file__).parents[1]
+    stale = docs.stale_code_cells(root / "docs" / "notebooks" / f"{name}.md", root / "notebooks" / f"{name}.py")
+    assert not stale, f"docs/notebooks/{name}.md is stale: {len(stale)} code cell(s) differ, first:\n{stale[0][:400]}"
