@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The notebooks in FULL mode on one GPU, for docs/notebooks/: 04 (SmolLM2-135M trained at 16k, four strategies on the
-# same tokens), 05 (judge + needle grid), 03 (real step times, cost-model fit), 00 (setup on the GPU) and 02 (the
-# length analysis at full size), in that order of importance. 01 stays a SMOKE CPU run (synthesis is meant for an
-# API model). Each runs through longalign_lib.notebook_runner under its own time cap, the whole under BUDGET_S;
+# same tokens), 05 (judge + needle grid), 03 (real step times, cost-model fit), 00 (setup on the GPU), 02 (the
+# length analysis at full size) and 01 (Self-Instruct with the local model, batched on the GPU), in that order of
+# importance. Each runs through longalign_lib.notebook_runner under its own time cap, the whole under BUDGET_S;
 # each executed notebook (stamped with mode, device, date, seconds, status) is copied flat into OUT_DIR, with
 # device_notebooks.json (metrics + stamps) and the log: at most 7 files.
 #
@@ -55,7 +55,7 @@ echo "[setup] $((SECONDS - t0)) s; budget $BUDGET s"
 
 # name:cap (seconds). Expected on one H200 (estimates from the H100 runs in docs/performance.md, kernel start and
 # imports included): 04 ~100 s, 05 ~60 s, 03 ~40 s, 00 ~20 s, 02 ~30 s.
-PLAN=${NB_PLAN:-"04_long_context_sft:150 05_judge_evaluation:120 03_packing_vs_sorted_batching:90 00_setup_check:45 02_length_distribution:60"}
+PLAN=${NB_PLAN:-"04_long_context_sft:150 05_judge_evaluation:120 03_packing_vs_sorted_batching:100 00_setup_check:60 02_length_distribution:80 01_data_synthesis:90"}
 for spec in $PLAN; do
   name=${spec%%:*}
   cap=${spec##*:}
