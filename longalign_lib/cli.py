@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _print_skipped_lines(stage: str, metrics: dict) -> None:
+    """Each input line a stage skipped (metrics["bad_lines"]: "file:line: reason"), one per line on stderr."""
+    bad = metrics.get("bad_lines") or []
+    for b in bad:
+        print(f"longalign: {stage}: skipped {b}", file=sys.stderr)
+    if bad:
+        print(f"longalign: {stage}: {len(bad)} input line(s) skipped, every good line kept (listed in the stage's "
+              "JSON output)", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -94,8 +104,11 @@ def main(argv: list[str] | None = None) -> int:
             stages = args.stages.split(",") if args.stages else None
             results = pipeline.run_all(cfg, run_dir, args, stages=stages, force=args.force)
             metrics = {n: r.metrics for n, r in results.items()}
+            for name, m in metrics.items():
+                _print_skipped_lines(name, m)
         else:
             metrics = pipeline.run_one(args.stage, cfg, run_dir, args).metrics
+            _print_skipped_lines(args.stage, metrics)
         print(json.dumps(metrics, indent=2, default=str))
         return 0
     except LongAlignError as e:

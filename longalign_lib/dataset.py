@@ -17,7 +17,9 @@ chat takes 300 tokens on disk, and batching (stage 3) decides how sequences shar
 Records are tokenized in parallel (`num_proc` worker processes, batched calls into the Rust tokenizer). A rebuild
 happens only when the inputs, the tokenizer, the settings or the formatting code change: the key is stored with
 the dataset. Rejected records (bad roles, empty answers, too long with truncation=skip, ...) are counted by reason,
-never trained on; a line that is not JSON stops the build with its file and line.
+never trained on. Files are read with io.load_jsonl: a line that is not valid UTF-8 or not JSON is skipped and listed
+in summary["bad_lines"] ("file:line: reason", every one of them); every good line is kept; a file with no good line
+stops the build with one error.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 from .formatting import RecordError, assistant_char_spans, count_targets, format_batch
-from .io import LongAlignError, iter_jsonl, write_json
+from .io import LongAlignError, load_jsonl, write_json
 
 COLUMNS = ("input_ids", "labels", "length", "n_target", "source")  # the contract stages 3 and 4 read
 META_FILE = "longalign_dataset.json"  # inside the dataset folder: cache key + build summary
@@ -40,31 +42,46 @@ FORMAT_VERSION = "tokenize-v1"
 
 # ----------------------------------------------------------------------------------------------- inputs
 class _Group:
-    """Raw JSON lines of one source: `items` are (origin "file:line", json text)."""
+    """The records of one source: `items` are (origin "file:line", record); `bad` the lines of its files that could
+    not be read ("file:line: reason"). Files are read on first use of `items`, so a cache hit only hashes them."""
 
-    def __init__(self, source: str, items: list[tuple[str, str]], described: str, digest: str):
-        self.source, self.items, self.described, self.digest = source, items, described, digest
+    def __init__(self, source: str, described: str, digest: str, items: list | None = None,
+                 files: tuple[Path, ...] = (), bad: list | None = None):
+        self.source, self.described, self.digest, self.files = source, described, digest, files
+        self._items, self.bad = items, list(bad or [])
+
+    @property
+    def items(self) -> list[tuple[str, object]]:
+        if self._items is None:
+            self._items = []
+            for path in self.files:
+                f = load_jsonl(path)
+                self._items += [(f"{path}:{i}", rec) for i, rec in f.rows]
+                self.bad += f.bad_lines()
+        return self._items
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _read_lines(path: Path, source: str) -> _Group:
     if not path.exists():
         raise LongAlignError(f"{path}: file not found (check data.long_file / data.short_file / data.extra_files)")
-    raw = path.read_bytes()
-    items = []
-    for i, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        if line.strip():
-            items.append((f"{path}:{i}", line))
-    return _Group(source, items, str(path), hashlib.sha256(raw).hexdigest())
+    return _Group(source, str(path), _file_digest(path), files=(path,))
 
 
 def _from_records(records: list, source: str) -> _Group:
     items, h = [], hashlib.sha256()
     for i, rec in enumerate(records, start=1):
-        text = json.dumps(rec, ensure_ascii=False, sort_keys=True)
-        h.update(text.encode())
+        h.update(json.dumps(rec, ensure_ascii=False, sort_keys=True).encode())
         h.update(b"\n")
-        items.append((f"<{source}>:{i}", text))
-    return _Group(source, items, f"{len(records)} in-memory records", h.hexdigest())
+        items.append((f"<{source}>:{i}", rec))
+    return _Group(source, f"{len(records)} in-memory records", h.hexdigest(), items=items)
 
 
 def _groups(files_or_records) -> list[_Group]:
@@ -90,8 +107,11 @@ def _groups(files_or_records) -> list[_Group]:
         g = _read_lines(Path(value), source) if isinstance(value, (str, os.PathLike)) else _from_records(list(value), source)
         if source in out:  # two files with one stem: one source
             prev = out[source]
-            out[source] = _Group(source, prev.items + g.items, f"{prev.described} + {g.described}",
-                                 hashlib.sha256((prev.digest + g.digest).encode()).hexdigest())
+            lazy = prev._items is None and g._items is None  # files only: still read on first use
+            out[source] = _Group(source, f"{prev.described} + {g.described}",
+                                 hashlib.sha256((prev.digest + g.digest).encode()).hexdigest(),
+                                 items=None if lazy else prev.items + g.items, files=prev.files + g.files,
+                                 bad=None if lazy else prev.bad + g.bad)
         else:
             out[source] = g
     if not out:
@@ -187,26 +207,19 @@ def _init_worker(tokenizer, max_length, truncation) -> None:
     _WORKER.update(tokenizer=tokenizer, max_length=max_length, truncation=truncation)
 
 
-def _tokenize_chunk(lines: list[str]) -> dict:
-    """Worker: JSON lines → flat int32 token ids + labels of the kept records, and a status per record.
+def _tokenize_chunk(records: list) -> dict:
+    """Worker: records → flat int32 token ids + labels of the kept records, and a status per record.
 
     A rejected record keeps its reason in `status` (and contributes no tokens); "" means kept.
     """
     import numpy as np
 
-    n = len(lines)
+    n = len(records)
     status, error = [""] * n, [""] * n
     lengths, n_target = np.zeros(n, np.int64), np.zeros(n, np.int64)
     truncated, dropped = np.zeros(n, bool), np.zeros(n, bool)
-    records, where = [], []
-    for k, line in enumerate(lines):
-        try:
-            records.append(json.loads(line))
-            where.append(k)
-        except json.JSONDecodeError as e:
-            status[k], error[k] = "bad_json", f"invalid JSON ({e.msg} at column {e.colno})"
     ids_parts, label_parts = [], []
-    for k, res in zip(where, format_batch(records, _WORKER["tokenizer"], _WORKER["max_length"],
+    for k, res in zip(range(n), format_batch(records, _WORKER["tokenizer"], _WORKER["max_length"],
                                           _WORKER["truncation"]), strict=True):
         if isinstance(res, RecordError):
             status[k], error[k] = res.reason, str(res)
@@ -222,7 +235,7 @@ def _tokenize_chunk(lines: list[str]) -> dict:
             "n_target": n_target, "truncated": truncated, "dropped": dropped, "status": status, "error": error}
 
 
-def _tokenize_all(lines: list[str], tokenizer, max_length, truncation, num_proc: int, chunk: int) -> list[dict]:
+def _tokenize_all(lines: list, tokenizer, max_length, truncation, num_proc: int, chunk: int) -> list[dict]:
     """Tokenize in chunks, in `num_proc` worker processes (in order, so the result is the same for any num_proc)."""
     import multiprocessing as mp
 
@@ -398,12 +411,8 @@ def build_dataset(files_or_records, tokenizer, cfg, out_dir: str | os.PathLike, 
     parts = _tokenize_all(lines, tokenizer, cfg.max_length, cfg.truncation, nproc, chunk_size)
     del lines
     status = [st for p in parts for st in p["status"]]
-    bad = [i for i, st in enumerate(status) if st == "bad_json"]
-    if bad:
-        errors = [e for p in parts for e in p["error"]]
-        raise LongAlignError(f"{origins[bad[0]]}: {errors[bad[0]]}; fix or remove this line "
-                             f"({len(bad)} bad line(s) in all)")
     summary = _summarise(parts, sources, origins, cfg.truncation)
+    summary["bad_lines"] = [b for g in groups for b in g.bad]  # skipped unreadable lines, every one
     if not summary["kept"]:
         raise LongAlignError(f"build_dataset: every record was rejected ({summary['rejected']}); first: "
                              f"{summary['errors'][:1]}")
@@ -453,10 +462,10 @@ def find_record(inputs, source: str, origin: str) -> dict:
     else:
         value = dict(inputs.items() if isinstance(inputs, dict) else inputs)[source]
     if isinstance(value, (str, os.PathLike)):
-        for line, rec in iter_jsonl(value):
+        for line, rec in load_jsonl(value).rows:
             if line == pos:
                 return rec
-        raise LongAlignError(f"{origin}: no such line in {value}")
+        raise LongAlignError(f"{origin}: no such record in {value} (the file changed since it was tokenized?)")
     return list(value)[pos - 1]
 
 

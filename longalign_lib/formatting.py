@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import LongAlignError, iter_jsonl
+from .io import LongAlignError, load_jsonl
 
 IGNORE = -100
 ZERO_WIDTH = re.compile("[\u200b\u200c\u200d\u2060\ufeff]")
@@ -81,11 +81,12 @@ class FormatStats:
     rejected: Counter = field(default_factory=Counter)
     dropped_trailing_user: int = 0
     errors: list = field(default_factory=list)  # "file:line: reason" for the first rejected records
+    bad_lines: list = field(default_factory=list)  # "file:line: reason" for every line that was not JSON/UTF-8
 
     def to_dict(self) -> dict:
         return {"total": self.total, "kept": self.kept, "truncated": self.truncated,
                 "dropped_trailing_user": self.dropped_trailing_user, "rejected": dict(self.rejected),
-                "errors": list(self.errors)}
+                "errors": list(self.errors), "bad_lines": list(self.bad_lines)}
 
     def merge(self, other: FormatStats) -> None:
         self.total += other.total
@@ -94,6 +95,7 @@ class FormatStats:
         self.dropped_trailing_user += other.dropped_trailing_user
         self.rejected.update(other.rejected)
         self.errors.extend(other.errors[: max(0, 20 - len(self.errors))])
+        self.bad_lines.extend(other.bad_lines)
 
 
 def clean_messages(record: dict) -> tuple[list[dict], bool]:
@@ -321,8 +323,14 @@ def format_records(records, tokenizer, max_length=None, truncation="middle", sou
 
 
 def format_file(path: str | Path, tokenizer, max_length=None, truncation="middle", strict: bool = False):
-    """Format a LongAlign-10k-format JSONL file. With `strict`, the first bad record raises file:line: reason."""
-    return _format_numbered(iter_jsonl(path), tokenizer, max_length, truncation, str(path), strict)
+    """Format a LongAlign-10k-format JSONL file. With `strict`, the first bad record or line raises file:line:
+    reason; otherwise lines that are not UTF-8/JSON are skipped and listed in stats.bad_lines (io.load_jsonl)."""
+    f = load_jsonl(path)
+    if strict and f.bad:
+        raise LongAlignError(str(f.bad[0]))
+    examples, stats = _format_numbered(f.rows, tokenizer, max_length, truncation, str(path), strict)
+    stats.bad_lines = f.bad_lines()
+    return examples, stats
 
 
 def label_segments(tokenizer, ex: Example) -> list[tuple[str, bool]]:
@@ -340,6 +348,7 @@ def label_segments(tokenizer, ex: Example) -> list[tuple[str, bool]]:
 if __name__ == "__main__":
     import argparse
     import json
+    import sys
 
     from .models import load_tokenizer
 
@@ -349,5 +358,10 @@ if __name__ == "__main__":
     ap.add_argument("--max-length", type=int, default=None)
     ap.add_argument("--truncation", default="middle")
     a = ap.parse_args()
-    exs, st = format_file(a.file, load_tokenizer(a.model), a.max_length, a.truncation)
+    try:
+        exs, st = format_file(a.file, load_tokenizer(a.model), a.max_length, a.truncation)
+    except LongAlignError as e:
+        raise SystemExit(f"python -m longalign_lib.formatting: error: {e}") from None
+    for bad in st.bad_lines:
+        print(f"skipped {bad}", file=sys.stderr)
     print(json.dumps({**st.to_dict(), "lengths": [e.length for e in exs], "n_target": [e.n_target for e in exs]}))

@@ -1,13 +1,20 @@
 """Small, safe file helpers shared by every stage: atomic writes, JSONL with line-numbered errors, resumable appends.
 
-Usage: `from longalign_lib.io import read_jsonl, write_jsonl, append_jsonl, write_json, write_metrics`.
+Usage: `from longalign_lib.io import read_jsonl, load_jsonl, write_jsonl, append_jsonl, write_json, write_metrics`.
+    f = load_jsonl("long.jsonl")     # f.rows [(line, obj)], f.bad [BadLine: "file:line: reason"], f.digest
+    rows = read_jsonl("preds.jsonl") # strict: the first bad line raises LongAlignError("file:line: reason")
+JSONL lines end at "\n" only and are decoded as strict UTF-8 (a leading BOM is accepted): load_jsonl keeps every
+good line of training/eval data and reports each bad one; iter_jsonl/read_jsonl stop at the first.
+Run the examples as: python -m pytest --doctest-modules longalign_lib/io.py
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -88,30 +95,141 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[Any]) -> Path:
     return _atomic_replace(Path(path), w)
 
 
-def iter_jsonl(path: str | os.PathLike, allow_partial_last_line: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, object) for each non-empty line; a bad line raises LongAlignError naming file and line.
+BOM = b"\xef\xbb\xbf"
 
+
+@dataclass(frozen=True)
+class BadLine:
+    """One JSONL line that was not read: where it is and why. `str()` gives "file:line: reason"."""
+
+    path: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}:{self.line}: {self.reason}"
+
+
+@dataclass
+class JsonlFile:
+    """What `load_jsonl` read: the good rows as (line number, object), every bad line, and the file's sha256."""
+
+    path: Path
+    rows: list = field(default_factory=list)
+    bad: list = field(default_factory=list)
+    digest: str = ""
+
+    @property
+    def records(self) -> list:
+        return [obj for _, obj in self.rows]
+
+    def bad_lines(self) -> list[str]:
+        """Every bad line as "file:line: reason" (what stage reports and JSON outputs list)."""
+        return [str(b) for b in self.bad]
+
+
+def parse_jsonl_line(data: bytes) -> Any:
+    r"""One line's bytes → its JSON value; ValueError with a short reason when it is not valid UTF-8 or JSON.
+
+    >>> parse_jsonl_line('{"a": "x\u2028y"}'.encode())
+    {'a': 'x\u2028y'}
+    >>> parse_jsonl_line(b'{"a": 1')
+    Traceback (most recent call last):
+    ...
+    ValueError: invalid JSON (Expecting ',' delimiter at column 8); fix or remove this line
+    """
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not valid UTF-8 (byte 0x{data[e.start]:02x} at byte {e.start + 1} of the line); "
+                         "re-save the file as UTF-8 or remove this line") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON ({e.msg} at column {e.colno}); fix or remove this line") from None
+
+
+def split_jsonl(raw: bytes) -> list[tuple[int, bytes]]:
+    r"""(line number, bytes) of each non-blank line. Lines end at b"\n" only (U+2028, U+0085 and other Unicode
+    line breaks are ordinary characters inside a JSON string); a UTF-8 byte-order mark before line 1 is dropped.
+
+    >>> split_jsonl(BOM + b'{"a": 1}\r\n\n{"b": "\xe2\x80\xa8"}')
+    [(1, b'{"a": 1}\r'), (3, b'{"b": "\xe2\x80\xa8"}')]
+    """
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    return [(i, line) for i, line in enumerate(raw.split(b"\n"), start=1) if line.strip()]
+
+
+def load_jsonl(path: str | os.PathLike, allow_partial_last_line: bool = False) -> JsonlFile:
+    r"""Read a JSONL file, keeping every good line and naming every bad one: the one JSONL reader of the project.
+
+    Each line is decoded as strict UTF-8 and parsed on its own; a line that fails goes to `.bad` (file, line,
+    reason) and reading goes on. `allow_partial_last_line` drops a final line without "\n" that does not parse
+    (a run killed mid-write) without reporting it. A missing file, or one whose non-blank lines are all bad, raises
+    one LongAlignError. Callers that must not lose data report `.bad_lines()`; iter_jsonl/read_jsonl raise on the
+    first bad line instead.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise LongAlignError(f"{path}: file not found")
+    raw = path.read_bytes()
+    out = JsonlFile(path, digest=hashlib.sha256(raw).hexdigest())
+    lines = split_jsonl(raw)
+    for k, (i, data) in enumerate(lines):
+        try:
+            out.rows.append((i, parse_jsonl_line(data)))
+        except ValueError as e:
+            if allow_partial_last_line and k == len(lines) - 1 and not raw.endswith(b"\n"):
+                break
+            out.bad.append(BadLine(str(path), i, str(e)))
+    if out.bad and not out.rows:
+        more = f" (and {len(out.bad) - 1} more bad line(s))" if len(out.bad) > 1 else ""
+        raise LongAlignError(f"{path}: no line of this file is a valid JSON record; first: "
+                             f"line {out.bad[0].line}: {out.bad[0].reason}{more}")
+    return out
+
+
+def bad_lines_note(bad: list, shown: int = 20) -> str:
+    """Markdown for a stage report: how many input lines were skipped and why (the stage's JSON lists them all).
+
+    >>> print(bad_lines_note(["d.jsonl:2: invalid JSON (Expecting value at column 1); fix or remove this line"]))
+    <BLANKLINE>
+    <BLANKLINE>
+    **1 input line skipped** (not valid UTF-8 or not JSON; every good line was kept):
+    - `d.jsonl:2: invalid JSON (Expecting value at column 1); fix or remove this line`
+    """
+    if not bad:
+        return ""
+    more = f"\n- … and {len(bad) - shown} more (all listed in the stage's JSON)" if len(bad) > shown else ""
+    return (f"\n\n**{len(bad)} input line{'s' if len(bad) > 1 else ''} skipped** (not valid UTF-8 or not JSON; "
+            "every good line was kept):\n" + "\n".join(f"- `{b}`" for b in bad[:shown]) + more)
+
+
+def iter_jsonl(path: str | os.PathLike, allow_partial_last_line: bool = False) -> Iterator[tuple[int, Any]]:
+    r"""Yield (line_number, object) for each non-blank line; a bad line raises LongAlignError naming file and line.
+
+    Same reading rules as load_jsonl (lines end at "\n" only, strict UTF-8, a leading BOM is accepted), but strict:
+    for files the project writes itself (caches, predictions) a bad line means something is wrong, so it stops.
     `allow_partial_last_line` tolerates a truncated final line (a run killed mid-write) by ignoring it.
     """
     path = Path(path)
     if not path.exists():
         raise LongAlignError(f"{path}: file not found")
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    for i, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    raw = path.read_bytes()
+    lines = split_jsonl(raw)
+    for k, (i, data) in enumerate(lines):
         try:
-            yield i, json.loads(line)
-        except json.JSONDecodeError as e:
-            if allow_partial_last_line and i == len(lines) and not line.endswith("\n"):
+            obj = parse_jsonl_line(data)
+        except ValueError as e:
+            if allow_partial_last_line and k == len(lines) - 1 and not raw.endswith(b"\n"):
                 return
-            raise LongAlignError(
-                f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno}); fix or remove this line"
-            ) from None
+            raise LongAlignError(f"{path}:{i}: {e}") from None
+        yield i, obj
 
 
 def read_jsonl(path: str | os.PathLike, allow_partial_last_line: bool = False) -> list[Any]:
+    """Every object of a JSONL file (iter_jsonl: the first bad line raises, naming file and line)."""
     return [obj for _, obj in iter_jsonl(path, allow_partial_last_line)]
 
 

@@ -113,3 +113,55 @@ def test_rerun_after_a_changed_setting_reruns_that_stage_and_downstream(tmp_path
     calls.clear()
     pipeline.run_all(cfg2, tmp_path, stages=["check", "tokenize"], force=True)
     assert calls == ["check", "tokenize"]
+
+
+def _file_with_every_bad_input(path: Path) -> list[dict]:
+    """Two good sample records, one starting with a UTF-8 BOM and holding U+2028/U+0085 in its answer, around a
+    broken JSON line and a line that is not UTF-8. Returns the good records."""
+    from longalign_lib.io import read_jsonl
+
+    from .conftest import SAMPLE
+
+    good = read_jsonl(SAMPLE)[3:5]
+    good[0]["messages"][-1]["content"] += "\u2028next paragraph\x85end"
+    path.write_bytes(b"\n".join([b"\xef\xbb\xbf" + json.dumps(good[0], ensure_ascii=False).encode(),
+                                 b'{"messages": [', b'{"messages": "caf\xe9"}',
+                                 json.dumps(good[1], ensure_ascii=False).encode()]) + b"\n")
+    return good
+
+
+def test_check_and_tokenize_report_every_bad_line_and_keep_every_good_one(tmp_path, capsys):
+    """Fails on a7eda25: `longalign check` crashed with a raw UnicodeDecodeError on the undecodable line; with that
+    line gone, the BOM aborted at line 1 and U+2028/U+0085 split the first record into 3 bad lines; `longalign
+    tokenize` stopped at the first bad line."""
+    data = tmp_path / "mixed.jsonl"
+    _file_with_every_bad_input(data)
+    want = [f"{data}:2: invalid JSON", f"{data}:3: not valid UTF-8 (byte 0xe9"]
+    run = tmp_path / "run"
+    assert main(["check", "--set", f"data_file={data}", "--run-dir", str(run), "--prompt", "Hi."]) == 0
+    out, err = capsys.readouterr()
+    for w in want:
+        assert f"longalign: check: skipped {w}" in err
+    check = json.loads((run / "check.json").read_text())
+    assert check["records"] == 2 and check["format"]["kept"] == 2 and check["format"]["rejected"] == {}
+    assert [b[:len(w)] for b, w in zip(check["bad_lines"], want, strict=True)] == want
+    assert json.loads(out)["bad_lines"] == check["bad_lines"] == check["format"]["bad_lines"]
+
+    # the tokenize stage (stage 2) over the same file: the same two reasons, both good records tokenized
+    assert main(["tokenize", "--set", f"data.extra_files=[{data}]", "--set", "data.max_length=4096",
+                 "--run-dir", str(run)]) == 0
+    out, err = capsys.readouterr()
+    for w in want:
+        assert f"longalign: tokenize: skipped {w}" in err
+    summary = json.loads((run / "tokenize.json").read_text())
+    assert summary["kept"] == 2 and [b[:len(w)] for b, w in zip(summary["bad_lines"], want, strict=True)] == want
+    assert json.loads(out)["bad_lines"] == summary["bad_lines"]
+    assert "2 input lines skipped" in (run / "stages" / "tokenize.json").read_text()
+
+
+def test_a_data_file_with_no_good_line_is_one_clear_error(tmp_path, capsys):
+    data = tmp_path / "bad.jsonl"
+    data.write_bytes(b"\xff\xfe{\n")
+    assert main(["check", "--set", f"data_file={data}", "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{data}: no line of this file is a valid JSON record" in err[0] and "UTF-8" in err[0]

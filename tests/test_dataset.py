@@ -90,10 +90,52 @@ def test_rejections_counted_by_reason_with_file_and_line(tmp_path, smol_tokenize
     assert D.find_record({"records": good}, "records", "<records>:2") == good[1]
 
 
-def test_bad_json_names_the_line_and_writes_nothing(tmp_path, smol_tokenizer):
+def _bad_input_file(path, kind: str):
+    """Three good chats around one bad line of the given kind; returns (good records, bad line number or None)."""
+    good = chats(3)
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in good]
+    if kind == "broken_json":
+        lines.insert(1, b'{"messages": [')
+        bad = 2
+    elif kind == "invalid_utf8":
+        lines.insert(2, b'{"messages": [{"role": "user", "content": "caf\xe9"}]}')  # latin-1, not UTF-8
+        bad = 3
+    elif kind == "line_separators":  # U+2028 / U+0085 inside strings: valid JSONL, as write_jsonl writes it
+        good[1]["messages"][1]["content"] = "para one\u2028para two\x85end"
+        lines[1] = json.dumps(good[1], ensure_ascii=False).encode()
+        bad = None
+    elif kind == "bom":
+        lines[0] = b"\xef\xbb\xbf" + lines[0]
+        bad = None
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return good, bad
+
+
+@pytest.mark.parametrize("kind", ["broken_json", "invalid_utf8", "line_separators", "bom"])
+def test_bad_input_loses_no_good_line_and_names_each_bad_one(tmp_path, smol_tokenizer, kind):
+    """Fails on a7eda25: a broken line aborted the build, invalid UTF-8 was silently replaced (the record was
+    trained on with U+FFFD), U+2028/U+0085 split one record into 3 "bad lines", and a BOM aborted at line 1."""
+    path = tmp_path / "in.jsonl"
+    good, bad = _bad_input_file(path, kind)
+    ds, s = D.build_dataset([path], smol_tokenizer, DataConfig(max_length=BIG), tmp_path / "tok")
+    assert s["kept"] == len(ds) == 3 and s["rejected"] == {}
+    want = ["para one\u2028para two\x85end"] if kind == "line_separators" else []
+    assert [m["content"] for r in good for m in r["messages"] if "\u2028" in m["content"]] == want
+    for row, rec in zip(ds, good, strict=True):
+        assert row["input_ids"] == format_record(rec, smol_tokenizer, BIG).input_ids
+    if bad is None:
+        assert s["bad_lines"] == []
+    else:
+        assert len(s["bad_lines"]) == 1 and s["bad_lines"][0].startswith(f"{path}:{bad}: ")
+        assert ("not valid UTF-8" if kind == "invalid_utf8" else "invalid JSON") in s["bad_lines"][0]
+        assert f"{path}:{bad}" not in ds["origin"]
+    assert json.loads((tmp_path / "tok" / D.META_FILE).read_text())["summary"]["bad_lines"] == s["bad_lines"]
+
+
+def test_a_file_with_no_good_line_is_one_error_and_writes_nothing(tmp_path, smol_tokenizer):
     path = tmp_path / "broken.jsonl"
-    path.write_text(json.dumps(chats(1)[0]) + "\n" + '{"messages": [\n')
-    with pytest.raises(LongAlignError, match=rf"{path}:2: invalid JSON"):
+    path.write_bytes(b'{"messages": [\n\xff\xfe\n')
+    with pytest.raises(LongAlignError, match=rf"{path}: no line .* line 1: invalid JSON.*1 more bad line"):
         D.build_dataset([path], smol_tokenizer, DataConfig(), tmp_path / "tok")
     assert not (tmp_path / "tok").exists() and not list(tmp_path.glob(".tok*"))
 

@@ -189,7 +189,9 @@ def test_format_file_errors_name_file_and_line(smol_tokenizer, tmp_path):
     assert st.kept == 1 and st.rejected == {"empty_answer": 1}
     p.write_text(good + "\n{not json\n")
     with pytest.raises(LongAlignError, match=re.escape(f"{p}:2: invalid JSON")):
-        format_file(p, smol_tokenizer)
+        format_file(p, smol_tokenizer, strict=True)
+    exs, st = format_file(p, smol_tokenizer)  # not strict: the bad line is skipped and named, the good one kept
+    assert st.kept == len(exs) == 1 and st.bad_lines[0].startswith(f"{p}:2: invalid JSON")
 
 
 def test_no_chat_template_is_a_clear_error(smol_tokenizer):

@@ -44,3 +44,27 @@ def test_write_json_handles_numpy(tmp_path):
 
     write_json(tmp_path / "m.json", {"x": np.arange(3), "y": np.float32(1.5).item()})
     assert (tmp_path / "m.json").read_text().count("\n") > 1
+
+
+def test_load_jsonl_keeps_every_good_line_and_names_every_bad_one(tmp_path):
+    """Fails on a7eda25 (no load_jsonl; iter_jsonl raised a bare UnicodeDecodeError and rejected a BOM)."""
+    from longalign_lib.io import load_jsonl
+
+    p = tmp_path / "d.jsonl"
+    rec = {"text": "one\u2028two\x85three\u2029four\x1cfive"}  # Unicode line breaks inside a string
+    write_jsonl(p, [rec])
+    assert read_jsonl(p) == [rec] and load_jsonl(p).rows == [(1, rec)]
+    p.write_bytes(b'\xef\xbb\xbf{"a": 1}\r\n{"a": \n\n{"b": "caf\xe9"}\n{"c": 3}\n{"d": ')
+    f = load_jsonl(p, allow_partial_last_line=True)
+    assert f.rows == [(1, {"a": 1}), (5, {"c": 3})]
+    assert [(b.line, b.reason.split(" (")[0]) for b in f.bad] == [(2, "invalid JSON"), (4, "not valid UTF-8")]
+    assert f.bad_lines()[1] == f"{p}:4: not valid UTF-8 (byte 0xe9 at byte 11 of the line); re-save the file as " \
+                               "UTF-8 or remove this line"
+    assert len(load_jsonl(p).bad) == 3  # without allow_partial_last_line the torn last line is reported too
+    p.write_bytes(b'{"a": 1}\n{"a": 2}\n{"c": 3}\n{"b": "\xe9"}\n')
+    with pytest.raises(LongAlignError, match=rf"{p}:4: not valid UTF-8"):  # strict readers: a clear error
+        read_jsonl(p)
+    p.write_bytes(b"\xff\n{oops\n")
+    with pytest.raises(LongAlignError, match=rf"{p}: no line of this file is a valid JSON record; first: line 1: "
+                                             r"not valid UTF-8.*\(and 1 more bad line\(s\)\)"):
+        load_jsonl(p)

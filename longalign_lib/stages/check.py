@@ -12,7 +12,7 @@ from .. import plots
 from ..formatting import format_file, label_segments
 from ..generate import generate_reply
 from ..inputs import records_file
-from ..io import write_json
+from ..io import LongAlignError, bad_lines_note, write_json
 from ..models import BUNDLED, convert_bundled, load_model_and_tokenizer, longalign_home, model_info
 from .base import StageResult
 
@@ -35,6 +35,9 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     load_s = time.time() - t0
     data = records_file(cfg)
     examples, stats = format_file(data, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
+    if not examples:
+        raise LongAlignError(f"{data}: no record could be formatted ({dict(stats.rejected)}); first: "
+                             f"{(stats.errors or stats.bad_lines or ['the file is empty'])[0]}")
     ex = min(examples, key=lambda e: e.length)
     fig = plots.label_mask_figure(label_segments(tok, ex))
     fig_path = plots.save(fig, run_dir / "figures" / "label_mask.png", close=True)
@@ -50,10 +53,11 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     metrics = {"model": cfg.model.name, "device": info.device, "dtype": info.dtype, "n_params": info.n_params,
                "load_s": round(load_s, 2), "generate_s": round(time.time() - t1, 2),
                **({"convert_s": convert_s} if convert_s is not None else {}), "records": stats.kept,
-               "rejected": sum(stats.rejected.values()), "reply_chars": len(reply)}
+               "rejected": sum(stats.rejected.values()), "reply_chars": len(reply), "bad_lines": list(stats.bad_lines)}
     write_json(run_dir / "check.json", {**metrics, "prompt": args.prompt, "reply": reply, "format": stats.to_dict()})
     converted = f"converted once from the bundled GGUF in {convert_s:.1f}s, then " if convert_s is not None else ""
     report = (f"Model `{cfg.model.name}` ({info.n_params/1e6:.0f}M parameters, {info.dtype} on {info.device}) "
-              f"{converted}loaded in {load_s:.1f}s. {stats.kept}/{stats.total} sample records formatted.\n\n"
+              f"{converted}loaded in {load_s:.1f}s. {stats.kept}/{stats.total} records of `{data}` formatted."
+              f"{bad_lines_note(stats.bad_lines)}\n\n"
               f"> **Q:** {args.prompt}\n>\n> **A:** {reply}\n\n![label mask]({fig_path.relative_to(run_dir)})")
     return StageResult(metrics, ["check.json", str(fig_path.relative_to(run_dir))], report)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..dataset import build_dataset
 from ..inputs import stage1_records, tokenized_dir
-from ..io import write_json
+from ..io import bad_lines_note, write_json
 from ..models import load_tokenizer
 from .base import StageResult
 
@@ -31,7 +31,8 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     metrics = {"records": summary["kept"], "rejected": sum(summary["rejected"].values()),
                "truncated": sum(summary["truncated"].values()), "tokens": summary["tokens"],
                "target_tokens": summary["target_tokens"], "max_len": pc.max(ds.data.column("length")).as_py(),
-               "mean_len": round(summary["tokens"] / max(1, summary["kept"]), 1), "cached": summary["cached"]}
+               "mean_len": round(summary["tokens"] / max(1, summary["kept"]), 1), "cached": summary["cached"],
+               "bad_lines": summary.get("bad_lines", [])}
     rows = ["| source | records | kept | truncated | tokens | target tokens | rejected |", "|---|---|---|---|---|---|---|"]
     for src, s in summary["by_source"].items():
         rej = ", ".join(f"{k}: {v}" for k, v in s["rejected"].items()) or "—"
@@ -47,6 +48,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     report = (f"{where} Tokenized with `{cfg.model.name}`'s chat template, max_length {cfg.data.max_length} "
               f"(truncation: {cfg.data.truncation}), no padding: {summary['kept']} sequences, "
               f"{summary['tokens']:,} tokens ({summary['target_tokens']:,} trained on) in `{out_dir}`"
-              f"{' (cached: inputs unchanged)' if summary['cached'] else ''}.{mixed}\n\n" + "\n".join(rows))
+              f"{' (cached: inputs unchanged)' if summary['cached'] else ''}.{mixed}\n\n" + "\n".join(rows)
+              + bad_lines_note(summary.get("bad_lines", [])))
     return StageResult(metrics, ["tokenize.json", str(out_dir)], report)
 
