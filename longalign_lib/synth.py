@@ -758,32 +758,72 @@ def use_cache_marker(scfg) -> bool:
     return bool(scfg.prompt_caching) and getattr(scfg, "mode", "interactive") == "interactive"
 
 
-def dry_run(client, docs: list[Document], scfg, done: set[str]) -> dict:
-    """Calls, tokens and cost of the long-data synthesis before spending anything."""
-    todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
+def dry_run(client, docs: list[Document] | None, scfg, done: set[str], corpus_cfg=None) -> dict:
+    """Calls, tokens and cost of the long-data synthesis before spending anything; needs no API key.
+
+    docs: the corpus synth would read (its texts are counted), or None when no corpus was built yet: the plan is
+    then made for the size the settings ask for — min(corpus.n_docs, synth.max_docs) documents of the mean length
+    corpus.draw_target gives for corpus.min_tokens/max_tokens/upsample_long — without building anything.
+    client: an LLMClient to count tokens with and to tell which question calls are already cached, or None:
+    tokens are then approximated (~4 characters per token, what API backends use anyway) and price comes from
+    synth.prices; `questions.cached` is None (not checked).
+    """
+    from .llm import messages_tokens, price_for
+
     qp = {"max_new_tokens": scfg.question_max_new_tokens or scfg.max_new_tokens, "temperature": scfg.temperature}
-    q_batch = [question_messages(d.text, task_for(i, scfg), d.lang, scfg.n_questions) for i, d in todo]
-    # the seed is part of each request's cache key
-    q_est = {"calls": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
-    for (_, d), msgs in zip(todo, q_batch, strict=True):
-        e = client.estimate([msgs], seed=_doc_seed(d.id, scfg.seed), **qp)
-        for k in q_est:
-            q_est[k] += e[k]
+    backend = client.backend_name if client is not None else scfg.backend
+    model = client.model if client is not None else scfg.model
+    price = client.price if client is not None else (price_for(model, scfg.prices) if backend != "local" else None)
+    count = client.count_tokens if client is not None else messages_tokens
     placeholder = "?" * (PLACEHOLDER_QUESTION_TOKENS * 4)
-    a_est = client.estimate([answer_messages(d.text, placeholder, d.lang) for _, d in todo],
-                            max_new_tokens=scfg.max_new_tokens)
+
+    def priced(calls: int, cached, tin: int, tout: int) -> dict:
+        usage = {"input_tokens": int(tin), "output_tokens": int(tout)}
+        return {"calls": calls, "cached": cached, **usage, "cost_usd": round(cost_of(usage, price), 6)}
+
+    if docs is None:  # estimate from the requested size: no corpus, no client
+        if corpus_cfg is None:
+            raise LongAlignError("dry_run: give the corpus documents or the corpus settings (corpus_cfg)")
+        n_req = min(corpus_cfg.n_docs, scfg.max_docs) if scfg.max_docs else corpus_cfg.n_docs
+        mean_doc = mean_target_length(corpus_cfg.min_tokens, corpus_cfg.max_tokens, corpus_cfg.upsample_long)
+        types = [task_for(i, scfg) for i in range(max(1, len(scfg.task_types)))]
+        q_over = sum(messages_tokens(question_messages("", t, "en", scfg.n_questions)) for t in types) / len(types)
+        a_over = messages_tokens(answer_messages("", placeholder, "en"))
+        n = n_req
+        q_est = priced(n, None, n * (mean_doc + q_over), n * qp["max_new_tokens"])
+        a_est = priced(n, None, n * (mean_doc + a_over), n * scfg.max_new_tokens)
+        source = (f"requested size, no corpus built: {n} documents (corpus.n_docs={corpus_cfg.n_docs}"
+                  f"{f', synth.max_docs={scfg.max_docs}' if scfg.max_docs else ''}) of ~{mean_doc:,.0f} tokens "
+                  f"(the mean for corpus.min_tokens={corpus_cfg.min_tokens}, max_tokens={corpus_cfg.max_tokens}, "
+                  f"upsample_long={corpus_cfg.upsample_long})")
+        skipped = 0
+    else:
+        todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
+        n, skipped = len(todo), len(docs) - len(todo)
+        q_batch = [question_messages(d.text, task_for(i, scfg), d.lang, scfg.n_questions) for i, d in todo]
+        if client is not None:  # the seed is part of each request's cache key
+            q_est = {"calls": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
+            for (_, d), msgs in zip(todo, q_batch, strict=True):
+                e = client.estimate([msgs], seed=_doc_seed(d.id, scfg.seed), **qp)
+                for k in q_est:
+                    q_est[k] += e[k]
+        else:
+            q_est = priced(n, None, sum(count(m) for m in q_batch), n * qp["max_new_tokens"])
+        a_msgs = [answer_messages(d.text, placeholder, d.lang) for _, d in todo]
+        a_est = priced(n, None if client is None else 0, sum(count(m) for m in a_msgs), n * scfg.max_new_tokens)
+        mean_doc = sum(count([{"role": "user", "content": d.text}]) for d in docs) / max(1, len(docs))
+        source = f"the corpus: {len(docs)} documents"
     total = {k: q_est[k] + a_est[k] for k in ("calls", "input_tokens", "output_tokens", "cost_usd")}
     total["cost_usd"] = round(total["cost_usd"], 6)
     # the same run at the paper's scale, under each lever, at this model's price (or every listed price)
-    mean_doc = sum(client.count_tokens([{"role": "user", "content": d.text}]) for d in docs) / max(1, len(docs))
-    key = _price_key(client.model, scfg.prices)
-    prices = {client.model: scfg.prices[key]} if key else dict(scfg.prices)
+    key = _price_key(model, scfg.prices)
+    prices = {model: scfg.prices[key]} if key else dict(scfg.prices)
     scale = cost_table(prices, SCALE_RECORDS, mean_doc, question_tokens=qp["max_new_tokens"],
                        answer_tokens=scfg.max_new_tokens, batch_discount=scfg.batch_discount)
-    return {"documents": len(todo), "skipped_done": len(docs) - len(todo), "backend": client.backend_name,
-            "extra_question_calls_at_most": len(todo) * (max(1, scfg.question_attempts) - 1),
-            "model": client.model, "price_per_1M": a_est["price_per_1M"], "questions": q_est, "answers": a_est,
-            **total, "mode": scfg.mode, "prompt_caching": scfg.prompt_caching,
+    return {"documents": n, "skipped_done": skipped, "estimated_from": source, "backend": backend,
+            "extra_question_calls_at_most": n * (max(1, scfg.question_attempts) - 1),
+            "model": model, "price_per_1M": [price.input, price.output] if price else None, "questions": q_est,
+            "answers": a_est, **total, "mode": scfg.mode, "prompt_caching": scfg.prompt_caching,
             "scale": {"records": SCALE_RECORDS, "mean_doc_tokens": round(mean_doc), "rows": scale}}
 
 

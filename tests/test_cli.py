@@ -165,3 +165,19 @@ def test_a_data_file_with_no_good_line_is_one_clear_error(tmp_path, capsys):
     assert main(["check", "--set", f"data_file={data}", "--run-dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{data}: no line of this file is a valid JSON record" in err[0] and "UTF-8" in err[0]
+
+
+def test_synth_dry_run_plans_the_requested_size_without_key_or_corpus(tmp_path, capsys, monkeypatch):
+    """Fails on a7eda25: the paper preset's dry run built a corpus first (129 documents found offline, ~30 s),
+    planned those instead of the 10,000 asked for, then stopped for want of OPENAI_API_KEY."""
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    run = tmp_path / "run"
+    assert main(["synth", "--preset", "paper", "--run-dir", str(run), "--dry-run"]) == 0
+    plan = json.loads((run / "synth_plan.json").read_text())
+    assert plan["documents"] == 10_000 and plan["calls"] == 20_000 and plan["questions"]["cached"] is None
+    assert plan["output_tokens"] == 10_000 * (1024 + 1024) and plan["cost_usd"] > 0  # paper: 1024-token caps
+    assert 8000 < plan["scale"]["mean_doc_tokens"] < 64000 and "corpus.n_docs=10000" in plan["estimated_from"]
+    assert not (run / "corpus.jsonl").exists() and not (run / "long.jsonl").exists()
+    assert "10,000 documents" in capsys.readouterr().out
+    assert main(["synth", "--preset", "paper", "--run-dir", str(run), "--dry-run", "--set", "synth.max_docs=40"]) == 0
+    assert json.loads((run / "synth_plan.json").read_text())["documents"] == 40

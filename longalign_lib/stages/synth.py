@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import plots
+from ..corpus import load_corpus
 from ..inputs import corpus_docs
 from ..io import LongAlignError, iter_jsonl, write_json, write_jsonl
 from ..llm import client_from_config, make_client
@@ -95,9 +96,52 @@ def _short_client(cfg, long_client):
                        timeout_s=s.timeout_s, prices=s.prices)
 
 
+def _dry_run_client(s):
+    """An API client to see which calls are already cached, when one can be made without a key prompt; else None
+    (the local backend is never loaded for a dry run: it costs nothing, and tokens are approximated)."""
+    if s.backend == "local":
+        return None
+    try:
+        return client_from_config(s)
+    except LongAlignError:  # no API key: the plan does not need one
+        return None
+
+
+def dry_run_stage(cfg, run_dir: Path, args) -> StageResult:
+    """`longalign synth --dry-run`: the plan from the corpus if one exists, else from the requested size (no corpus
+    is built, no model loaded, no API key needed); writes synth_plan.json and spends nothing."""
+    s = cfg.synth
+    path = Path(s.corpus_file) if s.corpus_file else run_dir / "corpus.jsonl"
+    if s.corpus_file and not path.exists():
+        raise LongAlignError(f"synth.corpus_file={path}: file not found")
+    docs = load_corpus(path) if path.exists() else None
+    if docs is not None and s.max_docs:
+        docs = docs[: s.max_docs]
+    done = _done_ids(run_dir / "long.jsonl", run_dir / "synth_rejects.jsonl")[0] \
+        if docs is not None and getattr(args, "resume", False) else set()
+    plan = dry_run(_dry_run_client(s), docs, s, done, corpus_cfg=cfg.corpus)
+    cached = plan["questions"]["cached"]
+    print(f"[longalign] synth --dry-run ({plan['estimated_from']}): {plan['documents']:,} documents → "
+          f"{plan['calls']:,} calls ({'cache not checked' if cached is None else f'{cached} question calls cached'}), "
+          f"~{plan['input_tokens']:,} input + ≤{plan['output_tokens']:,} output tokens, ≈ ${plan['cost_usd']:.4f} on "
+          f"{plan['backend']}:{plan['model']}", flush=True)
+    sc = plan["scale"]
+    print(f"[longalign] a {sc['records']:,}-document run (mean document {sc['mean_doc_tokens']:,} tokens; "
+          f"output at its caps), interactive vs batch x prompt caching off/on:\n{lever_table(sc['rows'])}",
+          flush=True)
+    write_json(run_dir / "synth_plan.json", plan)
+    return StageResult({"dry_run": True, "documents": plan["documents"], "calls": plan["calls"],
+                        "input_tokens": plan["input_tokens"], "output_tokens": plan["output_tokens"],
+                        "cost_usd": plan["cost_usd"]}, ["synth_plan.json"],
+                       f"Dry run only ({plan['estimated_from']}): {plan['calls']:,} calls, "
+                       f"≈ ${plan['cost_usd']:.4f}. Nothing was generated.", dry_run=True)
+
+
 def run(cfg, run_dir: Path, args) -> StageResult:
     s = cfg.synth
     run_dir = Path(run_dir)
+    if getattr(args, "dry_run", False):
+        return dry_run_stage(cfg, run_dir, args)
     docs, corpus_from = corpus_docs(cfg, run_dir)
     if s.max_docs:
         docs = docs[: s.max_docs]
@@ -105,24 +149,6 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     long_path, short_path = run_dir / "long.jsonl", run_dir / "short.jsonl"
     rej_long, rej_short = run_dir / "synth_rejects.jsonl", run_dir / "short_rejects.jsonl"
     resume = bool(getattr(args, "resume", False))
-    if getattr(args, "dry_run", False):
-        done = _done_ids(long_path, rej_long)[0] if resume else set()
-        plan = dry_run(client, docs, s, done)
-        print(f"[longalign] synth --dry-run: {plan['documents']} documents → {plan['calls']} calls "
-              f"({plan['questions']['cached']} question calls cached), ~{plan['input_tokens']:,} input + "
-              f"≤{plan['output_tokens']:,} output tokens, ≈ ${plan['cost_usd']:.4f} on {plan['backend']}:{plan['model']}",
-              flush=True)
-        sc = plan["scale"]
-        print(f"[longalign] a {sc['records']:,}-document run (mean document {sc['mean_doc_tokens']:,} tokens; "
-              f"output at its caps), interactive vs batch x prompt caching off/on:\n{lever_table(sc['rows'])}",
-              flush=True)
-        write_json(run_dir / "synth_plan.json", plan)
-        return StageResult({"dry_run": True, "calls": plan["calls"], "input_tokens": plan["input_tokens"],
-                            "output_tokens": plan["output_tokens"], "cost_usd": plan["cost_usd"]},
-                           ["synth_plan.json"],
-                           f"Dry run only: {plan['calls']} calls, ≈ ${plan['cost_usd']:.4f}. Nothing was generated.",
-                           dry_run=True)
-
     pre = check_prerequisites(cfg, client, len(docs))  # before the first paid call
     if s.mode == "batch":
         long_stats = synth_long_batched(client, docs, s, long_path, rej_long, run_dir / "batches", resume=resume)
