@@ -359,6 +359,7 @@ if __name__ == "__main__":
     ap.add_argument("--truncation", default="middle")
     a = ap.parse_args()
     try:
+        load_jsonl(a.file)  # a missing or unreadable file fails here, before the tokenizer is loaded
         exs, st = format_file(a.file, load_tokenizer(a.model), a.max_length, a.truncation)
     except LongAlignError as e:
         raise SystemExit(f"python -m longalign_lib.formatting: error: {e}") from None

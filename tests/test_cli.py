@@ -181,3 +181,12 @@ def test_synth_dry_run_plans_the_requested_size_without_key_or_corpus(tmp_path, 
     assert "10,000 documents" in capsys.readouterr().out
     assert main(["synth", "--preset", "paper", "--run-dir", str(run), "--dry-run", "--set", "synth.max_docs=40"]) == 0
     assert json.loads((run / "synth_plan.json").read_text())["documents"] == 40
+
+
+def test_formatting_module_reports_bad_input_in_one_line(tmp_path):
+    """Fails on a7eda25: `python -m longalign_lib.formatting` printed a traceback for a missing file."""
+    for args, want in (([str(tmp_path / "missing.jsonl")], "missing.jsonl: file not found"),
+                       ([str(Path(__file__))], "no line of this file is a valid JSON record")):
+        r = subprocess.run([sys.executable, "-m", "longalign_lib.formatting", *args], capture_output=True, text=True)
+        assert r.returncode != 0 and r.stdout == ""
+        assert r.stderr.strip().splitlines() == [r.stderr.strip()] and want in r.stderr, r.stderr
