@@ -116,14 +116,24 @@ class Step:
 
     index: int
     ranks: list[list[MicroBatch]]
+    source: Any = field(default=None, repr=False, compare=False)  # item id → dataset row (its Plan's `source`)
 
     def micro_batches(self):
         for rank in self.ranks:
             yield from rank
 
     @property
-    def n_sequences(self) -> int:
+    def n_items(self) -> int:
+        """Items in the step: the pieces of a split sequence count one each."""
         return sum(mb.n_sequences for mb in self.micro_batches())
+
+    @property
+    def n_sequences(self) -> int:
+        """M of Eq. 2: the dataset sequences in the step, the pieces of a split sequence counted once (needs
+        `source`, which a Plan sets on its steps; without it every item counts)."""
+        if self.source is None:
+            return self.n_items
+        return len({int(self.source[i]) for i in self.item_ids})
 
     @property
     def tokens(self) -> int:
@@ -153,6 +163,11 @@ class Plan:
     views: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # item id → kept [start, end) ranges
     counters: dict = field(default_factory=dict)
     masked: dict[int, list[tuple[int, int]]] = field(default_factory=dict)  # item id → never-target [a, b) ranges
+
+    def __post_init__(self):
+        for st in self.steps:  # so Step.n_sequences counts the pieces of a split sequence once
+            if st.source is None:
+                st.source = self.source
 
     def n_sequences(self, step: Step) -> int:
         """M of Eq. 2: the dataset sequences in `step` (the pieces of a split sequence count once)."""
@@ -986,10 +1001,11 @@ def fill_histogram_figure(plans: dict[str, Plan], title: str | None = None):
     return fig
 
 
-def loss_weight_figure(step: Step, n_target=None, title: str | None = None, max_seqs: int = 40):
+def loss_weight_figure(step: Step, n_target=None, title: str | None = None, max_seqs: int = 40, source=None):
     """Per-sequence effective weight (share of the step loss given to each sequence's mean token loss) under the
     three reductions; sequences ordered by pack, labelled with their target-token count. Eq. 2 (`sequence`) is
-    flat at 1/M; `token` follows N_i; `pack_mean` depends on who shares the pack."""
+    flat at 1/M; `token` follows N_i; `pack_mean` depends on who shares the pack. `source` (default: the step's,
+    set by its Plan) maps items to dataset rows: the pieces of a split sequence share its 1/M and count once in M."""
     from . import plots
 
     ids, pack_of, nts = [], [], []
@@ -1000,7 +1016,8 @@ def loss_weight_figure(step: Step, n_target=None, title: str | None = None, max_
             pack_of.append(k)
             nts.append(int(n_target[i]) if n_target is not None else n)
     ids, pack_of, nts = ids[:max_seqs], pack_of[:max_seqs], nts[:max_seqs]
-    eff = {r: effective_sequence_weights(step, r, n_target) for r in REDUCTIONS}
+    source = step.source if source is None else source
+    eff = {r: effective_sequence_weights(step, r, n_target, source) for r in REDUCTIONS}
     fig, ax = plots.figure(figsize=(max(7, 0.28 * len(ids) + 2), 3.8))
     x = np.arange(len(ids))
     colors = {"token": plots.CYCLE[0], "pack_mean": plots.CYCLE[3], "sequence": plots.PALETTE["packed+weighting"]}
@@ -1017,5 +1034,6 @@ def loss_weight_figure(step: Step, n_target=None, title: str | None = None, max_
     ax.set_ylabel("share of the step loss")
     ax.set_ylim(0, max(max(v.values()) for v in eff.values()) * 1.45)
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.98), ncol=3, fontsize=7.5)
-    ax.set_title(title or f"Effective loss weight per sequence (M = {step.n_sequences} sequences in the step)")
+    m = len({int(source[i]) for i in step.item_ids}) if source is not None else step.n_items
+    ax.set_title(title or f"Effective loss weight per sequence (M = {m} sequences in the step)")
     return fig

@@ -17,6 +17,7 @@ from longalign_lib.batching import (
     collate_padded,
     effective_sequence_weights,
     keep_ranges,
+    loss_weight_figure,
     materialize,
     next_fit,
     plan_epoch,
@@ -393,6 +394,7 @@ def test_split_sequence_counts_once_in_one_step():
                    labels=[r["labels"] for r in rows])
     (step,) = p.steps
     assert p.counters["pieces"] == 3 and p.n_sequences(step) == 2
+    assert step.n_sequences == 2 and step.n_items == 4  # a7eda25: Step.n_sequences said 4
     w = step_token_weights(step, p.n_target, "sequence", source=p.source)
     trained, share, firsts = {}, {1: 0.0, 2: 0.0}, []
     for mb in step.micro_batches():
@@ -432,3 +434,20 @@ def test_split_sequences_are_eq2_sequences(lengths, layout, bs, accum, world, ca
         got = step_loss_through_collators(plan, step, rows, losses, "sequence", source=plan.source)
         assert got == pytest.approx(per_sequence_mean(sources, rows, losses), abs=1e-6, rel=1e-6)
     assert sorted(step_of) == list(range(len(rows)))
+
+
+def test_loss_weight_figure_counts_a_split_sequence_once():
+    """Fails on a7eda25: the figure titled the step "M = 4 sequences" and gave the three pieces of the long
+    sequence 1/4 each under `sequence` (3/4 together), where Eq. 2 gives that sequence 1/2."""
+    p = plan_epoch([25, 8], [24, 7], cfg_(strategy="packed", max_pack_tokens=10, overlong="split", grad_accum=4))
+    (step,) = p.steps
+    fig = loss_weight_figure(step, p.n_target)
+    ax = fig.axes[0]
+    assert "M = 2 sequences" in ax.get_title()
+    seq_bars = ax.containers[2]  # token, pack_mean, sequence
+    long_pieces = [i for i in step.item_ids if int(p.source[i]) == 0]
+    heights = dict(zip(step.item_ids, [b.get_height() for b in seq_bars], strict=True))
+    assert len(long_pieces) == 3 and sum(heights[i] for i in long_pieces) == pytest.approx(0.5)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
