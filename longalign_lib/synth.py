@@ -39,7 +39,7 @@ from pathlib import Path
 from .config import SynthConfig
 from .corpus import Document, detect_lang
 from .formatting import RecordError, clean_messages
-from .io import LongAlignError, append_jsonl, iter_jsonl
+from .io import LongAlignError, append_jsonl, iter_jsonl, load_jsonl
 from .llm import ContextTooLong, Deferred, Price, cost_of, run_sync
 from .llm_batch import run_batched
 
@@ -555,18 +555,25 @@ ROLE_MAP = {"human": "user", "user": "user", "prompter": "user", "gpt": "assista
             "system": "system"}
 
 
-def _sharegpt_rows(path: Path):
-    text = path.read_text(encoding="utf-8")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+def _sharegpt_rows(path: Path, bad: list | None = None):
+    """(where, item) of a ShareGPT JSON array or JSONL file. JSONL is read with io.load_jsonl: a bad line is
+    skipped and appended to `bad` ("file:line: reason"); a JSON array must parse as a whole."""
+    raw = path.read_bytes()
+    if raw.lstrip(b"\xef\xbb\xbf \t\r\n").startswith(b"["):
         try:
-            data = json.loads(text)
+            data = json.loads(raw.decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise LongAlignError(f"{path}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start}); re-save "
+                                 "the file as UTF-8") from None
         except json.JSONDecodeError as e:
             raise LongAlignError(f"{path}:{e.lineno}: invalid JSON ({e.msg}); fix the file") from None
         for i, row in enumerate(data):
             yield f"item {i}", row
     else:
-        for line, row in iter_jsonl(path):
+        f = load_jsonl(path)
+        if bad is not None:
+            bad += f.bad_lines()
+        for line, row in f.rows:
             yield f"line {line}", row
 
 
@@ -607,13 +614,14 @@ def convert_sharegpt(row: dict) -> dict:
     return record
 
 
-def import_sharegpt(path: str | Path, limit: int | None = None) -> tuple[list[dict], Counter]:
-    """ShareGPT-style JSON or JSONL → (records, counts of kept/rejected reasons)."""
+def import_sharegpt(path: str | Path, limit: int | None = None, bad: list | None = None) -> tuple[list[dict], Counter]:
+    """ShareGPT-style JSON or JSONL → (records, counts of kept/rejected reasons). JSONL lines that are not UTF-8 or
+    not JSON are skipped, counted as `bad_line` and appended to `bad` ("file:line: reason")."""
     path = Path(path)
     if not path.exists():
         raise LongAlignError(f"{path}: file not found (synth.short_files)")
-    out, counts = [], Counter()
-    for where, row in _sharegpt_rows(path):
+    out, counts, skipped = [], Counter(), []
+    for where, row in _sharegpt_rows(path, skipped):
         try:
             rec = convert_sharegpt(row)
         except RecordError as e:
@@ -626,6 +634,10 @@ def import_sharegpt(path: str | Path, limit: int | None = None) -> tuple[list[di
         counts["kept"] += 1
         if limit and len(out) >= limit:
             break
+    if skipped:
+        counts["bad_line"] += len(skipped)
+        if bad is not None:
+            bad += skipped
     return out, counts
 
 

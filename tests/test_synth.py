@@ -212,9 +212,16 @@ def test_import_sharegpt_json_and_jsonl(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", items[:2])
     recs2, _ = import_sharegpt(tmp_path / "s.jsonl")
     assert [r["messages"] for r in recs2] == [r["messages"] for r in recs[:2]]
-    (tmp_path / "bad.jsonl").write_text(json.dumps(items[0]) + "\n{not json\n")
-    with pytest.raises(LongAlignError, match=r"bad.jsonl:2"):
-        import_sharegpt(tmp_path / "bad.jsonl")
+    # a bad line is skipped and named (a7eda25 aborted the whole file); a U+2028 inside a string is no line break
+    (tmp_path / "bad.jsonl").write_bytes(json.dumps(items[0], ensure_ascii=False).replace("Hello!", "Hel\u2028lo!")
+                                         .encode() + b"\n{not json\n" + json.dumps(items[4]).encode() + b"\n")
+    bad = []
+    recs3, counts3 = import_sharegpt(tmp_path / "bad.jsonl", bad=bad)
+    assert len(recs3) == 2 and counts3 == {"kept": 2, "bad_line": 1} and recs3[0]["messages"][-1]["content"] == "Hel\u2028lo!"
+    assert len(bad) == 1 and bad[0].startswith(f"{tmp_path / 'bad.jsonl'}:2: invalid JSON")
+    (tmp_path / "bad.json").write_bytes(b'[{"conversations": "caf\xe9"}]')
+    with pytest.raises(LongAlignError, match=r"bad.json: not valid UTF-8"):
+        import_sharegpt(tmp_path / "bad.json")
     with pytest.raises(Exception, match="conversations"):
         convert_sharegpt({"text": "no turns"})
 

@@ -68,9 +68,9 @@ def check_prerequisites(cfg, client, n_docs: int) -> dict:
     if s.mode == "batch" and not client.supports_batch:
         raise LongAlignError(f"synth.mode=batch needs a Batch API: backend {client.backend_name!r} has none; use "
                              "synth.backend=openai or anthropic, or synth.mode=interactive")
-    short_recs, imported = [], Counter()
+    short_recs, imported, bad_lines = [], Counter(), []
     for f in s.short_files:
-        recs, c = import_sharegpt(f)
+        recs, c = import_sharegpt(f, bad=bad_lines)
         short_recs += recs
         imported.update(c)
     short_client = tok = None
@@ -81,7 +81,8 @@ def check_prerequisites(cfg, client, n_docs: int) -> dict:
         short_client = _short_client(cfg, client)
         tok = short_tokenizer(cfg, short_client)
         magpie_prefix(tok)  # the template must render a user turn
-    return {"short_records": short_recs, "imported": imported, "short_client": short_client, "tokenizer": tok}
+    return {"short_records": short_recs, "imported": imported, "bad_lines": bad_lines, "short_client": short_client,
+            "tokenizer": tok}
 
 
 def _short_client(cfg, long_client):
@@ -174,7 +175,8 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                   "cache_write_tokens", "cost_usd"):
             stats[k] += short_client.stats[k]
     summary = {"corpus": corpus_from, "long": long_stats, "short": {"imported": dict(imported), "magpie": magpie,
-                                                                       "total": len(short_recs)},
+                                                                       "total": len(short_recs),
+                                                                       "bad_lines": pre["bad_lines"]},
                "llm": {**stats, "backend": client.backend_name, "model": client.model, "mode": s.mode}}
     if s.mode == "batch":
         summary["batches"] = batch_summary(run_dir / "batches")
@@ -184,7 +186,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                "retries": stats["retries"], "cost_usd": round(stats["cost_usd"], 4),
                "cache_read_tokens": stats["cache_read_tokens"], "batch_items": stats["batch_items"],
                "batch_failed": stats["batch_failed"],
-               "seconds_long": long_stats["seconds"],
+               "seconds_long": long_stats["seconds"], "bad_lines": pre["bad_lines"],
                **{f"reject_{k}": v for k, v in sorted(long_stats["rejected"].items())}}
     rej = ", ".join(f"{k} {v}" for k, v in long_stats["rejected"].items()) or "none"
     example = ""
