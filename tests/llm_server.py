@@ -286,7 +286,7 @@ class LLMServer:
             return self._send_raw(h, 200, self.files.get(parts[2], b""), "application/octet-stream")
         if method == "POST" and path == "/v1/batches":
             body = json.loads(raw or b"{}")
-            lines = [json.loads(x) for x in self.files[body["input_file_id"]].decode().splitlines() if x.strip()]
+            lines = [json.loads(x) for x in self.files[body["input_file_id"]].decode().split("\n") if x.strip()]
             bid = f"batch_{len(self.batches) + 1}"
             obj = {"id": bid, "object": "batch", "endpoint": body["endpoint"], "input_file_id": body["input_file_id"],
                    "completion_window": "24h", "status": "in_progress", "created_at": 0,

@@ -50,7 +50,7 @@ def done(rs, tmp_path_factory, one_torch_thread_module):
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _result(work: Path, arm: str) -> dict:
