@@ -12,7 +12,7 @@ from .. import plots
 from ..formatting import format_file, label_segments
 from ..generate import generate_reply
 from ..inputs import records_file
-from ..io import LongAlignError, bad_lines_note, write_json
+from ..io import LongAlignError, bad_lines_note, load_jsonl, write_json
 from ..models import BUNDLED, convert_bundled, load_model_and_tokenizer, longalign_home, model_info
 from .base import StageResult
 
@@ -30,10 +30,11 @@ def run(cfg, run_dir: Path, args) -> StageResult:
         t0 = time.time()  # a clean $LONGALIGN_HOME: the bundled GGUF is converted once, timed on its own
         convert_bundled(cfg.model.name)
         convert_s = round(time.time() - t0, 2)
+    data = records_file(cfg)
+    load_jsonl(data)  # a missing file, or one with no readable line, stops here: before the model loads
     t0 = time.time()
     model, tok = load_model_and_tokenizer(cfg=cfg.model)
     load_s = time.time() - t0
-    data = records_file(cfg)
     examples, stats = format_file(data, tok, max_length=cfg.data.max_length, truncation=cfg.data.truncation)
     if not examples:
         raise LongAlignError(f"{data}: no record could be formatted ({dict(stats.rejected)}); first: "
