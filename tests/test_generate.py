@@ -157,3 +157,29 @@ def test_eval_model_uses_transformers_sdpa_for_generation(tmp_path):
 
     model, tok, name = load_eval_model(load_config("cpu-demo"), tmp_path)
     assert name == "smollm2-135m-instruct" and model.config._attn_implementation == "sdpa"
+
+
+def test_decode_batch_equals_one_prompt_generate_with_repetition_penalty(smol_model_and_tokenizer):
+    """Left padding with a repetition penalty: transformers' batched generate penalises the pad id (= eos for
+    SmolLM2) in padded rows; decode_batch keeps pads out, so every row equals its one-prompt greedy decode."""
+    import torch
+
+    from longalign_lib.generate import _eos_ids_of, decode_batch
+
+    model, tok = smol_model_and_tokenizer
+    texts = ["What is 2+2?", "Name three colours of the rainbow and explain why the sky is blue.", "Hi"]
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]) for t in texts]
+    eos = _eos_ids_of(model, tok)
+    torch.set_num_threads(1)
+    ref = []
+    for x in ids:
+        t = torch.tensor([x])
+        o = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=14, do_sample=False,
+                           repetition_penalty=1.1, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        ref.append(o[0, len(x):].tolist())
+    got = decode_batch(model, ids, [14, 14, 14], eos, tok.pad_token_id, repetition_penalty=1.1)
+    assert [g for g, _ in got] == ref
+    assert [f for _, f in got] == ["stop" if r[-1] in eos else "length" for r in ref] and got[2][1] == "stop"
+    capped = decode_batch(model, ids, [3, 14, 2], eos, tok.pad_token_id, repetition_penalty=1.1)
+    assert [len(g) for g, _ in capped][::2] == [3, 2] and capped[1][0] == ref[1]  # per-prompt caps
