@@ -183,3 +183,20 @@ def test_decode_batch_equals_one_prompt_generate_with_repetition_penalty(smol_mo
     assert [f for _, f in got] == ["stop" if r[-1] in eos else "length" for r in ref] and got[2][1] == "stop"
     capped = decode_batch(model, ids, [3, 14, 2], eos, tok.pad_token_id, repetition_penalty=1.1)
     assert [len(g) for g, _ in capped][::2] == [3, 2] and capped[1][0] == ref[1]  # per-prompt caps
+
+
+def test_setup_check_says_a_looping_reply_at_a_scaled_rope_is_expected_not_a_success():
+    """The reply the gpu-small check printed on an H200 (RoPE ×8, untrained) must not read as a pass of quality."""
+    import doctest
+
+    from longalign_lib.stages import check
+
+    assert doctest.testmod(check).failed == 0
+    looped = "The language model's language model's language model's language model's language model's language"
+    loops, verdict = check.reply_verdict(looped, 8.0)
+    assert loops and "loops" in verdict and "×8" in verdict and "untrained" in verdict
+    loops, verdict = check.reply_verdict(looped, 1.0)
+    assert loops and "degenerate" in verdict
+    loops, verdict = check.reply_verdict("Long-context alignment teaches a model to follow instructions over "
+                                         "very long inputs such as whole books.", 8.0)
+    assert not loops and "untrained" in verdict
