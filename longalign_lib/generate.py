@@ -123,64 +123,73 @@ def decode_batch(model, batch_ids: list[list[int]], max_new_tokens, eos_ids: lis
     a row's repetition penalty (transformers' batched `generate` penalises the pad id in padded rows, which
     can change when a padded row stops if pad == eos). Scalars apply to every row.
     """
+    import inspect
+    import random
+
     import torch
     from transformers import DynamicCache
 
     n = len(batch_ids)
     as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
-    caps, temps, tops, seeds = as_list(max_new_tokens), as_list(temperature), as_list(top_p), as_list(seeds)
+    caps = [int(c) for c in as_list(max_new_tokens)]
+    temps = [float(t or 0.0) for t in as_list(temperature)]
+    tops = [1.0 if p is None else float(p) for p in as_list(top_p)]
+    seeds = [int(s or 0) for s in as_list(seeds)]
     dev = model.device
-    width = max(len(x) for x in batch_ids)
+    lens = [len(x) for x in batch_ids]
+    width = max(lens)
     ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in batch_ids], device=dev)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids], device=dev)
+    mask = torch.tensor([[0] * (width - k) + [1] * k for k in lens], device=dev)
     # the penalty's view of each row: pads replaced by the row's first real token (already in its set)
-    seen = torch.where(mask.bool(), ids, ids[torch.arange(n, device=dev), width - torch.tensor(
-        [len(x) for x in batch_ids], device=dev)].unsqueeze(1))
-    gens = [None if float(t or 0) <= 0 else torch.Generator(device=dev).manual_seed(int(s or 0))
-            for t, s in zip(temps, seeds, strict=True)]
-    eos = torch.tensor(sorted(set(eos_ids)), device=dev)
-    cap_t = torch.tensor([int(c) for c in caps], device=dev)
-    out = [[] for _ in range(n)]
-    done = torch.zeros(n, dtype=torch.bool, device=dev)
-    stopped = [False] * n
+    first = torch.tensor([x[0] for x in batch_ids], device=dev).unsqueeze(1)
+    seen = torch.where(mask.bool(), ids, first)
+    sampled = [t > 0 for t in temps]
+    rngs = [random.Random(s) if on else None for s, on in zip(seeds, sampled, strict=True)]
+    if any(sampled):
+        samp_rows = torch.tensor(sampled, device=dev)
+        inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=dev).unsqueeze(1)
+        keep_p = torch.tensor(tops, device=dev).unsqueeze(1)
+    eos = set(eos_ids)
+    out: list[list[int]] = [[] for _ in range(n)]
+    done, stopped = [False] * n, [False] * n
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache()
-    import inspect
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     step_ids, step_pos = ids, pos
     with torch.no_grad():
-        for t in range(int(max(caps))):
+        for _ in range(max(caps)):
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
-                           **{cache_kw: cache}, logits_to_keep=1).logits[:, -1, :].float()
+                           logits_to_keep=1, **{cache_kw: cache}).logits[:, -1, :].float()
             if repetition_penalty != 1.0:
                 score = torch.gather(logits, 1, seen)
                 score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
                 logits = logits.scatter(1, seen, score)
             nxt = logits.argmax(-1)
-            for i, g in enumerate(gens):
-                if g is None or done[i]:
+            if any(sampled):  # temperature, then top-p (transformers' order), then one draw per row from its rng
+                z = logits * inv_t
+                srt, idx = torch.sort(z, dim=-1, descending=False)
+                drop = srt.softmax(-1).cumsum(-1) <= (1 - keep_p)
+                drop[:, -1] = False  # keep at least the most likely token
+                z = z.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+                cdf = z.softmax(-1).cumsum(-1)
+                u = torch.tensor([r.random() if r else 0.0 for r in rngs], device=dev, dtype=cdf.dtype)
+                pick = torch.searchsorted(cdf, (u.unsqueeze(1) * cdf[:, -1:]).contiguous()).squeeze(1)
+                nxt = torch.where(samp_rows, pick.clamp(max=cdf.shape[1] - 1), nxt)
+            toks = nxt.tolist()  # the one device→host copy per step
+            for i in range(n):
+                if done[i]:
                     continue
-                row = logits[i] / float(temps[i])
-                p = float(tops[i] if tops[i] is not None else 1.0)
-                if p < 1.0:  # top-p as transformers' TopPLogitsWarper: drop the low tail, keep ≥ 1 token
-                    srt, idx = torch.sort(row, descending=False)
-                    cum = srt.softmax(-1).cumsum(-1)
-                    drop = cum <= (1 - p)
-                    drop[-1] = False
-                    row = row.masked_fill(drop.scatter(0, idx, drop), float("-inf"))
-                nxt[i] = torch.multinomial(row.softmax(-1), 1, generator=g)[0]
-            nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-            live = (~done).nonzero().flatten().tolist()
-            for i in live:
-                out[i].append(int(nxt[i]))
-            hit_eos = torch.isin(nxt, eos) & ~done
-            for i in hit_eos.nonzero().flatten().tolist():
-                stopped[i] = True
-            done = done | hit_eos | (cap_t <= t + 1)
-            if bool(done.all()):
+                out[i].append(toks[i])
+                if toks[i] in eos:
+                    done[i] = stopped[i] = True
+                elif len(out[i]) >= caps[i]:
+                    done[i] = True
+            if all(done):
                 break
-            seen = torch.cat([seen, torch.where(done.unsqueeze(1), seen[:, :1], nxt.unsqueeze(1))], 1)
-            step_ids = nxt.unsqueeze(1)
+            feed = torch.tensor([pad_id if d else x for d, x in zip(done, toks, strict=True)], device=dev)
+            finished = torch.tensor(done, device=dev)
+            seen = torch.cat([seen, torch.where(finished, first.squeeze(1), feed).unsqueeze(1)], 1)
+            step_ids = feed.unsqueeze(1)
             step_pos = step_pos[:, -1:] + 1
             mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=dev)], 1)
     return [(o, "stop" if s else "length") for o, s in zip(out, stopped, strict=True)]
