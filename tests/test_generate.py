@@ -200,3 +200,21 @@ def test_setup_check_says_a_looping_reply_at_a_scaled_rope_is_expected_not_a_suc
     loops, verdict = check.reply_verdict("Long-context alignment teaches a model to follow instructions over "
                                          "very long inputs such as whole books.", 8.0)
     assert not loops and "untrained" in verdict
+
+
+def test_generation_speed_bench_core_on_cpu(smol_model_and_tokenizer):
+    """bench/generation_speed.py's comparison (what the GPU run reports), tiny: both paths, same greedy texts."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "generation_speed.py"
+    spec = importlib.util.spec_from_file_location("generation_speed", path)
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    model, tok = smol_model_and_tokenizer
+    prompts = gs.synth_prompts(tok, 2, 40)
+    assert len(prompts) == 2 and prompts[0] != prompts[1] and "numbered list" in prompts[0][0]["content"]
+    res = gs.compare(model, tok, prompts, max_new_tokens=4, single_n=2, batch_size=4, max_batch_tokens=4096)
+    assert res["identical_texts"] == res["compared"] == 2 and res["batches"] == 1
+    assert res["one_at_a_time"]["new_tokens"] == res["batched"]["new_tokens"] > 0
+    assert res["one_at_a_time"]["tokens_per_s"] > 0 and res["batched"]["tokens_per_s"] > 0
