@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from longalign_lib.io import LongAlignError
 from longalign_lib.llm import Price, Reply, approx_tokens, client_from_config, make_client, price_for
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-0123456789"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers in Europe."}]
 
@@ -320,3 +322,29 @@ def test_magpie_waves_are_decoded_in_batches(smol_model_and_tokenizer, tmp_path)
     st = magpie_records(c, tok, 2, s, tmp_path / "short.jsonl", tmp_path / "rej.jsonl", progress=False)
     assert st["kept"] == 2 == len(read_jsonl(tmp_path / "short.jsonl"))
     assert c.backend.stats["batches"] < c.stats["requests"]  # the wave's calls shared batches
+
+
+def test_synth_documents_share_batches_question_wave_then_answer_wave(smol_model_and_tokenizer, tmp_path):
+    """Self-Instruct over three documents with a batched local model: the question calls of all documents are
+    decoded together, then their answer calls (not 2 × 3 one-at-a-time generations); a rerun is all cache hits."""
+    from longalign_lib.config import SynthConfig
+    from longalign_lib.corpus import Document
+    from longalign_lib.synth import synth_long
+
+    model, tok = smol_model_and_tokenizer
+    lines = [x for x in (ROOT / "data" / "kjv_ruth.txt").read_text().splitlines() if len(x) > 40]
+    docs = [Document(f"d{i}", "data", "literature", "en", f"Ruth {i}", "\n".join(lines[i * 3:(i + 1) * 3]),
+                     "public domain", 80) for i in range(3)]
+    s = SynthConfig(task_types=["summary"], n_questions=2, question_max_new_tokens=14, max_new_tokens=8,
+                    question_attempts=1, min_answer_words=1)
+    runs = []
+    for k in range(2):
+        c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path / "cache", model_obj=model,
+                        tokenizer=tok, threads=1, batch_size=8)
+        st = synth_long(c, docs, s, tmp_path / f"long{k}.jsonl", tmp_path / f"rej{k}.jsonl", progress=False)
+        runs.append((st, dict(c.backend.stats), dict(c.stats)))
+    (st, backend, client_stats), (st2, backend2, client_stats2) = runs
+    assert st["processed"] == 3 and client_stats["requests"] >= 3
+    assert backend["batches"] <= 2 < client_stats["requests"]  # one question batch (+ one answer batch)
+    assert backend2["batches"] == 0 and client_stats2["requests"] == 0  # cached: nothing decoded again
+    assert st2["kept"] == st["kept"] and st2["rejected"] == st["rejected"]
