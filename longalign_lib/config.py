@@ -115,6 +115,8 @@ class SynthConfig:
     short_max_new_tokens: int = 192  # token limit of a short answer
     local_threads: int = 0  # torch CPU threads for the local backend (0 = torch default; 1 on shared machines)
     local_prefix_cache: bool = True  # local backend: reuse the document's KV cache between question and answer
+    local_batch_size: int = 0  # local backend: requests decoded together (0 = auto: 64 on a GPU, 1 on a CPU)
+    local_max_batch_tokens: int = 0  # local backend: padded prompt+answer tokens per batch (0 = auto: 131072 GPU)
     # prices: USD per 1M tokens [input, output, cache_read, cache_write] by model name (a prefix matches dated
     # snapshots); list prices read 2026-11-30, sources in docs/howto.md "What synthesis costs". Batch = x batch_discount
     prices: dict = field(default_factory=lambda: dict(LIST_PRICES))

@@ -102,26 +102,110 @@ def _eos_ids(model, tok) -> list[int]:
     return ids
 
 
+def _eos_ids_of(model, tok) -> list[int]:
+    """The generation config's eos ids, the tokenizer's, and the chat end-of-turn tokens it knows."""
+    ids = _eos_ids(model, tok)
+    vocab = tok.get_vocab()
+    for t in ("<|im_end|>", "<|eot_id|>", "<|end|>"):
+        if t in vocab and vocab[t] not in ids:
+            ids.append(vocab[t])
+    return ids
+
+
+def decode_batch(model, batch_ids: list[list[int]], max_new_tokens, eos_ids: list[int], pad_id: int,
+                 repetition_penalty: float = 1.0, temperature=0.0, top_p=1.0, seeds=0) -> list[tuple[list[int], str]]:
+    """Decode several prompts at once (left padding); per prompt: its own token cap, temperature, top_p and seed.
+
+    Returns [(new token ids, finish_reason)] in input order; the ids end with the eos token when the prompt
+    finished by itself (finish "stop"), else they hit their cap (finish "length"). Greedy rows give the text a
+    one-prompt `model.generate` gives (same repetition penalty); sampled rows draw from their own seeded
+    generator, so a row's reply does not depend on which other prompts share its batch. Padding never enters
+    a row's repetition penalty (transformers' batched `generate` penalises the pad id in padded rows, which
+    can change when a padded row stops if pad == eos). Scalars apply to every row.
+    """
+    import inspect
+    import random
+
+    import torch
+    from transformers import DynamicCache
+
+    n = len(batch_ids)
+    as_list = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * n  # noqa: E731
+    caps = [int(c) for c in as_list(max_new_tokens)]
+    temps = [float(t or 0.0) for t in as_list(temperature)]
+    tops = [1.0 if p is None else float(p) for p in as_list(top_p)]
+    seeds = [int(s or 0) for s in as_list(seeds)]
+    dev = model.device
+    lens = [len(x) for x in batch_ids]
+    width = max(lens)
+    ids = torch.tensor([[pad_id] * (width - len(x)) + list(x) for x in batch_ids], device=dev)
+    mask = torch.tensor([[0] * (width - k) + [1] * k for k in lens], device=dev)
+    # the penalty's view of each row: pads replaced by the row's first real token (already in its set)
+    first = torch.tensor([x[0] for x in batch_ids], device=dev).unsqueeze(1)
+    seen = torch.where(mask.bool(), ids, first)
+    sampled = [t > 0 for t in temps]
+    rngs = [random.Random(s) if on else None for s, on in zip(seeds, sampled, strict=True)]
+    if any(sampled):
+        samp_rows = torch.tensor(sampled, device=dev)
+        inv_t = torch.tensor([1.0 / t if t > 0 else 1.0 for t in temps], device=dev).unsqueeze(1)
+        keep_p = torch.tensor(tops, device=dev).unsqueeze(1)
+    eos = set(eos_ids)
+    out: list[list[int]] = [[] for _ in range(n)]
+    done, stopped = [False] * n, [False] * n
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    step_ids, step_pos = ids, pos
+    with torch.no_grad():
+        for _ in range(max(caps)):
+            logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
+                           logits_to_keep=1, **{cache_kw: cache}).logits[:, -1, :].float()
+            if repetition_penalty != 1.0:
+                score = torch.gather(logits, 1, seen)
+                score = torch.where(score < 0, score * repetition_penalty, score / repetition_penalty)
+                logits = logits.scatter(1, seen, score)
+            nxt = logits.argmax(-1)
+            if any(sampled):  # temperature, then top-p (transformers' order), then one draw per row from its rng
+                z = logits * inv_t
+                srt, idx = torch.sort(z, dim=-1, descending=False)
+                drop = srt.softmax(-1).cumsum(-1) <= (1 - keep_p)
+                drop[:, -1] = False  # keep at least the most likely token
+                z = z.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+                cdf = z.softmax(-1).cumsum(-1)
+                u = torch.tensor([r.random() if r else 0.0 for r in rngs], device=dev, dtype=cdf.dtype)
+                pick = torch.searchsorted(cdf, (u.unsqueeze(1) * cdf[:, -1:]).contiguous()).squeeze(1)
+                nxt = torch.where(samp_rows, pick.clamp(max=cdf.shape[1] - 1), nxt)
+            toks = nxt.tolist()  # the one device→host copy per step
+            for i in range(n):
+                if done[i]:
+                    continue
+                out[i].append(toks[i])
+                if toks[i] in eos:
+                    done[i] = stopped[i] = True
+                elif len(out[i]) >= caps[i]:
+                    done[i] = True
+            if all(done):
+                break
+            feed = torch.tensor([pad_id if d else x for d, x in zip(done, toks, strict=True)], device=dev)
+            finished = torch.tensor(done, device=dev)
+            seen = torch.cat([seen, torch.where(finished, first.squeeze(1), feed).unsqueeze(1)], 1)
+            step_ids = feed.unsqueeze(1)
+            step_pos = step_pos[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=dev)], 1)
+    return [(o, "stop" if s else "length") for o, s in zip(out, stopped, strict=True)]
+
+
 def generate_batch(model, tok, batch_ids: list[list[int]], max_new_tokens: int, seed: int = 0,
                    do_sample: bool = False, temperature: float = 1.0) -> list[tuple[str, int]]:
     """Generate for prompts of token ids at once (left padding); returns [(text, n_new_tokens)] in input order."""
-    import torch
-    from transformers import set_seed
-
-    set_seed(seed)
-    width = max(len(x) for x in batch_ids)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    input_ids = torch.tensor([[pad] * (width - len(x)) + list(x) for x in batch_ids], device=model.device)
-    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch_ids], device=model.device)
-    kw = dict(do_sample=do_sample, temperature=temperature) if do_sample else dict(do_sample=False)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             pad_token_id=pad, eos_token_id=_eos_ids(model, tok), **kw)
-    eos = set(_eos_ids(model, tok)) | {pad}
+    eos = _eos_ids(model, tok)
+    outs = decode_batch(model, batch_ids, max_new_tokens, eos, pad, temperature=temperature if do_sample else 0.0,
+                        seeds=[seed + k for k in range(len(batch_ids))])
     results = []
-    for row in out[:, width:].tolist():
-        n = next((k for k, t in enumerate(row) if t in eos), len(row))
-        results.append((tok.decode(row[:n], skip_special_tokens=True).strip(), n))
+    for row, finish in outs:
+        row = row[:-1] if finish == "stop" else row  # the eos token is not part of the reply
+        results.append((tok.decode(row, skip_special_tokens=True).strip(), len(row)))
     return results
 
 

@@ -516,18 +516,29 @@ class _LocalBackend:
     pair), threads (torch CPU threads while generating; 1 is much faster on a machine shared with other jobs,
     where OpenMP threads wait on each other; 0 = leave torch's setting), prefix_cache (reuse the previous
     call's KV cache for the shared prompt prefix; off by default because it assumes the weights do not change
-    between calls — synth turns it on).
+    between calls — synth turns it on), batch_size and max_batch_tokens (batched generation, below).
+
+    Batched generation (a GPU; `batch_size` > 1): concurrent calls (`chat_many`, synth's documents in flight,
+    Magpie's waves) are queued; whatever is queued when the model is free is decoded together in left-padded
+    batches grouped by length (`generate.plan_batches`: ≤ batch_size prompts and ≤ max_batch_tokens padded
+    prompt+answer tokens each) by `generate.decode_batch`. Greedy replies equal one-at-a-time decoding; sampled
+    ones use a generator seeded per request, so a reply does not depend on its batch-mates. batch_size 0 = auto:
+    64 on a GPU, 1 (one at a time, with prefix_cache) on a CPU; max_batch_tokens 0 = auto: 131072 on a GPU.
     """
 
     name = "local"
 
     def __init__(self, model: str, dtype: str = "auto", device: str = "auto", repetition_penalty: float = 1.1,
-                 model_obj=None, tokenizer=None, threads: int = 0, prefix_cache: bool = False, **_):
+                 model_obj=None, tokenizer=None, threads: int = 0, prefix_cache: bool = False, batch_size: int = 0,
+                 max_batch_tokens: int = 0, **_):
         self.model = model
+        self.batch_size, self.max_batch_tokens = int(batch_size or 0), int(max_batch_tokens or 0)
+        self._queue: list = []  # (ids, params, future) waiting for the next batch
+        self._worker = None
         self.dtype, self.device, self.rep, self.threads = dtype, device, repetition_penalty, int(threads or 0)
         self.prefix_cache, self.min_prefix = prefix_cache, 32
         self._last = None  # (token ids, KV cache) of the previous call, for prefix reuse
-        self.stats = {"reused_tokens": 0}
+        self.stats = {"reused_tokens": 0, "batches": 0, "batched_requests": 0}
         self._m, self._tok = model_obj, tokenizer
         self._lock = threading.Lock()
 
@@ -640,10 +651,142 @@ class _LocalBackend:
             text, usage, meta = self._generate(list(ids), params)
         return text, usage, self.model, meta
 
+    # -- batched generation --------------------------------------------------------------------------------
+    def on_gpu(self) -> bool:
+        """Where the model will run (without loading it when it is not loaded yet)."""
+        if self._m is not None:
+            return self._m.device.type != "cpu"
+        if self.device not in ("auto", "cuda") and not str(self.device).startswith("cuda"):
+            return False
+        import torch
+        return bool(torch.cuda.is_available())
+
+    @property
+    def batched(self) -> bool:
+        return self.max_in_flight > 1
+
+    @property
+    def max_in_flight(self) -> int:
+        """Requests one batch may hold (the client lets at least this many be in flight)."""
+        return self.batch_size if self.batch_size > 0 else (64 if self.on_gpu() else 1)
+
+    def batch_token_budget(self) -> int:
+        return self.max_batch_tokens if self.max_batch_tokens > 0 else (131072 if self.on_gpu() else 8192)
+
+    def _encode(self, kind: str, payload) -> list[int]:
+        _, tok = self._load()
+        if kind == "chat":
+            return list(tok.apply_chat_template(payload, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
+        return list(tok(payload, add_special_tokens=False)["input_ids"])
+
+    def generate_many(self, ids_list: list[list[int]], params_list: list[dict]) -> list[tuple]:
+        """[(text, usage, meta)] for token-id prompts, decoded in planned batches (sync; the worker thread's job).
+
+        Each prompt keeps its own max_new_tokens, temperature, top_p, seed and stop; a prompt that does not fit
+        the window comes back as a ContextTooLong instance in its slot.
+        """
+        import torch
+
+        from .generate import _eos_ids_of, decode_batch, plan_batches
+
+        model, tok = self._load()
+        eos = _eos_ids_of(model, tok)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        window = getattr(model.config, "max_position_embeddings", None)
+        caps = [int(p.get("max_new_tokens", 256)) for p in params_list]
+        out: list = [None] * len(ids_list)
+        ok = []
+        for i, (ids, cap) in enumerate(zip(ids_list, caps, strict=True)):
+            if window and len(ids) + cap > window:
+                out[i] = ContextTooLong(f"local model {self.model!r}: prompt of {len(ids)} tokens + {cap} new tokens "
+                                        f"exceeds its {window}-token window; shorten the documents "
+                                        "(corpus.max_tokens)")
+            else:
+                ok.append(i)
+        before = torch.get_num_threads()
+        if self.threads and model.device.type == "cpu":
+            torch.set_num_threads(self.threads)
+        try:
+            # each prompt's padded width counts its own answer budget: plan on prompt + cap, with no extra budget
+            for b in plan_batches([len(ids_list[i]) + caps[i] for i in ok], self.max_in_flight,
+                                  self.batch_token_budget(), 0):
+                rows = [ok[k] for k in b]
+                self.stats["batches"] += 1
+                self.stats["batched_requests"] += len(rows)
+                ps = [params_list[i] for i in rows]
+                gens = decode_batch(model, [ids_list[i] for i in rows], [caps[i] for i in rows], eos, pad,
+                                    repetition_penalty=self.rep,
+                                    temperature=[float(p.get("temperature") or 0.0) for p in ps],
+                                    top_p=[float(p.get("top_p") or 0.95) for p in ps],
+                                    seeds=[int(p.get("seed") or 0) for p in ps])
+                for i, (new, finish) in zip(rows, gens, strict=True):
+                    text = tok.decode(new, skip_special_tokens=True)
+                    stop = params_list[i].get("stop")
+                    for s in ([stop] if isinstance(stop, str) else stop or []):
+                        if s and s in text:
+                            text = text[: text.index(s)]
+                    out[i] = (text.strip(), {"input_tokens": len(ids_list[i]), "output_tokens": len(new)},
+                              {"finish_reason": finish})
+        finally:
+            torch.set_num_threads(before)
+        return out
+
+    def _generate_locked(self, ids_list, params_list):
+        with self._lock:
+            return self.generate_many(ids_list, params_list)
+
+    def _load_batched(self):
+        with self._lock:
+            model, tok = self._load()
+            impl = getattr(model.config, "_attn_implementation", "")
+            if str(impl).startswith("longalign") and hasattr(model, "set_attn_implementation"):
+                model.set_attn_implementation("sdpa")  # generation: transformers' SDPA with left padding
+        return model, tok
+
+    async def _submit(self, kind: str, payload, params) -> tuple:
+        loop = asyncio.get_running_loop()
+        if self._m is None:
+            await loop.run_in_executor(None, self._load_batched)
+        fut = loop.create_future()
+        self._queue.append((self._encode(kind, payload), dict(params), fut))
+        if self._worker is None or self._worker.done():
+            self._worker = loop.create_task(self._drain())
+        text, usage, meta = await fut
+        return text, usage, self.model, meta
+
+    async def _drain(self):
+        """Decode whatever is queued, batch after batch, until the queue is empty."""
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            seen = -1
+            for _ in range(100):  # let every coroutine that is ready queue its request first
+                if len(self._queue) == seen:
+                    break
+                seen = len(self._queue)
+                await asyncio.sleep(0)
+            items, self._queue = self._queue, []
+            try:
+                res = await loop.run_in_executor(None, self._generate_locked, [x[0] for x in items],
+                                                 [x[1] for x in items])
+            except BaseException as e:  # noqa: BLE001  (every waiting caller gets the error)
+                res = [e] * len(items)
+            for (_, _, fut), r in zip(items, res, strict=True):
+                if fut.done():
+                    continue
+                if isinstance(r, BaseException):
+                    fut.set_exception(r)
+                else:
+                    fut.set_result(r)
+
     async def call(self, messages, params):
+        if self.batched:
+            return await self._submit("chat", messages, params)
         return await asyncio.get_running_loop().run_in_executor(None, self._chat_sync, messages, params)
 
     async def complete(self, prompt, params):
+        if self.batched:
+            return await self._submit("complete", prompt, params)
         return await asyncio.get_running_loop().run_in_executor(None, self._complete_sync, prompt, params)
 
 
@@ -908,7 +1051,8 @@ def make_client(backend: str, model: str, base_url: str | None = None, api_key_e
 
     `max_retries` and `timeout_s` go to the SDK client (its retry loop with backoff and Retry-After).
     `cache_dir=False` disables the cache. `backend_kw` go to the backend (local: dtype, device,
-    repetition_penalty, model_obj/tokenizer, threads, prefix_cache; openai: max_tokens_field).
+    repetition_penalty, model_obj/tokenizer, threads, prefix_cache, batch_size, max_batch_tokens; openai:
+    max_tokens_field). A batched local backend raises `concurrency` to its batch size.
     """
     if backend not in BACKENDS:
         raise LongAlignError(f"unknown LLM backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -920,6 +1064,7 @@ def make_client(backend: str, model: str, base_url: str | None = None, api_key_e
         b = _AnthropicBackend(model, base_url, api_key_env, float(timeout_s), int(max_retries), **backend_kw)
     else:
         b = _LocalBackend(model, **backend_kw)
+        concurrency = max(int(concurrency), b.max_in_flight)  # a batch fills from the requests in flight
     return LLMClient(b, cache_dir=cache_dir, concurrency=concurrency, prices=prices, batch_discount=batch_discount)
 
 
@@ -945,6 +1090,8 @@ def client_from_config(section, prefix: str = "", model_cfg=None, **overrides) -
     if backend == "local":
         kw["threads"] = get("local_threads", 0)
         kw["prefix_cache"] = bool(get("local_prefix_cache", False))
+        kw["batch_size"] = get("local_batch_size", 0)
+        kw["max_batch_tokens"] = get("local_max_batch_tokens", 0)
         if model_cfg is not None:
             kw.update(dtype=model_cfg.dtype, device=model_cfg.device)
     kw.update(overrides)

@@ -664,52 +664,67 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
     kept = sum(1 for _ in iter_jsonl(out, allow_partial_last_line=True)) if out.exists() else 0
     attempts = 0
 
+    async def draw(rid: str):
+        """One Magpie item's calls: (question, answer reply or None, reason or None)."""
+        seed = _doc_seed(rid, scfg.seed)
+        question, a, q = "", None, None
+        try:
+            q = await client.acomplete(prefix, max_new_tokens=scfg.short_question_tokens, temperature=1.0,
+                                       top_p=0.95, seed=seed, stop=stops)
+            question = q.text.strip()
+            reason = None
+            if len(question) < 12:
+                reason = "too_short_question"
+            elif norm_question(question) in used:
+                reason = "duplicate_question"
+            if reason is None:
+                a = await client.achat([{"role": "user", "content": question}],
+                                       max_new_tokens=scfg.short_max_new_tokens,
+                                       temperature=scfg.answer_temperature, seed=seed)
+                reason = check_answer(a.text, None, scfg)
+        except ContextTooLong:
+            reason = "too_long_for_model"
+        return question, q, a, reason
+
     async def go():
         nonlocal kept, attempts
         async with client.session():
             bar = tqdm(total=n, initial=min(kept, n), desc="magpie", disable=not progress)
             k = 0
             while kept < n and attempts < n * 4:
-                rid = f"magpie-{scfg.seed}-{k}"
-                k += 1
-                if rid in done:
-                    continue
-                attempts += 1
-                seed = _doc_seed(rid, scfg.seed)
-                question, a = "", None
-                try:
-                    q = await client.acomplete(prefix, max_new_tokens=scfg.short_question_tokens, temperature=1.0,
-                                               top_p=0.95, seed=seed, stop=stops)
-                    question = q.text.strip()
-                    reason = None
-                    if len(question) < 12:
-                        reason = "too_short_question"
-                    elif norm_question(question) in used:
-                        reason = "duplicate_question"
-                    if reason is None:
-                        a = await client.achat([{"role": "user", "content": question}],
-                                               max_new_tokens=scfg.short_max_new_tokens,
-                                               temperature=scfg.answer_temperature, seed=seed)
-                        reason = check_answer(a.text, None, scfg)
-                except ContextTooLong:
-                    reason = "too_long_for_model"
-                if reason:
-                    counts[reason] += 1
-                    append_jsonl(rejects, {"id": rid, "reason": reason, "question": question[:300]})
-                    continue
-                record = {"messages": [{"role": "user", "content": question},
-                                       {"role": "assistant", "content": a.text.strip()}],
-                          "meta": {"id": rid, "kind": "short", "source": "magpie", "generator": "magpie",
-                                   "model": a.model or client.model, "usage": {"question": q.usage, "answer": a.usage}}}
-                try:
-                    clean_messages(record)
-                except RecordError as e:
-                    counts[e.reason] += 1
-                    continue
-                used.add(norm_question(question))
-                append_jsonl(out, record)
-                kept += 1
-                bar.update(1)
+                # a wave of items drawn concurrently (a batched local model decodes them together), then kept
+                # in item order: the same records as drawing them one by one
+                wave = []
+                while len(wave) < max(1, min(client.concurrency, n - kept, n * 4 - attempts)):
+                    rid = f"magpie-{scfg.seed}-{k}"
+                    k += 1
+                    if rid not in done:
+                        wave.append(rid)
+                results = await asyncio.gather(*(draw(rid) for rid in wave))
+                for rid, (question, q, a, reason) in zip(wave, results, strict=True):
+                    if kept >= n:
+                        break
+                    attempts += 1
+                    if reason is None and norm_question(question) in used:
+                        reason = "duplicate_question"  # an earlier item of the same wave asked it
+                    if reason:
+                        counts[reason] += 1
+                        append_jsonl(rejects, {"id": rid, "reason": reason, "question": question[:300]})
+                        continue
+                    record = {"messages": [{"role": "user", "content": question},
+                                           {"role": "assistant", "content": a.text.strip()}],
+                              "meta": {"id": rid, "kind": "short", "source": "magpie", "generator": "magpie",
+                                       "model": a.model or client.model,
+                                       "usage": {"question": q.usage, "answer": a.usage}}}
+                    try:
+                        clean_messages(record)
+                    except RecordError as e:
+                        counts[e.reason] += 1
+                        continue
+                    used.add(norm_question(question))
+                    append_jsonl(out, record)
+                    kept += 1
+                    bar.update(1)
             bar.close()
 
     run_sync(go())

@@ -157,3 +157,64 @@ def test_eval_model_uses_transformers_sdpa_for_generation(tmp_path):
 
     model, tok, name = load_eval_model(load_config("cpu-demo"), tmp_path)
     assert name == "smollm2-135m-instruct" and model.config._attn_implementation == "sdpa"
+
+
+def test_decode_batch_equals_one_prompt_generate_with_repetition_penalty(smol_model_and_tokenizer):
+    """Left padding with a repetition penalty: transformers' batched generate penalises the pad id (= eos for
+    SmolLM2) in padded rows; decode_batch keeps pads out, so every row equals its one-prompt greedy decode."""
+    import torch
+
+    from longalign_lib.generate import _eos_ids_of, decode_batch
+
+    model, tok = smol_model_and_tokenizer
+    texts = ["What is 2+2?", "Name three colours of the rainbow and explain why the sky is blue.", "Hi"]
+    ids = [list(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                        tokenize=True, return_dict=True)["input_ids"]) for t in texts]
+    eos = _eos_ids_of(model, tok)
+    torch.set_num_threads(1)
+    ref = []
+    for x in ids:
+        t = torch.tensor([x])
+        o = model.generate(input_ids=t, attention_mask=torch.ones_like(t), max_new_tokens=14, do_sample=False,
+                           repetition_penalty=1.1, eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        ref.append(o[0, len(x):].tolist())
+    got = decode_batch(model, ids, [14, 14, 14], eos, tok.pad_token_id, repetition_penalty=1.1)
+    assert [g for g, _ in got] == ref
+    assert [f for _, f in got] == ["stop" if r[-1] in eos else "length" for r in ref] and got[2][1] == "stop"
+    capped = decode_batch(model, ids, [3, 14, 2], eos, tok.pad_token_id, repetition_penalty=1.1)
+    assert [len(g) for g, _ in capped][::2] == [3, 2] and capped[1][0] == ref[1]  # per-prompt caps
+
+
+def test_setup_check_says_a_looping_reply_at_a_scaled_rope_is_expected_not_a_success():
+    """The reply the gpu-small check printed on an H200 (RoPE ×8, untrained) must not read as a pass of quality."""
+    import doctest
+
+    from longalign_lib.stages import check
+
+    assert doctest.testmod(check).failed == 0
+    looped = "The language model's language model's language model's language model's language model's language"
+    loops, verdict = check.reply_verdict(looped, 8.0)
+    assert loops and "loops" in verdict and "×8" in verdict and "untrained" in verdict
+    loops, verdict = check.reply_verdict(looped, 1.0)
+    assert loops and "degenerate" in verdict
+    loops, verdict = check.reply_verdict("Long-context alignment teaches a model to follow instructions over "
+                                         "very long inputs such as whole books.", 8.0)
+    assert not loops and "untrained" in verdict
+
+
+def test_generation_speed_bench_core_on_cpu(smol_model_and_tokenizer):
+    """bench/generation_speed.py's comparison (what the GPU run reports), tiny: both paths, same greedy texts."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "generation_speed.py"
+    spec = importlib.util.spec_from_file_location("generation_speed", path)
+    gs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gs)
+    model, tok = smol_model_and_tokenizer
+    prompts = gs.synth_prompts(tok, 2, 40)
+    assert len(prompts) == 2 and prompts[0] != prompts[1] and "numbered list" in prompts[0][0]["content"]
+    res = gs.compare(model, tok, prompts, max_new_tokens=4, single_n=2, batch_size=4, max_batch_tokens=4096)
+    assert res["identical_texts"] == res["compared"] == 2 and res["batches"] == 1
+    assert res["one_at_a_time"]["new_tokens"] == res["batched"]["new_tokens"] > 0
+    assert res["one_at_a_time"]["tokens_per_s"] > 0 and res["batched"]["tokens_per_s"] > 0

@@ -4,12 +4,14 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from pathlib import Path
 
 import pytest
 
 from longalign_lib.io import LongAlignError
 from longalign_lib.llm import Price, Reply, approx_tokens, client_from_config, make_client, price_for
 
+ROOT = Path(__file__).resolve().parents[1]
 KEY = "sk-test-SECRET-0123456789"
 MSGS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name three rivers in Europe."}]
 
@@ -257,3 +259,92 @@ def test_openai_cached_tokens_are_read_from_usage(llm_server, tmp_path):
     assert "cache_prefix" not in llm_server.bodies[1]["messages"][0]  # our marker never goes on the wire
     assert r.usage["cache_read_tokens"] == 60 and r.usage["input_tokens"] == 61
     assert r.cost_usd == pytest.approx((1 * 1.0 + 60 * 0.5 + r.usage["output_tokens"] * 2.0) / 1e6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# local backend: batched generation (what a GPU uses; forced here with batch_size)
+# ---------------------------------------------------------------------------------------------------------------
+PROMPTS = [[{"role": "user", "content": "What is the capital of France?"}],
+           [{"role": "user", "content": "Name three colours of the rainbow and say why the sky looks blue."}],
+           [{"role": "user", "content": "Hi"}]]
+
+
+def test_local_batched_replies_equal_one_at_a_time_and_only_misses_are_decoded(smol_model_and_tokenizer, tmp_path):
+    model, tok = smol_model_and_tokenizer
+    one = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok, threads=1)
+    assert not one.backend.batched and one.concurrency == 4  # CPU default: one at a time, as before
+    ref = [one.chat(p, max_new_tokens=12, temperature=0.0) for p in PROMPTS]
+    many = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path, model_obj=model, tokenizer=tok,
+                       threads=1, batch_size=8)
+    assert many.backend.batched and many.concurrency == 8
+    got = many.chat_many(PROMPTS[:2], progress=False, max_new_tokens=12, temperature=0.0)
+    assert many.backend.stats == {"reused_tokens": 0, "batches": 1, "batched_requests": 2}
+    got += many.chat_many(PROMPTS, progress=False, max_new_tokens=12, temperature=0.0)[2:]  # two cache hits
+    assert many.backend.stats["batched_requests"] == 3 and many.stats["cache_hits"] == 2
+    assert [r.text for r in got] == [r.text for r in ref]
+    assert [r.finish_reason for r in got] == [r.finish_reason for r in ref] and "length" in [r.finish_reason for r in got]
+    assert [r.usage["output_tokens"] for r in got] == [r.usage["output_tokens"] for r in ref]
+
+
+def test_local_batched_sampling_does_not_depend_on_batch_mates(smol_model_and_tokenizer):
+    model, tok = smol_model_and_tokenizer
+    c = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok, threads=1,
+                    batch_size=4)
+    kw = {"max_new_tokens": 10, "temperature": 0.9, "seed": 7}
+    alone = c.chat(PROMPTS[1], **kw).text
+    together = c.chat_many(PROMPTS, progress=False, **kw)[1].text
+    other_seed = c.chat(PROMPTS[1], **{**kw, "seed": 8}).text
+    assert alone == together and alone != other_seed
+
+
+def test_local_batched_too_long_prompt_fails_alone(smol_model_and_tokenizer):
+    from longalign_lib.llm import ContextTooLong
+
+    model, tok = smol_model_and_tokenizer
+    c = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok, threads=1,
+                    batch_size=4)
+    window = model.config.max_position_embeddings
+    outs = c.backend.generate_many([[1, 2, 3], [5] * window], [{"max_new_tokens": 4}, {"max_new_tokens": 4}])
+    assert isinstance(outs[1], ContextTooLong) and "window" in str(outs[1]) and outs[0][2]["finish_reason"]
+    with pytest.raises(ContextTooLong):
+        c.complete("word " * window, max_new_tokens=4)
+
+
+def test_magpie_waves_are_decoded_in_batches(smol_model_and_tokenizer, tmp_path):
+    from longalign_lib.config import SynthConfig
+    from longalign_lib.io import read_jsonl
+    from longalign_lib.synth import magpie_records
+
+    model, tok = smol_model_and_tokenizer
+    s = SynthConfig(short_question_tokens=16, short_max_new_tokens=12, min_answer_words=3)
+    c = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok, threads=1,
+                    batch_size=3)
+    st = magpie_records(c, tok, 2, s, tmp_path / "short.jsonl", tmp_path / "rej.jsonl", progress=False)
+    assert st["kept"] == 2 == len(read_jsonl(tmp_path / "short.jsonl"))
+    assert c.backend.stats["batches"] < c.stats["requests"]  # the wave's calls shared batches
+
+
+def test_synth_documents_share_batches_question_wave_then_answer_wave(smol_model_and_tokenizer, tmp_path):
+    """Self-Instruct over three documents with a batched local model: the question calls of all documents are
+    decoded together, then their answer calls (not 2 × 3 one-at-a-time generations); a rerun is all cache hits."""
+    from longalign_lib.config import SynthConfig
+    from longalign_lib.corpus import Document
+    from longalign_lib.synth import synth_long
+
+    model, tok = smol_model_and_tokenizer
+    lines = [x for x in (ROOT / "data" / "kjv_ruth.txt").read_text().splitlines() if len(x) > 40]
+    docs = [Document(f"d{i}", "data", "literature", "en", f"Ruth {i}", "\n".join(lines[i * 3:(i + 1) * 3]),
+                     "public domain", 80) for i in range(3)]
+    s = SynthConfig(task_types=["summary"], n_questions=2, question_max_new_tokens=14, max_new_tokens=8,
+                    question_attempts=1, min_answer_words=1)
+    runs = []
+    for k in range(2):
+        c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path / "cache", model_obj=model,
+                        tokenizer=tok, threads=1, batch_size=8)
+        st = synth_long(c, docs, s, tmp_path / f"long{k}.jsonl", tmp_path / f"rej{k}.jsonl", progress=False)
+        runs.append((st, dict(c.backend.stats), dict(c.stats)))
+    (st, backend, client_stats), (st2, backend2, client_stats2) = runs
+    assert st["processed"] == 3 and client_stats["requests"] >= 3
+    assert backend["batches"] <= 2 < client_stats["requests"]  # one question batch (+ one answer batch)
+    assert backend2["batches"] == 0 and client_stats2["requests"] == 0  # cached: nothing decoded again
+    assert st2["kept"] == st["kept"] and st2["rejected"] == st["rejected"]

@@ -28,7 +28,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
         cells_file.unlink()
     model, tok, model_name = load_eval_model(cfg, run_dir)
     window = model_window(model, tok, ec.max_input_tokens)
-    gen = make_generate_fn(model, tok, max_new_tokens=ec.needle_max_new_tokens, seed=ec.seed,
+    gen = make_generate_fn(model, tok, max_new_tokens=ec.needle_max_new_tokens, seed=ec.seed, batch_size=ec.batch_size,
                            max_batch_tokens=ec.max_batch_tokens, progress=False, threads=ec.local_threads)
     scorer_name = getattr(args, "needle_scorer", None) or ec.needle_scorer
     scorer = None
