@@ -3,6 +3,10 @@
 Run as: longalign judge --preset cpu-demo [--predictions FILE] [--human-scores FILE] [--judge-proxy-only] [--judge-fresh]
         longalign judge --compare RUN_A RUN_B   → <run_dir>/compare.json (A − B, paired bootstrap CI, permutation p)
 The report carries the judge reliability section (judge.reliability) whenever reference scores exist.
+A judgment in judgments.jsonl is reused only when its reuse key (provenance.py) is unchanged: the judge
+(provenance.judge_identity: backend, model, base_url, a local judge's weights, scoring, template, settings) and
+what it read of the item (question, reference, prediction, rated examples). Edited predictions are judged again,
+alone; a row with fewer runs than eval.judge_runs gets the missing runs, one with more keeps its first ones.
 """
 from __future__ import annotations
 
