@@ -308,6 +308,16 @@ def eval_model_config(cfg, run_dir: Path):
     return mc, name
 
 
+def eval_model_identity(cfg, run_dir: Path) -> dict:
+    """What the evaluated model is, for reuse keys (eval, needle): its weights fingerprint
+    (provenance.model_fingerprint: a model retrained into the same folder gets a new one) and how it is loaded."""
+    from .provenance import model_fingerprint
+
+    mc, name = eval_model_config(cfg, run_dir)
+    return {"weights": model_fingerprint(name), "dtype": mc.dtype, "rope_base_factor": mc.rope_base_factor,
+            "max_position_embeddings": mc.max_position_embeddings}
+
+
 def load_eval_model(cfg, run_dir: Path):
     """(model, tokenizer, label) for generation. The packed-training attention backends of attention.py isolate
     documents inside one row; generation needs left padding and a KV cache instead, so the model is switched to

@@ -107,7 +107,7 @@ def build_judge_prompt(template: str, question: str, reference: str, answer: str
 # ---------------------------------------------------------------- judging
 def judge_items(client, items: list[dict], template: str | None = None, runs: int = 2, max_attempts: int = 3,
                 seed: int = 0, temperature: float = 0.0, max_new_tokens: int = 256, progress: bool = True,
-                scorer=None) -> list[dict]:
+                scorer=None, first_run: int = 0) -> list[dict]:
     """Judge each item ({idx, query, answer (reference), prediction, few_shots}) `runs` times; returns one row each.
 
     A row: idx, score (mean of the runs that gave a rating, or None), score_method (how the runs' ratings were
@@ -119,6 +119,8 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
     `scorer` (rating_probs.LocalRatingScorer / OpenAIRatingScorer): each run's rating is then the expectation of
     the judge's probability distribution over 1..10 at the rating position (method `prob_weighted`, with the
     distribution and its mass recorded); a reply without a readable rating position falls back to parsing.
+    `first_run`: judge only runs first_run..runs-1 (the earlier ones exist: the judge stage extends a row judged
+    with fewer runs); each run's example order and seed are the same as in a call that judges all of them.
     """
     template = template or load_template()
     if runs < 1 or max_attempts < 1:
@@ -136,6 +138,8 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
                 if order not in seen or len(seen) >= n_orders:
                     break
             seen.append(order)
+            if r < first_run:
+                continue
             jobs.append({"item": i, "run": r, "order": order, "rating": None, "parsed_by": None, "method": None,
                          "messages": [{"role": "user", "content": prompt}], "attempts": []})
     pending = jobs

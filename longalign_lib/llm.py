@@ -849,11 +849,26 @@ class LLMClient:
 
     # -- cache ---------------------------------------------------------------------------------------------
     def cache_key(self, messages, params: dict, kind: str = "chat") -> str:
+        """The reply cache's key: backend, model, endpoint (base_url: two servers serving the same alias do not
+        share replies), for a local model its weights fingerprint (a model retrained into the same folder misses),
+        the request kind, messages and parameters."""
         if kind == "chat":
             messages = _plain(messages)  # the cache_prefix marker changes the bill, not the answer
         blob = json.dumps({"backend": self.backend_name, "model": self.model, "kind": kind, "messages": messages,
-                           "params": _norm_params(params)}, sort_keys=True, ensure_ascii=False)
+                           "params": _norm_params(params), "base_url": getattr(self.backend, "base_url", None),
+                           "weights": self.weights_fingerprint}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    @property
+    def weights_fingerprint(self) -> str | None:
+        """provenance.model_fingerprint of a local backend's model (computed once per client); None for APIs."""
+        if not isinstance(self.backend, _LocalBackend):
+            return None
+        if getattr(self, "_weights_fp", None) is None:
+            from .provenance import model_fingerprint
+
+            self._weights_fp = model_fingerprint(self.model)
+        return self._weights_fp
 
     def _cache_path(self, key: str) -> Path | None:
         return None if self.cache_dir is None else self.cache_dir / key[:2] / f"{key}.json"

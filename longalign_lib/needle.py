@@ -22,7 +22,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from .io import LongAlignError, append_jsonl, data_dir, read_jsonl
+from .io import LongAlignError, append_jsonl, data_dir, read_jsonl, write_jsonl
+from .provenance import ReuseLog, digest, reuse_key
 
 # Our own needle: a made-up fact that appears nowhere in the default haystack.
 NEEDLE = "The secret ingredient in Grandmother Odile's plum cake is a spoonful of smoked cardamom."
@@ -195,7 +196,7 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
              haystack: str | None = None, needle: str = NEEDLE, question: str = QUESTION, key_fact: str = KEY_FACT,
              window: int | None = None, reserve: int = 64, scorer: Callable[[str, dict], float] | None = None,
              cells_file: str | Path | None = None, batch: int = 4, progress: bool = True,
-             model_label: str | None = None) -> dict:
+             model_label: str | None = None, reuse: dict | None = None) -> dict:
     """Run the lengths × depths grid; returns the needle.json dict. Each cell reports the `achieved_depth` (token
     depth of the needle, needle.token_depth) and `achieved_length` (context tokens) next to the requested ones;
     `max_depth_error` / `max_length_error` sum them up against DEPTH_TOLERANCE / LENGTH_TOLERANCE.
@@ -203,22 +204,36 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
     `generate_fn(list of message lists) -> list of replies` is any model: generate.make_generate_fn(model, tok),
     an llm.py client (generate.client_generate_fn), or a stub. `window`: the model's context size; lengths with
     length + `reserve` (template + answer tokens) over it are skipped, never truncated. `scorer(prediction, cell)`
-    defaults to contains_fact(prediction, key_fact). `cells_file`: stream finished cells there and resume from it
-    (cells of another needle or `model_label` are redone).
+    defaults to contains_fact(prediction, key_fact). `cells_file`: stream finished cells there and resume from it.
+    Each cell carries its reuse key (provenance.reuse_key): the needle, question, key fact and haystack text, plus
+    `reuse` (what the caller knows produced it: the model's weights fingerprint, generation settings, scorer;
+    default {"model": model_label}). A cell is reused only when its key is unchanged; the result counts
+    `reused` / `recomputed` cells and why (`recompute_why`), and stale cells are dropped from `cells_file`.
     """
     from tqdm.auto import tqdm
 
     if key_fact.lower() not in needle.lower():
         raise LongAlignError(f"the key fact {key_fact!r} does not occur in the needle {needle!r}; the score would "
                              "always be 0. Set eval.needle_key_fact to words of eval.needle_text")
-    hay = Haystack(haystack if haystack is not None else load_haystack(), tokenizer)
+    haystack_text = haystack if haystack is not None else load_haystack()
+    hay = Haystack(haystack_text, tokenizer)
     fits = [n for n in lengths if window is None or n + reserve <= window]
     skipped = [n for n in lengths if n not in fits]
+    key = reuse_key(needle={"needle": needle, "question": question, "key_fact": key_fact,
+                            "haystack": digest(haystack_text)},
+                    run=reuse if reuse is not None else {"model": model_label})
+    log = ReuseLog()
     done = {}
     if cells_file and Path(cells_file).exists():
-        for c in read_jsonl(cells_file, allow_partial_last_line=True):
-            if c.get("needle") == needle and c.get("model") == model_label:
+        old = read_jsonl(cells_file, allow_partial_last_line=True)
+        grid = {(n, d) for n in fits for d in depths}
+        for c in old:
+            at = (c.get("length"), c.get("depth"))
+            if at in grid and at not in done and log.check(c.get("reuse"), key):
                 done[(c["length"], c["depth"])] = c
+        keep = [c for c in old if (c.get("reuse") or {}).get("key") == key["key"]]
+        if len(keep) < len(old):  # cells of another model, needle or settings: out of the file
+            write_jsonl(cells_file, keep)
     todo = []
     for n in fits:
         for d in depths:
@@ -233,7 +248,7 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
     for chunk in chunks:
         replies = generate_fn([needle_prompt(c["context"], question) for c in chunk])
         for c, reply in zip(chunk, replies, strict=False):
-            cell = {"length": c["length"], "depth": c["depth"], "needle": needle, "model": model_label,
+            cell = {"length": c["length"], "depth": c["depth"], "needle": needle, "model": model_label, "reuse": key,
                     "achieved_length": hay.n(c["context"]),
                     "achieved_depth": round(token_depth(tokenizer, c["context"], c["span"]), 4), "prediction": reply}
             cell["score"] = float(scorer(reply, cell) if scorer else contains_fact(reply, key_fact))
@@ -251,7 +266,8 @@ def run_grid(generate_fn: GenerateFn, tokenizer, lengths: list[int], depths: lis
             "max_depth_error": max((abs(c["achieved_depth"] - c["depth"]) for c in placed), default=None),
             "max_length_error": max((abs(c["achieved_length"] - c["length"]) / c["length"] for c in placed),
                                     default=None),
-            "seconds": round(time.time() - t0, 2)}
+            "seconds": round(time.time() - t0, 2), "reused": log.reused, "recomputed": log.recomputed,
+            "recompute_why": dict(log.why)}
 
 
 def score_matrix(result: dict) -> list[list[float]]:

@@ -112,11 +112,13 @@ def test_eval_stage_streams_and_resumes(tmp_path):
     rows2 = read_jsonl(tmp_path / "predictions.jsonl")
     assert res2.metrics["resumed"] == 1 and sorted(r["idx"] for r in rows2) == ["c0", "c1", "c2"]
     assert next(r for r in rows2 if r["idx"] == "c1") == keep  # kept, not regenerated
-    for r in rows2:  # rows of another model in the same run dir: refuse to mix them
-        r["model"] = "some/other-model"
+    for r in rows2:  # rows another model wrote in the same run dir: regenerated, never mixed in
+        r["reuse"]["parts"]["model"] = "another-model"
+        r["reuse"]["key"] = "another-key"
     (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows2), encoding="utf-8")
-    with pytest.raises(LongAlignError, match="eval-fresh"):
-        run_one("eval", cfg, tmp_path)
+    res3 = run_one("eval", cfg, tmp_path)
+    assert res3.metrics["resumed"] == 0 and res3.metrics["recompute_why"] == {"model changed": 3}
+    assert len(read_jsonl(tmp_path / "predictions.jsonl")) == 3
 
 
 def test_truncation_is_reported_when_the_window_is_small(tmp_path):

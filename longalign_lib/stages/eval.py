@@ -2,7 +2,10 @@
 
 Run as: longalign eval --preset cpu-demo [--bench FILE] [--eval-limit N] [--eval-fresh]
         [--set eval.no_document_pass=true] [--set eval.short_tasks=true]
-Predictions are appended one batch at a time, so an interrupted run resumes where it stopped.
+Predictions are appended one batch at a time, so an interrupted run resumes where it stopped. Each row carries its
+reuse key (provenance.py): the evaluated model's weights fingerprint, the eval settings that change an answer
+(PREDICTION_SETTINGS) and the case itself. A row is reused only when its key is unchanged: a retrained model, a
+changed setting or an edited case regenerates it; the report says how many were reused and why others were not.
 """
 from __future__ import annotations
 
@@ -10,9 +13,10 @@ import time
 from pathlib import Path
 
 from ..benchmarks import score_exact
-from ..generate import case_messages, generate_replies, load_eval_model
+from ..generate import case_messages, eval_model_identity, generate_replies, load_eval_model
 from ..inputs import load_or_build_bench
-from ..io import LongAlignError, append_jsonl, read_jsonl
+from ..io import append_jsonl, read_jsonl, write_jsonl
+from ..provenance import ReuseLog, reuse_key
 from ..scoring import bootstrap_ci
 from .base import StageResult
 
@@ -34,13 +38,10 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     cases, source = load_or_build_bench(cfg, run_dir, getattr(args, "bench", None), tok)
     if getattr(args, "eval_limit", None):
         cases = cases[: args.eval_limit]
-    done = {}
-    if pred_path.exists():
-        for row in read_jsonl(pred_path, allow_partial_last_line=True):
-            if row.get("model") != model_name:
-                raise LongAlignError(f"{pred_path} holds predictions of model {row.get('model')!r}, not "
-                                     f"{model_name!r}; use --eval-fresh or another --run-dir")
-            done[str(row["idx"])] = row
+    pk = prediction_key(cfg, run_dir)
+    keys = {c.idx: reuse_key(**pk, case=c.to_dict()) for c in cases}
+    log = ReuseLog()
+    done = _reusable_predictions(pred_path, keys, log)
     todo = [c for c in cases if c.idx not in done]
     resumed = len(cases) - len(todo)
 
@@ -56,7 +57,8 @@ def run(cfg, run_dir: Path, args) -> StageResult:
             c = todo[i]
             meta = {k: v for k, v in c.meta.items()}
             row = {"idx": c.idx, "task": c.task, "query": c.query, "answer": c.answer, "few_shots": c.few_shots,
-                   "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": model_name}
+                   "meta": meta, **r, "exact": score_exact(c, r["prediction"]), "model": model_name,
+                   "reuse": keys[c.idx]}
             if c.idx in nodoc:
                 row.update(no_doc_prediction=nodoc[c.idx], no_doc_exact=score_exact(c, nodoc[c.idx]))
             append_jsonl(pred_path, row)
@@ -77,7 +79,8 @@ def run(cfg, run_dir: Path, args) -> StageResult:
         if r.get("exact") is not None:
             by_task.setdefault(r["task"], []).append(r["exact"])
     new_tokens = sum(r["n_new_tokens"] for r in rows if r["idx"] in {c.idx for c in todo})
-    metrics = {"model": model_name, "cases": len(rows), "resumed": resumed, "truncated": sum(bool(r["truncated"]) for r in rows),
+    metrics = {"model": model_name, "cases": len(rows), "resumed": resumed, "recomputed": log.recomputed,
+               "recompute_why": dict(log.why), "truncated": sum(bool(r["truncated"]) for r in rows),
                "mean_input_tokens": round(sum(r["n_input_tokens"] for r in rows) / len(rows), 1),
                "exact_mean": round(ci["mean"], 4) if exact else None, "exact_n": len(exact),
                **{f"exact_{t}": round(sum(v) / len(v), 4) for t, v in sorted(by_task.items())},
@@ -86,7 +89,8 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     if any("no_doc_exact" in r for r in rows):
         metrics["answered_without_document"] = sum(r.get("no_doc_exact") == 1 for r in rows)
     lines = [f"Model `{model_name}` answered {len(rows)} cases from {source} "
-             f"({metrics['truncated']} truncated in the middle to the window; {resumed} resumed from an earlier run)."]
+             f"({metrics['truncated']} truncated in the middle to the window; {resumed} resumed from an earlier run)."
+             + (f" Of the earlier predictions, {log.text('predictions')}." if log.recomputed else "")]
     if "answered_without_document" in metrics:
         lines.append(f"No-document control: {metrics['answered_without_document']} of {len(rows)} questions answered "
                      "right from the question alone (they test prior knowledge, not reading).")
@@ -103,6 +107,42 @@ def run(cfg, run_dir: Path, args) -> StageResult:
         lines.append(_short_tasks(cfg, run_dir, model, tok, model_name, metrics))
         outputs.append("short_tasks.json")
     return StageResult(metrics, outputs, "\n".join(lines))
+
+
+# eval settings that change a prediction (batch_size / max_batch_tokens / local_threads only change the speed)
+PREDICTION_SETTINGS = ("max_new_tokens", "max_input_tokens", "seed", "no_document_pass")
+
+
+def prediction_key(cfg, run_dir: Path) -> dict:
+    """What a prediction depends on besides its case: the evaluated model (generate.eval_model_identity: weights
+    fingerprint, dtype, RoPE settings) and the eval settings that change an answer. Parts of its reuse key."""
+    return {"model": eval_model_identity(cfg, run_dir),
+            "settings": {k: getattr(cfg.eval, k) for k in PREDICTION_SETTINGS}}
+
+
+def _reusable_predictions(pred_path: Path, keys: dict, log: ReuseLog) -> dict:
+    """{idx: row} of predictions.jsonl whose reuse key equals this evaluation's; the other rows of these cases are
+    dropped from the file (rewritten atomically) and counted in `log` with the reason, so they are generated again.
+    Rows of cases outside this evaluation (a smaller --eval-limit) stay when model and settings are unchanged."""
+    if not pred_path.exists():
+        return {}
+    any_key = next(iter(keys.values()), None)
+    done, keep, dropped = {}, [], 0
+    for row in read_jsonl(pred_path, allow_partial_last_line=True):
+        idx = str(row.get("idx"))
+        if idx in keys:
+            if idx not in done and log.check(row.get("reuse"), keys[idx]):
+                done[idx] = row
+                keep.append(row)
+                continue
+        elif any_key is not None and isinstance(row.get("reuse"), dict) and all(
+                row["reuse"].get("parts", {}).get(p) == any_key["parts"][p] for p in ("model", "settings")):
+            keep.append(row)
+            continue
+        dropped += 1
+    if dropped:
+        write_jsonl(pred_path, keep)
+    return done
 
 
 def _short_tasks(cfg, run_dir: Path, model, tok, model_name: str, metrics: dict) -> str:

@@ -1,16 +1,19 @@
 """`longalign needle`: needle-in-a-haystack grid (context length × depth) → needle.json + heatmap.
 
 Run as: longalign needle --preset cpu-demo [--needle-scorer contains|judge] [--needle-fresh]
+Finished cells (needle_cells.jsonl) are reused only when the model's weights fingerprint, the needle, question,
+key fact, haystack, answer length, seed and scorer (with its judge) are unchanged (needle.run_grid's reuse key).
 """
 from __future__ import annotations
 
 from pathlib import Path
 
 from .. import plots
-from ..generate import load_eval_model, make_generate_fn, model_window
+from ..generate import eval_model_identity, load_eval_model, make_generate_fn, model_window
 from ..io import LongAlignError, write_json
-from ..judge import needle_judge_scorer
+from ..judge import judge_config, load_template, needle_judge_scorer
 from ..needle import heatmap, load_haystack, run_grid
+from ..provenance import judge_identity
 from .base import StageResult
 
 
@@ -37,10 +40,15 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     elif scorer_name != "contains":
         raise LongAlignError(f"eval.needle_scorer={scorer_name!r}: choose contains or judge")
     hay = load_haystack(ec.needle_haystack_dir)
+    judged = judge_identity(ec, judge_config(ec).judge_backend, "llm", "parse", load_template(ec.judge_prompt_file)) \
+        if scorer_name == "judge" else None
+    reuse = {"model": eval_model_identity(cfg, run_dir),
+             "settings": {"max_new_tokens": ec.needle_max_new_tokens, "seed": ec.seed},
+             "scorer": {"name": scorer_name, "judge": judged}}
     result = run_grid(gen, tok, list(ec.needle_lengths), list(ec.needle_depths), haystack=hay,
                       needle=ec.needle_text, question=ec.needle_question, key_fact=ec.needle_key_fact,
                       window=window, reserve=ec.needle_max_new_tokens + 32, scorer=scorer, cells_file=cells_file,
-                      batch=ec.batch_size, model_label=model_name)
+                      batch=ec.batch_size, model_label=model_name, reuse=reuse)
     if not result["cells"]:
         raise LongAlignError(f"every needle length {ec.needle_lengths} exceeds the model window ({window} tokens); "
                              "choose smaller eval.needle_lengths")
@@ -52,6 +60,8 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     by_len = {n: sum(c["score"] for c in result["cells"] if c["length"] == n) / len(result["depths"])
               for n in result["lengths"]}
     metrics = {"needle_mean": round(result["mean_score"], 4), "cells": len(result["cells"]),
+               "reused": result["reused"], "recomputed": result["recomputed"],
+               "recompute_why": result["recompute_why"],
                "skipped_lengths": len(result["skipped_lengths"]), "window": window, "scorer": scorer_name,
                **{f"needle_len_{n}": round(v, 4) for n, v in by_len.items()}}
     skipped = (f" Lengths {result['skipped_lengths']} exceed the model window ({window} tokens) and were skipped."
@@ -59,9 +69,12 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     placed = (f" Needles sit within {result['max_depth_error']:.3f} of the requested token depth, contexts within "
               f"{result['max_length_error']:.1%} of the requested length (tolerances {result['depth_tolerance']} "
               f"and {result['length_tolerance']:.1%})." if result["max_depth_error"] is not None else "")
+    why = "; ".join(f"{r}: {n}" for r, n in result["recompute_why"].items())
+    reused = (f" {result['reused']} cells reused from an earlier run, {result['recomputed']} of the earlier cells "
+              f"recomputed ({why})." if result["reused"] or result["recomputed"] else "")
     report = (f"Needle *{result['needle']}* planted in {len(result['lengths'])} context lengths × "
               f"{len(result['depths'])} depths of {result['haystack']}; scored by `{scorer_name}`. "
-              f"Mean score **{result['mean_score']:.2f}**.{skipped}{placed}\n\n![needle heatmap]({png.relative_to(run_dir)})")
+              f"Mean score **{result['mean_score']:.2f}**.{skipped}{placed}{reused}\n\n![needle heatmap]({png.relative_to(run_dir)})")
     return StageResult(metrics, ["needle.json", "needle_cells.jsonl", str(png.relative_to(run_dir))],
                        report)
 
