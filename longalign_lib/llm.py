@@ -633,7 +633,7 @@ class _LocalBackend:
         if stop:
             for s in [stop] if isinstance(stop, str) else stop:
                 if s and s in text:
-                    text = text[: text.index(s)]
+                    text, finish = text[: text.index(s)], "stop"  # ended at a stop string: complete, not cut
         return text.strip(), {"input_tokens": len(ids), "output_tokens": len(new)}, {"finish_reason": finish}
 
     def _chat_sync(self, messages, params):

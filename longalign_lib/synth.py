@@ -15,7 +15,13 @@ them from whatever the model actually wrote, one is picked, and the model answer
 front of it (prompts/answer_<lang>.txt). The training record is user = document + question,
 assistant = answer. Filters count why a document yields no record: no_questions, duplicate_question,
 empty_answer, refusal, too_short, repetitive, off_document (the answer shares too little with the document),
-too_long_for_model.
+too_long_for_model, truncated.
+
+Truncated replies: a reply cut at its token cap (Reply.truncated, finish_reason "length") is never trained on.
+An answer (long or Magpie) or a Magpie question cut by the cap is rejected with reason `truncated`; with
+`synth.retry_truncated_factor` > 1 it is first regenerated once with the cap multiplied by that factor (counted in
+synth.json under `truncation.retried`). A cut question list keeps only its complete lines (the item on the cut
+line is dropped; counted as `truncation.question_lists_cut`); nothing left is `truncated`.
 
 Short data: `import_sharegpt` converts ShareGPT-style JSON/JSONL (`conversations` with from/value) into the
 same format; `magpie_records` writes an offline short mix the Magpie way: the aligned model receives only its
@@ -29,6 +35,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import math
 import random
 import re
 import time
@@ -40,7 +47,7 @@ from .config import SynthConfig
 from .corpus import Document, detect_lang
 from .formatting import RecordError, clean_messages
 from .io import LongAlignError, append_jsonl, iter_jsonl, load_jsonl
-from .llm import ContextTooLong, Deferred, Price, cost_of, run_sync
+from .llm import ContextTooLong, Deferred, Price, Reply, cost_of, run_sync
 from .llm_batch import run_batched
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
@@ -335,6 +342,56 @@ def check_answer(answer: str, document: str | None, scfg) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# replies cut by the token cap
+# ----------------------------------------------------------------------------------------------------------------
+def retry_cap(cap: int, scfg) -> int | None:
+    """The larger token cap a truncated reply is regenerated with (synth.retry_truncated_factor), or None: reject it.
+
+    >>> retry_cap(64, SynthConfig(retry_truncated_factor=2.0)), retry_cap(64, SynthConfig())
+    (128, None)
+    """
+    f = float(getattr(scfg, "retry_truncated_factor", 0) or 0)
+    if f == 0:
+        return None
+    if not f > 1:
+        raise LongAlignError(f"synth.retry_truncated_factor={f}: use 0 (reject replies cut at the token cap) or a "
+                             "factor > 1 (regenerate them once with a cap that much larger, e.g. 2)")
+    return int(math.ceil(cap * f))
+
+
+async def uncut_reply(send, cap: int, scfg) -> tuple[Reply, list[Reply]]:
+    """`await send(max_new_tokens)` → Reply; a reply cut at `cap` is sent once more with `retry_cap(cap)` when the
+    user asked for it. Returns (the reply to use, every reply received, so usage and cost add up). The caller still
+    checks `.truncated` on the result: a reply cut twice is rejected, never kept."""
+    r = await send(cap)
+    sent = [r]
+    bigger = retry_cap(cap, scfg) if r.truncated else None
+    if bigger:
+        r = await send(bigger)
+        sent.append(r)
+    return r, sent
+
+
+def complete_lines(text: str) -> str:
+    """What is left of a reply cut mid-line by the token cap: the text up to its last line break.
+
+    >>> complete_lines("1. Who is Esther?\\n2. Why did Mordecai ref")
+    '1. Who is Esther?'
+    >>> complete_lines("1. Who is Es")
+    ''
+    """
+    return text[: text.rfind("\n")].rstrip() if "\n" in text else ""
+
+
+def _sum_usage(replies: list[Reply]) -> dict:
+    out: dict = {"input_tokens": 0, "output_tokens": 0}
+    for r in replies:
+        for k, v in r.usage.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # one document, end to end
 # ----------------------------------------------------------------------------------------------------------------
 @dataclass
@@ -356,6 +413,9 @@ class Trace:
     cost_usd: float = 0.0
     cached: bool = True
     attempts: int = 0  # question-list samples drawn (synth.question_attempts caps it)
+    retries: int = 0  # replies regenerated with a larger cap because the first was cut (retry_truncated_factor)
+    questions_cut: bool = False  # the question list used was cut by its cap (only its complete lines were parsed)
+    truncated_step: str | None = None  # "questions" or "answer" when reason == "truncated"
 
 
 def task_for(index: int, scfg) -> str:
@@ -380,41 +440,54 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
     answer_client = answer_client or client
     cache = use_cache_marker(scfg)
     tr = Trace(doc.id, task_type, lang, question_messages(doc.text, task_type, lang, scfg.n_questions, cache))
-    params = {"max_new_tokens": scfg.question_max_new_tokens or scfg.max_new_tokens,
-              "temperature": scfg.temperature}
+    q_cap = scfg.question_max_new_tokens or scfg.max_new_tokens
     for attempt in range(max(1, scfg.question_attempts)):  # a fresh sample when no question could be parsed
+        def ask(cap, s=seed + attempt):
+            return client.achat(tr.question_prompt, seed=s, max_new_tokens=cap, temperature=scfg.temperature)
+
         try:
-            r = await client.achat(tr.question_prompt, seed=seed + attempt, **params)
+            r, sent = await uncut_reply(ask, q_cap, scfg)
         except ContextTooLong:
             tr.reason = "too_long_for_model"
             return tr
         u = tr.usage.setdefault("questions", {"input_tokens": 0, "output_tokens": 0})
-        for k in u:
-            u[k] += r.usage.get(k, 0)
+        for k, v in _sum_usage(sent).items():
+            u[k] = u.get(k, 0) + v
+        tr.retries += len(sent) - 1
         tr.raw_questions = r.text
         tr.attempts = attempt + 1
-        tr.cost_usd += r.cost_usd
-        tr.cached &= r.cached
-        tr.questions = parse_questions(r.text, scfg.n_questions)
+        tr.cost_usd += sum(x.cost_usd for x in sent)
+        tr.cached &= all(x.cached for x in sent)
+        tr.questions_cut = r.truncated  # the item on the cut line may be half a question: parse whole lines only
+        tr.questions = parse_questions(complete_lines(r.text) if r.truncated else r.text, scfg.n_questions)
         if tr.questions:
             break
     if not tr.questions:
-        tr.reason = "no_questions"
+        tr.reason = "truncated" if tr.questions_cut else "no_questions"
+        tr.truncated_step = "questions" if tr.questions_cut else None
         return tr
     tr.question = pick_question(tr.questions, random.Random(seed), used)
     if tr.question is None:
         tr.reason = "duplicate_question"
         return tr
     tr.answer_prompt = answer_messages(doc.text, tr.question, lang, cache)
+
+    def answer(cap):
+        return answer_client.achat(tr.answer_prompt, max_new_tokens=cap, temperature=scfg.answer_temperature,
+                                   seed=seed)
+
     try:
-        a = await answer_client.achat(tr.answer_prompt, max_new_tokens=scfg.max_new_tokens,
-                                      temperature=scfg.answer_temperature, seed=seed)
+        a, sent = await uncut_reply(answer, scfg.max_new_tokens, scfg)
     except ContextTooLong:
         tr.reason = "too_long_for_model"
         return tr
-    tr.answer, tr.usage["answer"] = a.text.strip(), a.usage
-    tr.cost_usd += a.cost_usd
-    tr.cached &= a.cached
+    tr.answer, tr.usage["answer"] = a.text.strip(), _sum_usage(sent)
+    tr.retries += len(sent) - 1
+    tr.cost_usd += sum(x.cost_usd for x in sent)
+    tr.cached &= all(x.cached for x in sent)
+    if a.truncated:  # cut at the cap: ends mid-sentence, never a training answer
+        tr.reason, tr.truncated_step = "truncated", "answer"
+        return tr
     tr.reason = check_answer(tr.answer, doc.text, scfg)
     if tr.reason:
         return tr
@@ -424,7 +497,9 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
         "meta": {"id": f"long-{doc.id}", "kind": "long", "doc_id": doc.id, "source": doc.source, "genre": doc.genre,
                  "lang": lang, "title": doc.title, "license": doc.license, "doc_tokens": doc.n_tokens,
                  "task_type": task_type, "questions": tr.questions, "question": tr.question,
-                 "question_attempts": tr.attempts,
+                 "question_attempts": tr.attempts, "questions_cut": tr.questions_cut,
+                 "truncation_retries": tr.retries, "answer_finish_reason": a.finish_reason,
+                 "answer_max_new_tokens": retry_cap(scfg.max_new_tokens, scfg) if len(sent) > 1 else scfg.max_new_tokens,
                  "question_index": tr.questions.index(tr.question), "backend": client.backend_name,
                  "question_model": r.model or client.model, "answer_model": a.model or answer_client.model,
                  "usage": tr.usage, "cost_usd": round(tr.cost_usd, 6),
@@ -477,6 +552,7 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
     todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
     counts: Counter = Counter()
     tasks: Counter = Counter()
+    cut: Counter = Counter()  # truncation: replies regenerated with a larger cap, question lists cut by theirs
     t0 = time.time()
 
     async def go():
@@ -492,6 +568,8 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
                         counts["deferred"] += 1
                         bar.update(1)
                         return
+                cut["retried"] += tr.retries
+                cut["question_lists_cut"] += tr.questions_cut
                 if tr.record is not None:
                     q = norm_question(tr.question)
                     if q in used:  # a concurrent document picked the same question first
@@ -505,7 +583,8 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
                 else:
                     append_jsonl(rejects, {"doc_id": doc.id, "task_type": tr.task_type, "reason": tr.reason,
                                            "raw_questions": tr.raw_questions[:1000], "questions": tr.questions,
-                                           "question": tr.question, "answer": tr.answer[:500]})
+                                           "question": tr.question, "answer": tr.answer[:500],
+                                           **({"truncated_step": tr.truncated_step} if tr.truncated_step else {})})
                     counts[tr.reason] += 1
                 bar.update(1)
 
@@ -519,7 +598,16 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
     return {"docs": len(docs), "skipped_done": len(docs) - len(todo), "processed": len(todo),
             "planned_task_types": dict(planned),
             "kept": counts.pop("kept", 0), "deferred": counts.pop("deferred", 0), "rejected": dict(counts),
+            "truncation": truncation_summary(cut, counts, scfg),
             "task_types": dict(tasks), "seconds": round(time.time() - t0, 1)}
+
+
+def truncation_summary(cut: Counter, rejected: Counter, scfg) -> dict:
+    """synth.json's `truncation` block: replies cut by their cap that were rejected, regenerated, or (question
+    lists) trimmed to their complete lines, and the retry factor in force."""
+    return {"rejected": int(rejected.get("truncated", 0)), "retried": int(cut.get("retried", 0)),
+            "question_lists_cut": int(cut.get("question_lists_cut", 0)),
+            "retry_truncated_factor": float(getattr(scfg, "retry_truncated_factor", 0) or 0)}
 
 
 def synth_long_batched(client, docs: list[Document], scfg, out: Path, rejects: Path, state_dir: Path,
@@ -527,7 +615,7 @@ def synth_long_batched(client, docs: list[Document], scfg, out: Path, rejects: P
     """`synth_long` through the provider's Batch API: round 1 sends every question request as one batch, round 2
     the answers (and fresh question samples where none parsed); each round's results fill the request cache and
     the documents finish from it. Batch ids live in `state_dir`; a rerun resumes them (llm_batch.py)."""
-    total = {"kept": 0, "rejected": Counter(), "task_types": Counter(), "seconds": 0.0}
+    total = {"kept": 0, "rejected": Counter(), "task_types": Counter(), "cut": Counter(), "seconds": 0.0}
     first: dict = {}
 
     def step():
@@ -536,6 +624,7 @@ def synth_long_batched(client, docs: list[Document], scfg, out: Path, rejects: P
         total["kept"] += st["kept"]
         total["rejected"].update(st["rejected"])
         total["task_types"].update(st["task_types"])
+        total["cut"].update({k: st["truncation"][k] for k in ("retried", "question_lists_cut")})
         total["seconds"] += st["seconds"]
         return st
 
@@ -543,6 +632,7 @@ def synth_long_batched(client, docs: list[Document], scfg, out: Path, rejects: P
                             max_attempts=scfg.batch_max_attempts, progress=progress)
     st = dict(first["stats"])
     st.update(kept=total["kept"], rejected=dict(total["rejected"]), task_types=dict(total["task_types"]),
+              truncation=truncation_summary(total["cut"], total["rejected"], scfg),
               deferred=0, seconds=round(total["seconds"], 1), batch_rounds=rounds)
     return st
 
@@ -654,37 +744,54 @@ def magpie_prefix(tokenizer) -> str:
 
 def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, resume: bool = False,
                    progress: bool = True) -> dict:
-    """Generate `n` short (question, answer) records Magpie-style and append them to `out`."""
+    """Generate `n` short (question, answer) records Magpie-style and append them to `out`.
+
+    A question or answer cut at its cap (short_question_tokens, short_max_new_tokens) is rejected as `truncated`
+    (after one regeneration with a larger cap when synth.retry_truncated_factor > 1). Returns {kept, attempts,
+    rejected: {reason: n}, truncation: {rejected, retried, ...}}.
+    """
     from tqdm.auto import tqdm
 
     done, used = _start_streams(out, rejects, resume)
     prefix = magpie_prefix(tokenizer)
     stops = [s for s in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>") if s in tokenizer.get_vocab()]
     counts: Counter = Counter()
+    cut: Counter = Counter()
     kept = sum(1 for _ in iter_jsonl(out, allow_partial_last_line=True)) if out.exists() else 0
     attempts = 0
 
     async def draw(rid: str):
-        """One Magpie item's calls: (question, answer reply or None, reason or None)."""
+        """One Magpie item's calls: (question, question replies, answer replies, reason or None, cut step or None);
+        the last reply of each list is the one used (an earlier one was cut and regenerated with a larger cap)."""
         seed = _doc_seed(rid, scfg.seed)
-        question, a, q = "", None, None
+        question, qs, ans, step = "", [], [], None
+
+        def ask(cap):
+            return client.acomplete(prefix, max_new_tokens=cap, temperature=1.0, top_p=0.95, seed=seed, stop=stops)
+
         try:
-            q = await client.acomplete(prefix, max_new_tokens=scfg.short_question_tokens, temperature=1.0,
-                                       top_p=0.95, seed=seed, stop=stops)
+            q, qs = await uncut_reply(ask, scfg.short_question_tokens, scfg)
             question = q.text.strip()
             reason = None
-            if len(question) < 12:
+            if q.truncated:  # the question itself was cut mid-sentence
+                reason, step = "truncated", "question"
+            elif len(question) < 12:
                 reason = "too_short_question"
             elif norm_question(question) in used:
                 reason = "duplicate_question"
             if reason is None:
-                a = await client.achat([{"role": "user", "content": question}],
-                                       max_new_tokens=scfg.short_max_new_tokens,
-                                       temperature=scfg.answer_temperature, seed=seed)
-                reason = check_answer(a.text, None, scfg)
+                def answer(cap):
+                    return client.achat([{"role": "user", "content": question}], max_new_tokens=cap,
+                                        temperature=scfg.answer_temperature, seed=seed)
+
+                a, ans = await uncut_reply(answer, scfg.short_max_new_tokens, scfg)
+                if a.truncated:  # cut at the cap: ends mid-sentence, never a training answer
+                    reason, step = "truncated", "answer"
+                else:
+                    reason = check_answer(a.text, None, scfg)
         except ContextTooLong:
             reason = "too_long_for_model"
-        return question, q, a, reason
+        return question, qs, ans, reason, step
 
     async def go():
         nonlocal kept, attempts
@@ -701,25 +808,31 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
                     if rid not in done:
                         wave.append(rid)
                 results = await asyncio.gather(*(draw(rid) for rid in wave))
-                for rid, (question, q, a, reason) in zip(wave, results, strict=True):
+                for rid, (question, qs, ans, reason, step) in zip(wave, results, strict=True):
                     if kept >= n:
                         break
                     attempts += 1
+                    cut["retried"] += max(0, len(qs) - 1) + max(0, len(ans) - 1)
                     if reason is None and norm_question(question) in used:
                         reason = "duplicate_question"  # an earlier item of the same wave asked it
                     if reason:
                         counts[reason] += 1
-                        append_jsonl(rejects, {"id": rid, "reason": reason, "question": question[:300]})
+                        append_jsonl(rejects, {"id": rid, "reason": reason, "question": question[:300],
+                                               **({"truncated_step": step, "answer": ans[-1].text[:300] if ans else ""}
+                                                  if step else {})})
                         continue
+                    q, a = qs[-1], ans[-1]
                     record = {"messages": [{"role": "user", "content": question},
                                            {"role": "assistant", "content": a.text.strip()}],
                               "meta": {"id": rid, "kind": "short", "source": "magpie", "generator": "magpie",
-                                       "model": a.model or client.model,
-                                       "usage": {"question": q.usage, "answer": a.usage}}}
+                                       "model": a.model or client.model, "truncation_retries": len(qs) + len(ans) - 2,
+                                       "finish_reason": {"question": q.finish_reason, "answer": a.finish_reason},
+                                       "usage": {"question": _sum_usage(qs), "answer": _sum_usage(ans)}}}
                     try:
                         clean_messages(record)
                     except RecordError as e:
                         counts[e.reason] += 1
+                        append_jsonl(rejects, {"id": rid, "reason": e.reason, "question": question[:300]})
                         continue
                     used.add(norm_question(question))
                     append_jsonl(out, record)
@@ -728,7 +841,8 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
             bar.close()
 
     run_sync(go())
-    return {"kept": kept, "attempts": attempts, "rejected": dict(counts)}
+    return {"kept": kept, "attempts": attempts, "rejected": dict(counts),
+            "truncation": truncation_summary(cut, counts, scfg)}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ Usage (the fixture is registered in tests/conftest.py):
         llm_server.push(text="1. A?\n2. B?", delay=0.5)   # then a slow 200 answer
         llm_server.responder = lambda body, path: "..."  # default text once the queue is empty
         llm_server.logprobs = lambda body, text: [...]    # OpenAI logprobs.content for requests with logprobs=true
+        llm_server.cap_words = True        # answers longer than the request's max_tokens (in words) are cut there
         client = make_client("openai", "m", base_url=llm_server.openai_url, cache_dir=tmp_path)
         client = make_client("anthropic", "m", base_url=llm_server.anthropic_url, cache_dir=tmp_path)
         llm_server.count, .bodies, .headers, .by_path, .log, .max_inflight   # what the server saw
@@ -21,12 +22,16 @@ gives the text. A scripted error carries `retry-after-ms: 10` unless it sets its
 retries stay fast. Usage counts are whitespace-separated words of the prompt and of the answer. Prompt caching is
 simulated: Anthropic blocks marked `cache_control` are written on first sight and read afterwards; for OpenAI the
 first message's text up to its first blank line counts as cached once seen (when ≥ `openai_cache_min_words`).
+With `cap_words`, an answer of more words than the request's max_tokens/max_completion_tokens is cut to that
+many words and reported as cut (OpenAI finish_reason "length", Anthropic stop_reason "max_tokens"), as a real
+server does at its token cap; otherwise every answer ends normally ("stop" / "end_turn").
 Batches finish on the first status poll after `batch_hold` is False; their items never count as interactive
 requests (`count`), and `batch_items` lists every item ever submitted (to assert none was sent twice).
 """
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from collections import deque
@@ -89,6 +94,7 @@ class LLMServer:
         self.batch_hold = False
         self.batch_fail_items = 0
         self.openai_cache_min_words = 20
+        self.cap_words = False
         self._seen_prefixes: set[str] = set()
         self._httpd: ThreadingHTTPServer | None = None
 
@@ -157,19 +163,25 @@ class LLMServer:
 
     def _answer(self, body: dict, path: str, text: str) -> dict:
         model = body.get("model", "test-model")
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        words = list(re.finditer(r"\S+", text))
+        cut = bool(self.cap_words and cap and len(words) > int(cap))
+        if cut:
+            text = text[: words[int(cap) - 1].end()]  # the line breaks before the cap stay
         usage = self._usage(body, path, text)
         if path.startswith("/v1/messages"):
             return {"id": f"msg_{time.time_ns()}", "type": "message", "role": "assistant", "model": model,
-                    "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+                    "content": [{"type": "text", "text": text}], "stop_reason": "max_tokens" if cut else "end_turn",
                     "stop_sequence": None, "usage": usage}
+        finish = "length" if cut else "stop"
         if path == "/v1/completions":
             return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "model": model, "created": 0,
-                    "choices": [{"index": 0, "text": text, "finish_reason": "stop", "logprobs": None}],
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
                     "usage": usage}
         logprobs = {"content": self.logprobs(body, text)} if body.get("logprobs") and self.logprobs else None
         return {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "model": model, "created": 0,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                             "finish_reason": "stop", "logprobs": logprobs}], "usage": usage}
+                             "finish_reason": finish, "logprobs": logprobs}], "usage": usage}
 
     # -- serving ------------------------------------------------------------------------------------------
     def _next(self) -> Scripted | None:

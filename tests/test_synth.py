@@ -236,14 +236,18 @@ def test_magpie_with_the_real_model(smol_model_and_tokenizer, tmp_path):
     c = make_client("local", "smollm2-135m-instruct", cache_dir=tmp_path / "c", model_obj=model, tokenizer=tok,
                     threads=1)
     s = SynthConfig(short_question_tokens=24, short_max_new_tokens=24, min_answer_words=3)
-    out = tmp_path / "short.jsonl"
-    stats = magpie_records(c, tok, 2, s, out, tmp_path / "rej.jsonl", progress=False)
-    recs = read_jsonl(out)
-    assert stats["kept"] == len(recs) == 2
+    out, rej = tmp_path / "short.jsonl", tmp_path / "rej.jsonl"
+    stats = magpie_records(c, tok, 1, s, out, rej, progress=False)
+    recs = read_jsonl(out) if out.exists() else []
+    rejects = read_jsonl(rej) if rej.exists() else []
+    # SmolLM2-135M rambles: at a 24-token cap most self-written questions and answers are cut mid-sentence,
+    # and those are rejected as `truncated` (before issue 22 they were kept as training data)
+    assert stats["kept"] == len(recs) <= 1 and stats["attempts"] == len(recs) + len(rejects) <= 4
+    assert stats["rejected"].get("truncated", 0) == stats["truncation"]["rejected"] >= 1
+    assert all(r["truncated_step"] in ("question", "answer") for r in rejects if r["reason"] == "truncated")
     for r in recs:
         msgs, _ = clean_messages(r)
         assert msgs[0]["role"] == "user" and len(msgs[0]["content"]) >= 12 and r["meta"]["generator"] == "magpie"
-    assert recs[0]["messages"][0]["content"] != recs[1]["messages"][0]["content"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -455,3 +459,100 @@ def test_parser_rejects_questions_to_the_user_about_the_chat():
     assert parse_questions(reply) == ["Who was Boaz, and how was he related to Elimelech?",
                                       "What is the next thing Naomi asks Ruth to do?"]
     assert parse_questions("What's your next question?") == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# replies cut at the token cap are never training data (issue 22, point 2)
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["openai", "anthropic"])
+def test_answers_cut_at_the_cap_are_rejected_as_truncated_or_regenerated(llm_server, tmp_path, backend):
+    """The fake answers run ~45 words: with max_new_tokens=20 every answer ends mid-sentence at the cap (OpenAI
+    finish_reason "length", Anthropic stop_reason "max_tokens"); the question list (~63 words) is cut at 30 in its
+    third item. Fails on a7eda25: the five cut answers were kept as records."""
+    from longalign_lib.cli import main
+
+    llm_server.responder = fake_model
+    llm_server.cap_words = True
+    write_jsonl(tmp_path / "corpus.jsonl", _docs(5))
+    capped = ["--set", "synth.max_new_tokens=20", "--set", "synth.question_max_new_tokens=30",
+              "--set", f"synth.corpus_file={tmp_path / 'corpus.jsonl'}"]
+    run = tmp_path / "run"
+    assert main(_cli(run, llm_server, tmp_path / "cache", *capped, backend=backend)) == 0
+    assert llm_server.count == 10
+    assert not (run / "long.jsonl").exists() or read_jsonl(run / "long.jsonl") == []
+    rejects = read_jsonl(run / "synth_rejects.jsonl")
+    assert [(r["reason"], r["truncated_step"]) for r in rejects] == [("truncated", "answer")] * 5
+    assert all(len(r["answer"].split()) == 20 for r in rejects)  # what the cap left: kept out of training
+    assert all(1 <= len(r["questions"]) <= 2 for r in rejects)  # only the question lines before the cut
+    summary = json.loads((run / "synth.json").read_text())
+    assert summary["long"]["rejected"] == {"truncated": 5}
+    assert summary["long"]["truncation"] == {"rejected": 5, "retried": 0, "question_lists_cut": 5,
+                                             "retry_truncated_factor": 0.0}
+    stage = json.loads((run / "stages" / "synth.json").read_text())
+    assert stage["metrics"]["reject_truncated"] == 5 and stage["metrics"]["truncated_rejected"] == 5
+    assert "5 long and 0 Magpie replies rejected as truncated" in stage["report"]
+
+    # asked for: each cut reply is regenerated once with 4x the cap (80 and 120 words), which the answers fit
+    run2 = tmp_path / "run2"
+    retry = [*capped, "--set", "synth.retry_truncated_factor=4"]
+    assert main(_cli(run2, llm_server, tmp_path / "cache", *retry, backend=backend)) == 0
+    stage = json.loads((run2 / "stages" / "synth.json").read_text())
+    assert stage["metrics"]["cache_hits"] >= 5  # the cut question lists come from the cache, the larger caps are new
+    assert stage["metrics"]["truncated_retried"] == 10 and stage["metrics"]["truncated_rejected"] == 0
+    sent = llm_server.count
+    long = read_jsonl(run2 / "long.jsonl")
+    assert len(long) == 5 and all(r["meta"]["truncation_retries"] == 2 for r in long)
+    assert all(r["messages"][1]["content"].endswith(".") and len(r["messages"][1]["content"].split()) > 20
+               for r in long)
+    assert all(len(r["meta"]["questions"]) == 5 and not r["meta"]["questions_cut"] for r in long)
+    assert all(r["meta"]["answer_max_new_tokens"] == 80 for r in long)
+    summary = json.loads((run2 / "synth.json").read_text())
+    assert summary["long"]["truncation"] == {"rejected": 0, "retried": 10, "question_lists_cut": 0,
+                                             "retry_truncated_factor": 4.0}
+    # the same run again: every reply, cut or not, is in the cache
+    assert main(_cli(tmp_path / "run3", llm_server, tmp_path / "cache", *retry, backend=backend)) == 0
+    assert llm_server.count == sent
+    assert sorted(map(json.dumps, read_jsonl(tmp_path / "run3" / "long.jsonl"))) == sorted(map(json.dumps, long))
+
+
+def test_retry_factor_must_be_zero_or_above_one(tmp_path, llm_server):
+    from longalign_lib.cli import main
+
+    write_jsonl(tmp_path / "corpus.jsonl", _docs(1))
+    assert main(_cli(tmp_path / "run", llm_server, tmp_path / "cache", "--set", "synth.retry_truncated_factor=0.5",
+                     "--set", f"synth.corpus_file={tmp_path / 'corpus.jsonl'}")) == 2
+    assert llm_server.count == 0
+
+
+def test_magpie_rejects_cut_questions_and_answers(llm_server, smol_tokenizer, tmp_path):
+    """Magpie over /v1/completions: a self-written question cut at short_question_tokens and an answer cut at
+    short_max_new_tokens are rejected as `truncated`, or regenerated with a larger cap when asked. Fails on
+    a7eda25 (both were kept)."""
+    from longalign_lib.llm import make_client
+    from longalign_lib.synth import magpie_records
+
+    def served(body, path):
+        if path == "/v1/completions":
+            return f"What are three good habits for a student starting university number {body.get('seed')}?"
+        return ("Three good habits are keeping a weekly plan, reviewing notes on the day of each lecture, "
+                "and sleeping enough before exams so that memory can consolidate what was learned.")
+
+    llm_server.responder = served
+    llm_server.cap_words = True
+    client = make_client("openai", "served", base_url=llm_server.openai_url, cache_dir=tmp_path / "cache")
+    out, rej = tmp_path / "short.jsonl", tmp_path / "rej.jsonl"
+    s = SynthConfig(short_question_tokens=6, short_max_new_tokens=64, min_answer_words=3)
+    stats = magpie_records(client, smol_tokenizer, 1, s, out, rej, progress=False)
+    assert stats["kept"] == 0 and stats["rejected"] == {"truncated": 4} and stats["truncation"]["rejected"] == 4
+    assert {r["truncated_step"] for r in read_jsonl(rej)} == {"question"}
+    s = SynthConfig(short_question_tokens=64, short_max_new_tokens=12, min_answer_words=3)
+    stats = magpie_records(client, smol_tokenizer, 1, s, out, rej, progress=False)
+    assert stats["kept"] == 0 and stats["rejected"] == {"truncated": 4}
+    assert {r["truncated_step"] for r in read_jsonl(rej)} == {"answer"}
+    s = SynthConfig(short_question_tokens=64, short_max_new_tokens=12, min_answer_words=3, retry_truncated_factor=3)
+    stats = magpie_records(client, smol_tokenizer, 2, s, out, rej, progress=False)
+    recs = read_jsonl(out)
+    assert stats["kept"] == len(recs) == 2 and stats["truncation"] == {
+        "rejected": 0, "retried": 2, "question_lists_cut": 0, "retry_truncated_factor": 3.0}
+    assert all(r["messages"][1]["content"].endswith("learned.") and r["meta"]["truncation_retries"] == 1
+               for r in recs)

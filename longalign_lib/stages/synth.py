@@ -22,6 +22,7 @@ from ..synth import (
     magpie_prefix,
     magpie_records,
     mix_figure,
+    retry_cap,
     synth_long,
     synth_long_batched,
     task_for,
@@ -65,6 +66,7 @@ def check_prerequisites(cfg, client, n_docs: int) -> dict:
         raise LongAlignError(f"synth.mode={s.mode!r}: choose interactive or batch")
     for i in range(min(n_docs, len(s.task_types) or 1)):
         task_for(i, s)  # unknown task types fail here
+    retry_cap(1, s)  # a retry_truncated_factor that is neither 0 nor > 1 fails here
     if s.mode == "batch" and not client.supports_batch:
         raise LongAlignError(f"synth.mode=batch needs a Batch API: backend {client.backend_name!r} has none; use "
                              "synth.backend=openai or anthropic, or synth.mode=interactive")
@@ -159,7 +161,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
     short_recs, imported = pre["short_records"], pre["imported"]
     short_client = pre["short_client"]
     magpie_path = run_dir / "short_magpie.jsonl"
-    magpie = {"kept": 0, "attempts": 0, "rejected": {}}
+    magpie = {"kept": 0, "attempts": 0, "rejected": {}, "truncation": {"rejected": 0, "retried": 0}}
     if short_client is not None:
         magpie = magpie_records(short_client, pre["tokenizer"], s.n_short, s, magpie_path, rej_short, resume=resume)
         if magpie_path.exists():  # every Magpie sample may have been rejected
@@ -187,8 +189,16 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                "cache_read_tokens": stats["cache_read_tokens"], "batch_items": stats["batch_items"],
                "batch_failed": stats["batch_failed"],
                "seconds_long": long_stats["seconds"], "bad_lines": pre["bad_lines"],
+               "truncated_rejected": long_stats["truncation"]["rejected"] + magpie["truncation"]["rejected"],
+               "truncated_retried": long_stats["truncation"]["retried"] + magpie["truncation"]["retried"],
                **{f"reject_{k}": v for k, v in sorted(long_stats["rejected"].items())}}
     rej = ", ".join(f"{k} {v}" for k, v in long_stats["rejected"].items()) or "none"
+    lt, mt = long_stats["truncation"], magpie["truncation"]
+    factor = s.retry_truncated_factor
+    cut_note = (f" Cut at the token cap (never kept): {lt['rejected']} long and {mt['rejected']} Magpie replies "
+                f"rejected as truncated, {lt['retried'] + mt['retried']} regenerated with a "
+                + (f"{factor:g}x cap" if factor else "larger cap (off: synth.retry_truncated_factor=0)")
+                + f", {lt['question_lists_cut']} question lists trimmed to their complete lines.")
     example = ""
     if records:
         m = records[0]["meta"]
@@ -196,7 +206,7 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                    f"> {records[0]['messages'][1]['content'][:400]}")
     report = (f"Self-Instruct with `{client.backend_name}:{client.model}` over {len(docs)} documents from "
               f"{corpus_from}: {len(records)} long records kept, rejected: {rej}. Short records: {len(short_recs)} "
-              f"({magpie['kept']} Magpie, {imported.get('kept', 0)} imported). Requests {stats['requests']}, cache hits "
+              f"({magpie['kept']} Magpie, {imported.get('kept', 0)} imported).{cut_note} Requests {stats['requests']}, cache hits "
               f"{stats['cache_hits']}, retries {stats['retries']}, cost ${stats['cost_usd']:.4f}"
               f" ({s.mode}; {stats['cache_read_tokens']:,} prompt tokens read from the provider's cache"
               + (f"; {stats['batch_items']} batch items, {stats['batch_failed']} failed and retried"
