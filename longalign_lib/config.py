@@ -98,9 +98,9 @@ class SynthConfig:
     short_files: list[str] = field(default_factory=list)  # ShareGPT-style JSON/JSONL to import
     question_max_new_tokens: int | None = None  # budget of the question-list call; default max_new_tokens
     question_attempts: int = 2  # fresh samples of the question list when none could be parsed
-    # retry_truncated_factor: a reply cut at its token cap (finish_reason "length") is never kept as training data.
-    # 0 = reject it (reason `truncated`); > 1 = regenerate it once with the cap times this factor (rejected as
-    # `truncated` when that one is cut too). A cut question list keeps its complete lines instead
+    # retry_truncated_factor: replies cut at their token cap: 0 = rejected (reason truncated); > 1 = regenerated once
+    # with the cap times this factor (rejected as `truncated` when cut again); never kept as training data.
+    # A question list cut by its cap keeps its complete lines instead (docs/howto.md §5)
     retry_truncated_factor: float = 0.0
     answer_temperature: float = 0.3  # sampling temperature for answers
     min_answer_words: int = 8  # filter: shorter answers are rejected (words, or Han characters)
