@@ -134,6 +134,10 @@ class DataConfig:
     long_file: str | None = None  # default: <run_dir>/long.jsonl
     short_file: str | None = None  # default: <run_dir>/short.jsonl
     extra_files: list[str] = field(default_factory=list)  # any LongAlign-10k-format JSONL
+    # also train on the bundled sample (data/sample_longalign.jsonl, its long and short records as sources
+    # sample_long / sample_short): the offline presets set it, since a 135M model finishes few replies within its
+    # caps and synth rejects every cut one (reason `truncated`)
+    mix_sample: bool = False
     max_length: int = 2048  # longest training sequence (tokens); longer records follow data.truncation
     truncation: str = "middle"  # middle | right | skip
     long_ratio: float | None = None  # share of long records in the mix; None keeps all

@@ -42,8 +42,9 @@ def records_file(cfg) -> Path:
 
 def stage1_records(cfg, run_dir: Path) -> tuple[list, str]:
     """[(source, path | records)] that `tokenize` mixes, and a sentence saying where they came from:
-    data.long_file / data.short_file (default <run_dir>/long.jsonl, short.jsonl) plus data.extra_files; with
-    none of them, the bundled sample split into its long and short records."""
+    data.long_file / data.short_file (default <run_dir>/long.jsonl, short.jsonl) plus data.extra_files, plus the
+    bundled sample's records as `sample_long` / `sample_short` when data.mix_sample is on; with none of them, the
+    bundled sample split into its long and short records."""
     d = cfg.data
     found: list = []
     for source, given in (("long", d.long_file), ("short", d.short_file)):
@@ -56,6 +57,12 @@ def stage1_records(cfg, run_dir: Path) -> tuple[list, str]:
         if not Path(f).exists():
             raise LongAlignError(f"data.extra_files: {f}: file not found")
         found.append((Path(f).stem, Path(f)))
+    if found and d.mix_sample:
+        sample = split_sample(read_jsonl(sample_path()))
+        found += [(f"sample_{k}", recs) for k, recs in sample.items()]
+        return found, ("Inputs: " + ", ".join(f"`{p}` ({s})" for s, p in found if not isinstance(p, list))
+                       + f", and the bundled sample `data/{SAMPLE_NAME}` (data.mix_sample: {len(sample['long'])} "
+                       f"long + {len(sample['short'])} short records).")
     if found:
         missing = [f"{s}.jsonl" for s in ("long", "short") if s not in dict(found)]
         note = f" (no {' or '.join(missing)} in `{run_dir}`)" if missing else ""

@@ -316,3 +316,21 @@ def test_training_set_is_what_tokenize_wrote_and_never_stale(tmp_path):
     assert "tokenized it first" in note2 and max(ds2["length"]) == 512
     with pytest.raises(LongAlignError, match="no tokenized dataset here"):
         inputs.training_set(cfg, run, path=tmp_path / "nowhere")
+
+
+def test_mix_sample_adds_the_bundled_sample_to_what_synth_kept(tmp_path):
+    """data.mix_sample: the offline presets train on the bundled sample too, so a synth stage that rejected every
+    cut reply (an empty long.jsonl) still leaves a trainable mix; without it only the run's own files are read."""
+    from longalign_lib.config import load_config
+    from longalign_lib.inputs import stage1_records
+
+    (tmp_path / "long.jsonl").write_text("")  # synth kept nothing: every reply hit its cap
+    (tmp_path / "short.jsonl").write_text("")
+    off = load_config("cpu-demo", ["data.mix_sample=false"])
+    found, note = stage1_records(off, tmp_path)
+    assert [s for s, _ in found] == ["long", "short"] and "bundled sample" not in note
+    on = load_config("cpu-demo")
+    assert on.data.mix_sample and load_config("gpu-small").data.mix_sample
+    found, note = stage1_records(on, tmp_path)
+    assert [s for s, _ in found] == ["long", "short", "sample_long", "sample_short"]
+    assert "data.mix_sample" in note and all(len(r) > 0 for s, r in found if s.startswith("sample_"))
