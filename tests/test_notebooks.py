@@ -33,7 +33,9 @@ CHECKS = {
     "03_packing_vs_sorted_batching": lambda m: abs(m["sequence_shares_sum"] - 1) < 1e-9
     and m["sequence_share_spread"] < 1e-9 and abs(m["demo_pack_mean_max_share"] - 0.5) < 1e-9
     and m["bfd_fill_64k"] >= 0.98 > m["next_fit_fill_64k"] + 0.05 and m["idle"]["packed-bfd"] < m["idle"]["naive"]
-    and m["step_mean_len_std"]["sorted"] > 1.2 * m["step_mean_len_std"]["packed-bfd"]
+    and m["step_long_share_vs_chance"]["packed-bfd"] > 2.5 < m["step_long_share_vs_chance"]["sorted"]
+    and m["step_long_share_vs_chance"]["packed-bfd+window"] < 1.6
+    and m["next_fit_fill_64k"] < m["window_fill_64k"] < m["bfd_fill_64k"]
     and m["toy_rows"]["bfd"] < m["toy_rows"]["next_fit"] and all(t["tokens_per_s"] > 0 for t in m["timing"].values())
     and len(m["figures"]) >= 5 and all(Path(f).stat().st_size > 10_000 for f in m["figures"]),
     "02_length_distribution": lambda m: m["records"] == 5 and m["round_trip"] and m["rejected"] == 0
