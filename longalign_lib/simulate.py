@@ -168,7 +168,8 @@ def idle_bar_figure(summary: dict[str, dict], title: str | None = None):
 def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, reduction: str = "sequence",
                        warmup: int = 1, desc: str | None = None, repeats: int = 3) -> dict:
     """Run the first `n_steps` optimizer steps of `plan` for real on this device (forward + backward of every
-    micro-batch of every rank, one after the other; no optimizer update) and time each micro-batch: `warmup`
+    micro-batch of every rank, one after the other, through the trainer's loss `loss.model_loss`; no optimizer
+    update) and time each micro-batch: `warmup`
     untimed micro-batches first (allocation, kernel choice), then the MEDIAN of `repeats` (≥ 3) runs of each.
 
     Returns {"micro": [(linear tokens, quadratic term, seconds), ...], "steps": [seconds per step, ...],
@@ -180,7 +181,7 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
     import torch
     from tqdm.auto import tqdm
 
-    from .loss import reference_weighted_ce  # torch: only when timing for real
+    from .loss import model_loss  # torch: only when timing for real
 
     if int(repeats) < 3:
         raise LongAlignError(f"measure_step_times: repeats={repeats}: a timing needs the median of at least 3 runs")
@@ -192,7 +193,7 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
     warm = [mb for _, mb in mbs_all[:warmup]]
     for mb in warm:  # first calls allocate and pick kernels: not timed
         b = collate(plan, mb, dataset, 1.0, pad_id)
-        _forward_backward(model, b, device, reference_weighted_ce)
+        _forward_backward(model, b, device, model_loss)
     model.zero_grad(set_to_none=True)
     for step in tqdm(plan.steps[:n_steps], desc=desc or f"timing {plan.name}", leave=False):
         w = step_token_weights(step, plan.n_target, reduction, source=plan.source)
@@ -204,7 +205,7 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
-                _forward_backward(model, b, device, reference_weighted_ce)
+                _forward_backward(model, b, device, model_loss)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 runs.append(time.perf_counter() - t0)
@@ -222,13 +223,11 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
 
 
 def _forward_backward(model, batch, device, loss_fn) -> float:
-    inputs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
-    if "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"].to(device)
-    else:
-        inputs["position_ids"] = batch["position_ids"].to(device)
-    out = model(**inputs)
-    loss = loss_fn(out.logits, batch["labels"].to(device), batch["loss_weights"].to(device))
+    """The trainer's forward + backward (loss.model_loss: chunked weighted CE, only targets reach the LM head)."""
+    import torch
+
+    b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    loss, _ = loss_fn(model, b)
     loss.backward()
     return float(loss.detach())
 

@@ -16,7 +16,9 @@ CHECKS = {
         m["long_rejected"].values()) == m["n_docs"] and m["sharegpt_kept"] == 2 and m["requests"] + m["cache_hits"] > 0
     and 0 < m["cost_10k"]["gpt-4o-mini"] < m["cost_10k"]["claude-3-5-haiku"] and all(
         Path(m[k]).stat().st_size > 10_000 for k in ("genre_png", "task_png", "cost_png")),
-    "04_long_context_sft": lambda m: m["loss_rel_diff"] < 1e-5 < abs(m["loss_no_isolation"] - m["loss_by_hand"])
+    "04_long_context_sft": lambda m: m["loss_rel_diff"] < 1e-4 < abs(m["loss_no_isolation"] - m["loss_by_hand"])
+    and m["loss_leak_rel"] > 1e-2 and m["one_step_grad_rel_err"] < 1e-4
+    and all(v["tokens_per_s"] > 0 for v in m["forward_backward"].values())
     and m["padding_fraction"]["packed"] == 0 < m["padding_fraction"]["naive"] and all(v > 0 for v in m["wall_s"].values())
     and len(set(m["trained_tokens"].values())) == 1 and m["computed_tokens"]["naive"] > m["computed_tokens"]["packed"]
     and m["learn"]["loss_last"] < m["learn"]["loss_first"] and m["learn"]["f1_after"] > m["learn"]["f1_before"] + 0.2
