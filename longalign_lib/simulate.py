@@ -169,17 +169,24 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
                        warmup: int = 1, desc: str | None = None, repeats: int = 3) -> dict:
     """Run the first `n_steps` optimizer steps of `plan` for real on this device (forward + backward of every
     micro-batch of every rank, one after the other, through the trainer's loss `loss.model_loss`; no optimizer
-    update) and time each micro-batch: `warmup`
-    untimed micro-batches first (allocation, kernel choice), then the MEDIAN of `repeats` (≥ 3) runs of each.
+    update) and time each micro-batch: `warmup` untimed micro-batches first (allocation, kernel choice), then the
+    MEDIAN of `repeats` (≥ 3) runs of each.
 
     Returns {"micro": [(linear tokens, quadratic term, seconds), ...], "steps": [seconds per step, ...],
     "tokens": real tokens, "computed_tokens": ...}. Packed rows go in with position_ids (documents isolated by
     transformers' packed-sequence masking, use_cache=False); padded rows with an attention mask.
     """
+    return measure_plans(model, {plan.name: plan}, dataset, n_steps, pad_id, reduction, warmup, repeats)[plan.name]
+
+
+def measure_plans(model, plans: dict, dataset, n_steps: int | None = 2, pad_id: int = 0, reduction: str = "sequence",
+                  warmup: int = 1, repeats: int = 3) -> dict:
+    """`measure_step_times` for several plans, with the repeats INTERLEAVED: round r times every micro-batch of
+    every plan once, then round r+1 begins. On a shared machine whose load drifts, the drift then hits every plan
+    alike instead of whichever plan ran during a busy minute. Returns {name: measure_step_times' dict}."""
     import time
 
     import torch
-    from tqdm.auto import tqdm
 
     from .loss import model_loss  # torch: only when timing for real
 
@@ -188,38 +195,42 @@ def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, 
     device = next(model.parameters()).device
     cm = CostModel()
     model.train()
-    micro, steps, tokens, computed = [], [], 0, 0
-    mbs_all = [(s, mb) for s in plan.steps[:n_steps] for mb in s.micro_batches()]
-    warm = [mb for _, mb in mbs_all[:warmup]]
-    for mb in warm:  # first calls allocate and pick kernels: not timed
-        b = collate(plan, mb, dataset, 1.0, pad_id)
-        _forward_backward(model, b, device, model_loss)
-    model.zero_grad(set_to_none=True)
-    for step in tqdm(plan.steps[:n_steps], desc=desc or f"timing {plan.name}", leave=False):
-        w = step_token_weights(step, plan.n_target, reduction, source=plan.source)
-        t_step = 0.0
-        for mb in step.micro_batches():
-            b = collate(plan, mb, dataset, w, pad_id)
-            runs = []
-            for _ in range(int(repeats)):
+    work = {}
+    for name, plan in plans.items():
+        steps_ = plan.steps if n_steps is None else plan.steps[:n_steps]
+        items = []
+        for si, step in enumerate(steps_):
+            w = step_token_weights(step, plan.n_target, reduction, source=plan.source)
+            items.extend((si, mb, collate(plan, mb, dataset, w, pad_id)) for mb in step.micro_batches())
+        work[name] = (len(steps_), items)
+        for _, _, b in items[:warmup]:  # first calls allocate and pick kernels: not timed
+            _forward_backward(model, b, device, model_loss)
+        model.zero_grad(set_to_none=True)
+    runs = {name: [[] for _ in items] for name, (_, items) in work.items()}
+    for _ in range(int(repeats)):
+        for name, (_, items) in work.items():
+            for k, (_, _, b) in enumerate(items):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 _forward_backward(model, b, device, model_loss)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
-                runs.append(time.perf_counter() - t0)
+                runs[name][k].append(time.perf_counter() - t0)
                 model.zero_grad(set_to_none=True)
-            dt = float(np.median(runs))
+    out = {}
+    for name, (n, items) in work.items():
+        micro, steps, tokens, computed = [], [0.0] * n, 0, 0
+        for (si, mb, _), r in zip(items, runs[name], strict=True):
+            dt = float(np.median(r))
             x, x2 = cm.features(mb)
             micro.append((x, x2, dt))
-            t_step += dt
+            steps[si] += dt
             tokens += mb.tokens
             computed += mb.computed_tokens
-        steps.append(t_step)
-        model.zero_grad(set_to_none=True)
-    return {"micro": micro, "steps": steps, "tokens": tokens, "computed_tokens": computed,
-            "tokens_per_s": tokens / sum(steps) if sum(steps) else 0.0}
+        out[name] = {"micro": micro, "steps": steps, "tokens": tokens, "computed_tokens": computed,
+                     "tokens_per_s": tokens / sum(steps) if sum(steps) else 0.0, "runs": runs[name]}
+    return out
 
 
 def _forward_backward(model, batch, device, loss_fn) -> float:

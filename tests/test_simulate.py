@@ -107,6 +107,13 @@ def test_measure_step_times_on_a_tiny_model():
         assert t["tokens"] == plan.steps[0].tokens and t["tokens_per_s"] > 0
     with pytest.raises(LongAlignError, match="median of at least 3"):
         measure_step_times(model, plan, rows, n_steps=1, repeats=1)
+    from longalign_lib.simulate import measure_plans
+
+    plans = {s: plan_epoch([len(r["input_ids"]) for r in rows], None,
+                           BatchConfig(strategy=s, max_pack_tokens=40, batch_size=2)) for s in ("naive", "packed")}
+    both = measure_plans(model, plans, rows, n_steps=None, repeats=3)  # interleaved rounds, every step timed
+    assert set(both) == {"naive", "packed"} and all(len(r) == 3 for t in both.values() for r in t["runs"])
+    assert both["naive"]["tokens"] == both["packed"]["tokens"] == sum(len(r["input_ids"]) for r in rows)
 
 
 def test_pack_stage_writes_plans_json_and_figures(tmp_path, smol_tokenizer):
