@@ -345,8 +345,9 @@ plots.show(fig, out / "wall_time.png")
 # (its padding, left) and packing only real tokens. Whether that shows up as speed depends on the device: on a GPU
 # with long rows packing runs ~3× more real tokens per second than naive (full mode of this notebook; the same in
 # `docs/reproduction.md` and `docs/performance.md`). On this CPU, with a 2-layer model and rows of a few hundred
-# tokens, it may not: the packed rows need a block-diagonal attention mask, which costs the CPU kernels more than
-# the ~30 % padding they save at this size — the numbers above are a real measurement of that, not of the GPU case.
+# tokens, it may not: per-call costs of the isolated-attention path (documents passed as `cu_seq_lens`) weigh as
+# much as the ~30 % padding saved at this size. The numbers above measure this device, with their spread; they
+# are not evidence about the GPU case, and the notebook asserts nothing about their order.
 # The training wall times printed further up are not the comparison: they include a different number of
 # optimizer updates per strategy. The pack-mean loss
 # (`packed`) is a different, biased quantity, so its loss values are not comparable with the other three.
