@@ -466,10 +466,11 @@ def figures(result: dict, groups: dict, out: Path) -> None:
         plots.save(fig, out / "training_time.png", close=True)
     panels = [g for g in ("base", "rope8", *ARMS) if g in groups]
     if panels:  # Fig. 4: needle heatmaps, before and after (mean over seeds)
-        fig, axes = plots.figure(1, len(panels), figsize=(3.1 * len(panels), 3.4))
-        axes = np.atleast_1d(axes)
+        from longalign_lib.needle import heatmap_panels
+
         lengths, depths = result["settings"]["needle_lengths"], result["settings"]["needle_depths"]
-        for ax, g in zip(axes, panels, strict=True):
+        mats = {}
+        for g in panels:
             m = np.full((len(depths), len(lengths)), np.nan)
             for i, d in enumerate(depths):
                 for j, n in enumerate(lengths):
@@ -477,17 +478,9 @@ def figures(result: dict, groups: dict, out: Path) -> None:
                          if c["length"] == n and c["depth"] == d]
                     if v:
                         m[i, j] = float(np.mean(v))
-            ax.imshow(m, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
-            ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}k" for n in lengths], fontsize=7)
-            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
-            ax.set_title({"base": "as shipped", "rope8": "RoPE ×8, untrained"}.get(g, ARMS.get(g, ("", g))[1]),
-                         fontsize=9)
-            ax.grid(False)
-            for i in range(len(depths)):
-                for j in range(len(lengths)):
-                    ax.text(j, i, "–" if np.isnan(m[i, j]) else f"{m[i, j]:.1f}", ha="center", va="center",
-                            fontsize=6)
-        axes[0].set_ylabel("needle depth")
+            mats[{"base": "as shipped", "rope8": "RoPE ×8, untrained"}.get(g, ARMS.get(g, ("", g))[1])] = m
+        fig = heatmap_panels(mats, lengths, depths, title="Needle in a haystack before and after training "
+                                                          "(mean over seeds; cells beyond the 8k window not run)")
         plots.save(fig, out / "needle_before_after.png", close=True)
     fig, ax = plots.figure(1, 1, figsize=(7, 3.8))  # long-task accuracy by length bucket, with CIs
     x = np.arange(len(result["settings"]["buckets"]))

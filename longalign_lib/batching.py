@@ -15,7 +15,10 @@ The three strategies of the LongAlign paper (section 3.2):
 - sorted: sort by length, cut consecutive groups (fixed `batch_size`, or filling a padded-token budget), shuffle
   the groups — little padding, but a step holds only long or only short sequences;
 - packed: concatenate sequences into rows of at most `max_pack_tokens` — next-fit in shuffled order (what LongAlign
-  does) or global best-fit-decreasing over all sequences (O(n log n), no windows).
+  does) or global best-fit-decreasing over all sequences (O(n log n), no windows). BFD fills rows but sorts by
+  length, so its rows are long-only or short-only and random steps of them are as biased as sorted batching;
+  `pack_mix=window` (BFD inside shuffled windows of `pack_window` steps' worth of tokens) spreads long and short
+  records over the steps again for a little fill (notebook 03 measures fill and bias of each).
 Every plan says, per optimizer step, which micro-batches each data-parallel rank runs ([rank][micro_step]).
 
 Loss weights (`step_token_weights`): per-token weights w_i for every sequence i of the step such that
@@ -59,6 +62,7 @@ from .io import LongAlignError, dumps_line, read_json, write_json
 IGNORE = -100
 STRATEGIES = ("naive", "sorted", "packed")
 PACKERS = ("bfd", "next_fit")
+PACK_MIXES = ("none", "window")
 REDUCTIONS = ("token", "pack_mean", "sequence")
 OVERLONG = ("truncate", "skip", "split")
 
@@ -203,6 +207,8 @@ def _check_cfg(cfg) -> None:
         bad("strategy", cfg.strategy, STRATEGIES)
     if cfg.packer not in PACKERS:
         bad("packer", cfg.packer, PACKERS)
+    if getattr(cfg, "pack_mix", "none") not in PACK_MIXES:
+        bad("pack_mix", cfg.pack_mix, PACK_MIXES)
     if cfg.loss_reduction not in REDUCTIONS:
         bad("loss_reduction", cfg.loss_reduction, REDUCTIONS)
     if cfg.overlong not in OVERLONG:
@@ -213,8 +219,8 @@ def _check_cfg(cfg) -> None:
         bad("sorted_mode", cfg.sorted_mode, ("fixed", "token_budget"))
     if cfg.balance not in ("auto", "none", "tokens", "cost"):
         bad("balance", cfg.balance, ("auto", "none", "tokens", "cost"))
-    for key in ("max_pack_tokens", "batch_size", "grad_accum", "world_size", "balance_window"):
-        if int(getattr(cfg, key)) < 1:
+    for key in ("max_pack_tokens", "batch_size", "grad_accum", "world_size", "balance_window", "pack_window"):
+        if int(getattr(cfg, key, 1)) < 1:
             raise LongAlignError(f"batching.{key}={getattr(cfg, key)!r}: must be a positive integer")
     if cfg.overlong == "split" and not 0 < int(cfg.split_overlap) < int(cfg.max_pack_tokens):
         raise LongAlignError(f"batching.split_overlap={cfg.split_overlap!r}: must be at least 1 and below "
@@ -528,12 +534,36 @@ def _rows_for(strategy: str, items: _Items, cfg, rng: np.random.Generator, live:
         pl = perm.tolist()
         packs = [[pl[j] for j in p] for p in next_fit(L[perm], cap)]
     else:
-        ll = live.tolist()
-        packs = [[ll[j] for j in p] for p in best_fit_decreasing(L[live], cap)]
-        packs = [packs[j] for j in rng.permutation(len(packs)).tolist()]
+        mix = getattr(cfg, "pack_mix", "none")
+        per_step = B * int(cfg.world_size) * int(cfg.grad_accum)  # packs per optimizer step
+        if mix == "window":
+            packs = _windowed_bfd(live[rng.permutation(len(live))], L, cap, per_step * int(cfg.pack_window), rng)
+        else:
+            ll = live.tolist()
+            packs = [[ll[j] for j in p] for p in best_fit_decreasing(L[live], cap)]
+            packs = [packs[j] for j in rng.permutation(len(packs)).tolist()]
         for p in packs:  # order inside a pack does not change any loss; shuffle it for variety
             rng.shuffle(p)
     return [packs[j:j + B] for j in range(0, len(packs), B)]
+
+
+def _windowed_bfd(order: np.ndarray, L: np.ndarray, cap: int, rows_per_window: int,
+                  rng: np.random.Generator) -> list[list[int]]:
+    """BFD inside consecutive windows of the shuffled items `order`, each holding about `rows_per_window` rows'
+    worth of tokens; packs shuffled within their window, windows kept in order (pack_mix=window)."""
+    budget = rows_per_window * cap
+    out: list[list[int]] = []
+    lens = L[order]
+    start, acc = 0, 0
+    for j in range(len(order) + 1):
+        if j == len(order) or (acc and acc + int(lens[j]) > budget):
+            ids = order[start:j].tolist()
+            win = [[ids[k] for k in p] for p in best_fit_decreasing(lens[start:j], cap)]
+            out.extend(win[k] for k in rng.permutation(len(win)).tolist())
+            start, acc = j, 0
+        if j < len(order):
+            acc += int(lens[j])
+    return out
 
 
 def _micro(rows: list[list[int]], lt: list[int], nt: list[int], padded: bool, cap: int) -> MicroBatch:
@@ -814,6 +844,24 @@ def efficiency(plan: Plan) -> dict:
             "fill_rate": tokens / slots if slots else 0.0,
             "padding_fraction": (computed - tokens) / computed if computed else 0.0,
             "seqs_per_row": seqs / rows if rows else 0.0}
+
+
+def step_shares(plan: Plan, member) -> np.ndarray:
+    """Per optimizer step, the share of its sequences for which `member[dataset row]` is true (e.g. the long
+    records of a mix): the step-composition bias of a plan is the spread of these shares.
+
+    >>> p = plan_epoch([9, 9, 3, 3], None, _cfg_doc(strategy="sorted", batch_size=2))
+    >>> sorted(step_shares(p, np.array([True, True, False, False])).tolist())
+    [0.0, 1.0]
+    """
+    member = np.asarray(member, dtype=bool)
+    return np.array([float(member[plan.source[s.item_ids]].mean()) if s.item_ids else 0.0 for s in plan.steps])
+
+
+def _cfg_doc(**kw):
+    from .config import BatchConfig
+
+    return BatchConfig(**kw)
 
 
 def pack_fill(plan: Plan) -> np.ndarray:

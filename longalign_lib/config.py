@@ -156,6 +156,11 @@ class BatchConfig:
 
     strategy: str = "packed"  # naive | sorted | packed
     packer: str = "bfd"  # bfd | next_fit
+    # pack_mix: none | window — none: global BFD, rows in random order (its rows are long-only or short-only, so
+    # steps are as biased as sorted batching); window: BFD inside shuffled windows of pack_window steps' worth of
+    # tokens (a little less fill, steps as mixed as random ones). bfd only; balance regroups steps after it.
+    pack_mix: str = "none"
+    pack_window: int = 1  # steps' worth of tokens per BFD window (pack_mix=window)
     max_pack_tokens: int = 2048  # tokens per packed row (what `pack` plans is what `train` trains)
     batch_size: int = 1  # sequences per micro-batch (naive/sorted) or packs per micro-batch (packed)
     grad_accum: int = 1  # micro-batches per rank per optimizer step

@@ -299,3 +299,42 @@ def heatmap(result: dict, title: str | None = None):
     ax.set_title(title or f"Needle in a haystack — mean score {mean:.2f}" if mean is not None else "Needle in a haystack")
     fig.colorbar(im, ax=ax, label="score (1 = key fact recalled)", fraction=0.046, pad=0.04)
     return fig
+
+
+def heatmap_panels(panels: dict, lengths, depths, title: str | None = None, cell_label: str = "score"):
+    """Several needle grids side by side (e.g. before and after training): `panels` maps a panel title to a
+    depths × lengths matrix of mean scores (NaN: not run). Every panel has both axis labels; one colour bar
+    for all; the value of each cell is printed large enough to read, in a colour that stands out on its cell.
+
+    >>> import numpy as np
+    >>> fig = heatmap_panels({"before": np.array([[1.0, np.nan]]), "after": np.array([[0.5, 0.0]])}, [2048, 4096], [0.5])
+    >>> [ax.get_xlabel() for ax in fig.axes[:2]], fig.axes[-1].get_ylabel()
+    (['context length (tokens)', 'context length (tokens)'], 'score (1 = found, 0 = missed)')
+    """
+    import numpy as np
+
+    from . import plots
+
+    names = list(panels)
+    fig, axes = plots.figure(1, len(names), figsize=(1.2 + 2.9 * len(names), 3.6), squeeze=False, sharey=True)
+    im = None
+    for ax, name in zip(axes[0], names, strict=True):
+        m = np.asarray(panels[name], dtype=float)
+        im = ax.imshow(m, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(lengths)), [f"{n / 1024:g}k" if n >= 1024 else str(n) for n in lengths], fontsize=8)
+        ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=8)
+        ax.set_xlabel("context length (tokens)", fontsize=8)
+        ax.set_title(name, fontsize=9)
+        ax.grid(False)
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                v = m[i, j]
+                ax.text(j, i, "not run" if np.isnan(v) else f"{v:.2f}", ha="center", va="center",
+                        fontsize=6.5 if np.isnan(v) else 8.5, color="#555555" if np.isnan(v) else
+                        ("black" if 0.25 < v < 0.85 else "white"))
+    axes[0, 0].set_ylabel("needle depth (0% = start)", fontsize=8)
+    fig.colorbar(im, ax=list(axes[0]), label=f"{cell_label} (1 = found, 0 = missed)", fraction=0.02, pad=0.01)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return fig
+

@@ -99,7 +99,7 @@ def label_mask_figure(segments: list[tuple[str, bool]], max_chars: int = 1400, t
     shown, used = [], 0
     for text, tgt in segments:
         if not tgt and len(text) > 300:
-            text = text[:140] + " … " + text[-140:]
+            text = text[:140] + f" … [{len(text) - 280:,} characters of this prompt not shown] … " + text[-140:]
         if used + len(text) > max_chars:
             text = text[: max(0, max_chars - used)] + " …"
         shown.append((text, tgt))

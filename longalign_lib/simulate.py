@@ -71,17 +71,40 @@ def simulate(plan, cost: CostModel, name: str | None = None) -> Simulation:
 
 def calibrate(samples: list[tuple[float, float, float]], fit_overhead: bool = True) -> CostModel:
     """Fit a, b (and c) ≥ 0 by non-negative least squares on (linear tokens, quadratic term, seconds) samples,
-    e.g. from CostModel().features(mb) and measured micro-batch times."""
+    e.g. from CostModel().features(mb) and measured micro-batch times.
+
+    Refuses (LongAlignError, one message saying why) a fit that would only describe noise: fewer than two samples
+    per constant, fewer than three distinct micro-batch sizes, or times that do not grow with tokens (a = b = 0).
+
+    >>> cm = calibrate([(100, 1e4, 0.2), (200, 4e4, 0.4), (400, 1.6e5, 0.8), (800, 6.4e5, 1.6)], fit_overhead=False)
+    >>> round(cm.a, 6), round(cm.b, 12)
+    (0.002, 0.0)
+    >>> calibrate([(64, 4096, 0.3)] * 6)
+    Traceback (most recent call last):
+    ...
+    longalign_lib.io.LongAlignError: calibrate: the 6 timed micro-batches have only 1 distinct size(s); a cost model needs at least 3 different sizes to separate a, b and c: time more steps or longer rows (TIMED_STEPS, TIMING_MAX_TOKENS)
+    """
     from scipy.optimize import nnls
 
-    if len(samples) < (3 if fit_overhead else 2):
-        raise LongAlignError(f"calibrate: need at least {3 if fit_overhead else 2} timed micro-batches, got {len(samples)}")
+    k = 3 if fit_overhead else 2
+    what = "time more steps or longer rows (TIMED_STEPS, TIMING_MAX_TOKENS)"
+    if len(samples) < 2 * k:
+        raise LongAlignError(f"calibrate: need at least {2 * k} timed micro-batches to fit {k} constants (two per "
+                             f"constant), got {len(samples)}: {what}")
+    sizes = len({round(float(x)) for x, *_ in samples})
+    if sizes < 3:
+        raise LongAlignError(f"calibrate: the {len(samples)} timed micro-batches have only {sizes} distinct size(s); a "
+                             f"cost model needs at least 3 different sizes to separate a, b and c: {what}")
     X = np.array([[x, x2, 1.0] if fit_overhead else [x, x2] for x, x2, _ in samples], dtype=float)
     y = np.array([t for *_, t in samples], dtype=float)
     scale = X.max(0)
     scale[scale == 0] = 1.0
     coef, _ = nnls(X / scale, y)
     coef = coef / scale
+    if coef[0] <= 0 and coef[1] <= 0:
+        raise LongAlignError(f"calibrate: the {len(samples)} measured times do not grow with the tokens of a "
+                             f"micro-batch (fit a = b = 0): fixed overheads and noise dominate, so the constants "
+                             f"would mean nothing: {what}")
     return CostModel(float(coef[0]), float(coef[1]), float(coef[2]) if fit_overhead else 0.0)
 
 
@@ -143,62 +166,79 @@ def idle_bar_figure(summary: dict[str, dict], title: str | None = None):
 
 # ---------------------------------------------------------------------------------------------- measurements
 def measure_step_times(model, plan, dataset, n_steps: int = 2, pad_id: int = 0, reduction: str = "sequence",
-                       warmup: int = 1, desc: str | None = None) -> dict:
+                       warmup: int = 1, desc: str | None = None, repeats: int = 3) -> dict:
     """Run the first `n_steps` optimizer steps of `plan` for real on this device (forward + backward of every
-    micro-batch of every rank, one after the other; no optimizer update) and time each micro-batch.
+    micro-batch of every rank, one after the other, through the trainer's loss `loss.model_loss`; no optimizer
+    update) and time each micro-batch: `warmup` untimed micro-batches first (allocation, kernel choice), then the
+    MEDIAN of `repeats` (≥ 3) runs of each.
 
     Returns {"micro": [(linear tokens, quadratic term, seconds), ...], "steps": [seconds per step, ...],
     "tokens": real tokens, "computed_tokens": ...}. Packed rows go in with position_ids (documents isolated by
     transformers' packed-sequence masking, use_cache=False); padded rows with an attention mask.
     """
+    return measure_plans(model, {plan.name: plan}, dataset, n_steps, pad_id, reduction, warmup, repeats)[plan.name]
+
+
+def measure_plans(model, plans: dict, dataset, n_steps: int | None = 2, pad_id: int = 0, reduction: str = "sequence",
+                  warmup: int = 1, repeats: int = 3) -> dict:
+    """`measure_step_times` for several plans, with the repeats INTERLEAVED: round r times every micro-batch of
+    every plan once, then round r+1 begins. On a shared machine whose load drifts, the drift then hits every plan
+    alike instead of whichever plan ran during a busy minute. Returns {name: measure_step_times' dict}."""
     import time
 
     import torch
-    from tqdm.auto import tqdm
 
-    from .loss import reference_weighted_ce  # torch: only when timing for real
+    from .loss import model_loss  # torch: only when timing for real
 
+    if int(repeats) < 3:
+        raise LongAlignError(f"measure_step_times: repeats={repeats}: a timing needs the median of at least 3 runs")
     device = next(model.parameters()).device
     cm = CostModel()
     model.train()
-    micro, steps, tokens, computed = [], [], 0, 0
-    mbs_all = [(s, mb) for s in plan.steps[:n_steps] for mb in s.micro_batches()]
-    warm = [mb for _, mb in mbs_all[:warmup]]
-    for mb in warm:  # first calls allocate and pick kernels: not timed
-        b = collate(plan, mb, dataset, 1.0, pad_id)
-        _forward_backward(model, b, device, reference_weighted_ce)
-    model.zero_grad(set_to_none=True)
-    for step in tqdm(plan.steps[:n_steps], desc=desc or f"timing {plan.name}", leave=False):
-        w = step_token_weights(step, plan.n_target, reduction, source=plan.source)
-        t_step = 0.0
-        for mb in step.micro_batches():
-            b = collate(plan, mb, dataset, w, pad_id)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            _forward_backward(model, b, device, reference_weighted_ce)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+    work = {}
+    for name, plan in plans.items():
+        steps_ = plan.steps if n_steps is None else plan.steps[:n_steps]
+        items = []
+        for si, step in enumerate(steps_):
+            w = step_token_weights(step, plan.n_target, reduction, source=plan.source)
+            items.extend((si, mb, collate(plan, mb, dataset, w, pad_id)) for mb in step.micro_batches())
+        work[name] = (len(steps_), items)
+        for _, _, b in items[:warmup]:  # first calls allocate and pick kernels: not timed
+            _forward_backward(model, b, device, model_loss)
+        model.zero_grad(set_to_none=True)
+    runs = {name: [[] for _ in items] for name, (_, items) in work.items()}
+    for _ in range(int(repeats)):
+        for name, (_, items) in work.items():
+            for k, (_, _, b) in enumerate(items):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                _forward_backward(model, b, device, model_loss)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                runs[name][k].append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+    out = {}
+    for name, (n, items) in work.items():
+        micro, steps, tokens, computed = [], [0.0] * n, 0, 0
+        for (si, mb, _), r in zip(items, runs[name], strict=True):
+            dt = float(np.median(r))
             x, x2 = cm.features(mb)
             micro.append((x, x2, dt))
-            t_step += dt
+            steps[si] += dt
             tokens += mb.tokens
             computed += mb.computed_tokens
-        steps.append(t_step)
-        model.zero_grad(set_to_none=True)
-    return {"micro": micro, "steps": steps, "tokens": tokens, "computed_tokens": computed,
-            "tokens_per_s": tokens / sum(steps) if sum(steps) else 0.0}
+        out[name] = {"micro": micro, "steps": steps, "tokens": tokens, "computed_tokens": computed,
+                     "tokens_per_s": tokens / sum(steps) if sum(steps) else 0.0, "runs": runs[name]}
+    return out
 
 
 def _forward_backward(model, batch, device, loss_fn) -> float:
-    inputs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
-    if "attention_mask" in batch:
-        inputs["attention_mask"] = batch["attention_mask"].to(device)
-    else:
-        inputs["position_ids"] = batch["position_ids"].to(device)
-    out = model(**inputs)
-    loss = loss_fn(out.logits, batch["labels"].to(device), batch["loss_weights"].to(device))
+    """The trainer's forward + backward (loss.model_loss: chunked weighted CE, only targets reach the LM head)."""
+    import torch
+
+    b = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    loss, _ = loss_fn(model, b)
     loss.backward()
     return float(loss.detach())
 

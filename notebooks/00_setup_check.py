@@ -96,12 +96,15 @@ for ex in examples:
     print(f"line {ex.meta['line']}: {ex.length:6d} tokens, {ex.n_target:4d} target tokens, task={ex.meta.get('task_type')}")
 
 # %%
-ex = min(examples, key=lambda e: e.length)
-plots.show(plots.label_mask_figure(label_segments(tok, ex)), out / "label_mask.png")
+ex = max(examples, key=lambda e: e.length)  # a long-context record: the long user turn the text describes
+assert ex.length > 1000 and ex.n_target < ex.length / 4, "expected a long record with a short answer"
+plots.show(plots.label_mask_figure(label_segments(tok, ex), title=f"Label mask of a {ex.length:,}-token record "
+                                   f"({ex.n_target} target tokens): green = trained on, grey = ignored (-100)"),
+           out / "label_mask.png")
 
 # %% [markdown]
 # *What you should see:* green text only on the assistant's answer and its `<|im_end|>`; the long user turn is
-# grey. The target tokens decode to exactly the assistant turn:
+# grey (its middle elided with "…" to fit the page). The target tokens decode to exactly the assistant turn:
 
 # %%
 target_text = tok.decode([t for t, y in zip(ex.input_ids, ex.labels) if y != IGNORE])

@@ -58,6 +58,7 @@ SCALE_DOCS = 10_000  # the paper's LongAlign-10k
 CACHE_DIR = None  # LLM request cache; None: $LONGALIGN_HOME/llm_cache (a rerun makes no new request)
 
 # %%
+import dataclasses
 import json
 import re
 from collections import Counter
@@ -128,7 +129,13 @@ if tok is None:
 docs, notes = build_corpus(cfg.corpus, make_counter(tok))
 for d in docs:
     print(f"{d.id:24s} {d.genre:11s} {d.lang}  {d.n_tokens:6d} tokens  {d.title}")
-plots.show(corpus_figure(docs), out / "genre_mix.png")
+# the genre mix of N_DOCS (2 in SMOKE) documents would be two bars of height 1: draw it for a corpus of at least
+# 24 documents cut by the same rules (cheap: no model call), and synthesize from the first N_DOCS only
+preview_cfg = dataclasses.replace(cfg.corpus, n_docs=max(N_DOCS, 24))
+preview, _ = build_corpus(preview_cfg, make_counter(tok))
+print(f"genre mix of a {len(preview)}-document corpus built the same way:", dict(Counter(d.genre for d in preview)))
+assert len(preview) >= 24, "the preview corpus should hold at least 24 documents"
+plots.show(corpus_figure(preview), out / "genre_mix.png")
 
 # %% [markdown]
 # ## 2. One document, end to end
@@ -245,7 +252,11 @@ stats = synth_long(client, docs, cfg.synth, out / "long.jsonl", out / "synth_rej
 records = read_jsonl(out / "long.jsonl") if (out / "long.jsonl").exists() else []  # every document may be rejected
 print(json.dumps(stats, indent=1))
 print("client:", {k: v for k, v in client.stats.items() if k != "retry_reasons"})
-plots.show(mix_figure(records, stats["rejected"], stats["planned_task_types"]), out / "task_mix.png")
+mix_fig = mix_figure(records, stats["rejected"], stats["planned_task_types"])
+if len(docs) < 6:  # a handful of documents: the bars are counts of this run, not a distribution
+    mix_fig.suptitle(f"{len(docs)} documents (SMOKE): counts of this run, not a distribution — "
+                     "full mode or `longalign synth` for a real mix", fontsize=9)
+plots.show(mix_fig, out / "task_mix.png")
 
 # %% [markdown]
 # The records kept, and **why each rejected document was rejected** (the filters run in this order: no question

@@ -211,10 +211,15 @@ for s in ("long", "short"):
 tot = {s: float(np.sum(syn_tgts[s])) for s in ("long", "short")}
 long_share_token_mean = tot["long"] / (tot["long"] + tot["short"])
 long_share_sequence = len(syn_tgts["long"]) / (len(syn_tgts["long"]) + len(syn_tgts["short"]))
-heavier = "long records" if med["long"] > med["short"] else "short chats"
+heavier = "long records" if long_share_token_mean > long_share_sequence else "short chats"
+grad_share = long_share_token_mean if heavier == "long records" else 1 - long_share_token_mean
+rec_share = long_share_sequence if heavier == "long records" else 1 - long_share_sequence
+verdict = "dominate" if grad_share > 0.75 else "lean: a little more than their share of the records, no domination"
 print(f"token mean: a median long record counts {med['long'] / med['short']:.1f}× a median short chat; long records "
       f"get {100 * long_share_token_mean:.0f}% of the gradient ({100 * long_share_sequence:.0f}% of the records) "
-      f"→ {heavier} dominate.\nsequence weighting (1/M each): long records get {100 * long_share_sequence:.0f}%.")
+      f"→ {heavier} {100 * grad_share:.0f}% of the gradient for {100 * rec_share:.0f}% of the records: {verdict}."
+      f"\nsequence weighting (1/M each): long records get {100 * long_share_sequence:.0f}%.")
+assert heavier == "short chats" and not verdict.startswith("dominate"), "the text below describes a mild lean"
 
 # %% [markdown]
 # *What you should see:* the medians are close (≈ 320 target tokens per long record, ≈ 370 per short chat), so a

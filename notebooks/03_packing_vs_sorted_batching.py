@@ -29,9 +29,10 @@
 # - next-fit vs best-fit-decreasing packing, written in a few lines and checked against the library;
 # - why a pack-mean loss (Eq. 3) weighs sequences unequally, and how scaling each sequence by K/(N_i·M) turns
 #   every target token's weight into 1/(M·N_i) (Eq. 2) — on the paper's worked example;
-# - what naive, sorted and packed batching do to padding, device idle time and step composition at scale.
+# - what naive, sorted and packed batching do to padding, device idle time and step composition at scale — and
+#   why BFD's full rows bring back sorted batching's step bias, and what mixing costs in fill.
 #
-# **Time**: ~30 s on 2 CPU cores in SMOKE (the default without a GPU); section 5 (real step times and a fitted
+# **Time**: ~30 s on 2 CPU cores in SMOKE (the default without a GPU); section 6 (real step times and a fitted
 # cost model) is opt-in on a CPU (`MEASURE = True`, a few minutes) and on by default on a GPU.
 #
 # Library code: `longalign_lib.batching` (planners, weights, collators), `longalign_lib.simulate` (cost model,
@@ -52,7 +53,7 @@ SYNTH_MAX_LEN = 65_536
 TIMED_STEPS = 3  # optimizer steps timed for real per plan
 TIMING_MAX_TOKENS = 1024  # row budget while timing on this device
 SEED = 0
-MEASURE = None  # section 5, real step times + a fitted cost model; None: only on a GPU (minutes on a CPU)
+MEASURE = None  # section 6, real step times + a fitted cost model; None: only on a GPU (minutes on a CPU)
 
 # %%
 import dataclasses
@@ -71,12 +72,13 @@ from longalign_lib.batching import (
     loss_weight_figure,
     next_fit,
     plan_epoch,
+    step_shares,
     step_token_weights,
 )
 from longalign_lib import inputs as I
 from longalign_lib.config import BatchConfig, load_config
 from longalign_lib.dataset import is_tokenized
-from longalign_lib.io import write_metrics
+from longalign_lib.io import LongAlignError, write_metrics
 from longalign_lib.lengths import synthetic_longalign_sharegpt_mix
 from longalign_lib.models import load_model_and_tokenizer, load_tokenizer
 
@@ -247,22 +249,78 @@ bfd_fill, nf_fill = res["packed-bfd"][0].counters["fill_rate"], res["packed-next
 
 # %% [markdown]
 # Why sorted batching is fast but biased: its steps are made of similar lengths, so one step trains only on long
-# sequences and the next only on short ones. The spread of the mean sequence length per optimizer step shows it
-# (naive and packed steps draw from the whole mix):
+# records and the next only on short chats — each optimizer step pulls the model towards one kind of data. Measure
+# it as the **share of long records among the sequences of each optimizer step**: an unbiased plan keeps it near
+# the mix's 50 %, step after step; the spread (std over steps) is the bias. "random" is the reference: steps of
+# the same sizes as BFD's, drawn at random from the whole set.
+#
+# BFD is not innocent: it takes sequences longest first, so it fills rows with long records (four of ~16k fit a
+# 64k row) and puts the short chats into the gaps and then into a few rows of their own. Its rows are long-only or
+# short-only, and a step of 8 random such rows is almost as one-sided as a sorted step. `pack_mix="window"` (BFD
+# inside shuffled windows of one step's worth of tokens, `batching.pack_mix` / `--set batching.pack_mix=window`)
+# gives every window — and so every step — a random sample of the mix, and pays for it in fill: each window's last
+# row is part-empty. Reordering BFD's rows cannot help: the short chats sit in too few rows to reach every step.
 
 # %%
-step_means = {k: [float(np.mean([res[k][0].lengths[i] for i in s_.item_ids])) for s_ in res[k][0].steps]
-              for k in ("naive", "sorted", "packed-bfd")}
-fig, ax = plots.figure(figsize=(7, 3.2))
-for k, v in step_means.items():
-    ax.hist(v, bins=40, alpha=0.6, color=plots.PALETTE[k.split("-")[0]],
-            label=f"{k}: {len(v)} steps, std {np.std(v):,.0f} tokens")
-ax.set_xlabel("mean sequence length in an optimizer step (tokens)")
-ax.set_ylabel("steps")
-ax.set_title(f"Step composition on {SIM_DEVICES} devices — synthetic LongAlign-10k + ShareGPT mix")
-ax.legend()
-step_mean_std = {k: float(np.std(v)) for k, v in step_means.items()}
+is_long = syn.source == "long"
+mixes = {"packed-bfd+window": dataclasses.replace(syn_cfg, strategy="packed", packer="bfd", balance="none",
+                                                  pack_mix="window", pack_window=1)}
+for k, c in mixes.items():
+    p = plan_epoch(syn_len, syn_nt, c, epoch=0)
+    res[k] = (p, sim.simulate(p, cost, k))
+shares_per_step = {k: step_shares(res[k][0], is_long) for k in
+                   ("naive", "sorted", "packed-next_fit", "packed-bfd", "packed-bfd+balance", "packed-bfd+window")}
+
+
+def random_steps(sizes, rng):
+    """Long-record share of steps of these sizes drawn at random from the whole set (no plan at all)."""
+    perm, at, out_ = rng.permutation(len(syn_len)), 0, []
+    for n in sizes:
+        out_.append(float(is_long[perm[at:at + n]].mean()))
+        at += n
+    return np.array(out_)
+
+
+rng_r = np.random.default_rng(SEED)
+sizes = {k: [s_.n_sequences for s_ in res[k][0].steps] for k in shares_per_step}
+shares_per_step["random"] = random_steps(sizes["packed-bfd"], rng_r)  # one draw with BFD's step sizes, for the plot
+# chance alone gives some spread (a step of 8 long-only rows holds ~30 sequences): compare each plan with random
+# steps of ITS sizes, averaged over 50 draws — a ratio of 1 is as mixed as chance
+chance = {k: float(np.mean([np.std(random_steps(sizes[k], rng_r)) for _ in range(50)])) for k in sizes}
+bias = {k: float(np.std(v)) for k, v in shares_per_step.items()}
+ratio = {k: bias[k] / chance[k] for k in chance}
+print(f"{'plan':20s} {'fill':>6s} {'steps':>6s} {'std of long share':>18s} {'÷ chance':>9s} {'modelled time (s)':>18s}")
+for k in chance:
+    p_, s_ = res[k]
+    print(f"{k:20s} {p_.counters['fill_rate']:6.1%} {len(p_.steps):6d} {bias[k]:18.3f} {ratio[k]:9.2f} "
+          f"{s_.total_time:18.0f}")
+fig, axes = plots.figure(2, 1, figsize=(8, 5.2), sharex=True)
+for k in ("naive", "sorted", "packed-next_fit"):
+    axes[0].plot(np.arange(len(shares_per_step[k])) / len(shares_per_step[k]), shares_per_step[k], marker="o", ms=3, lw=0.8, color=plots.PALETTE[k.split("-")[0]],
+                 label=f"{k} (std {bias[k]:.2f})")
+for k, col in (("packed-bfd", plots.PALETTE["packed"]), ("packed-bfd+window", plots.CYCLE[4]), ("random", "#888888")):
+    axes[1].plot(np.arange(len(shares_per_step[k])) / len(shares_per_step[k]), shares_per_step[k], marker="o", ms=3, lw=0.8, color=col, label=f"{k} (std {bias[k]:.2f})")
+for ax in axes:
+    ax.axhline(is_long.mean(), color="#444444", lw=0.6, ls=":")
+    ax.set_ylabel("long records\nin the step")
+    ax.set_ylim(-0.05, 1.05)
+    ax.legend(fontsize=7, loc="upper right")
+axes[1].set_xlabel("position in the epoch (step / steps; naive makes ~6× more, smaller steps)")
+axes[0].set_title(f"Long-record share per optimizer step — synthetic mix, {SYNTH_N} sequences, {SIM_DEVICES} rows a step")
 plots.show(fig, out / "step_composition.png")
+# the lesson, checked: BFD is biased like sorted, next-fit and the windowed BFD are as mixed as random steps
+assert ratio["packed-bfd"] > 2.5 and ratio["sorted"] > 2.5, ratio
+assert ratio["packed-bfd+window"] < 1.6 and ratio["packed-next_fit"] < 1.6, ratio
+window_fill = res["packed-bfd+window"][0].counters["fill_rate"]
+assert nf_fill < window_fill < bfd_fill, (nf_fill, window_fill, bfd_fill)
+
+# %% [markdown]
+# *What you should see:* sorted and global BFD jump between all-long and mostly-short steps (std ≈ 0.3, three to
+# four times what chance gives steps of their sizes); naive, next-fit and the windowed BFD spread about as much
+# as chance (ratio ≈ 1; naive's steps hold 8 sequences, so chance alone spreads them by ≈ 0.18). BFD trades step mixing
+# for fill; the window gets most of the fill back (≈ 97 % vs ≈ 83 % for next-fit and ≈ 99.8 % for global BFD)
+# with random-like steps. Cost balancing (`balance=cost`, on by default with several ranks) groups rows of similar
+# cost into a step and keeps part of the bias: it is a speed choice, made after the mixing.
 
 # %% [markdown]
 # Best-fit-decreasing over the whole set (sorted once, O(n log n), no windows) fills 64k rows almost completely;
@@ -277,6 +335,11 @@ plots.show(fill_histogram_figure({k: res[k][0] for k in ("packed-next_fit", "pac
 # The paper's Figure 3, as data: a timeline per device (a smaller synthetic set so the bars stay readable).
 # Red is time a device waits for the slowest one. Packing cuts waiting; grouping packs of similar modelled cost
 # into the same step (`balance=cost`) cuts it further — at the price of less random steps, like sorted batching.
+#
+# On this small set sorted batching can look *faster* than BFD. That is the tail, not the method: ~130 sequences
+# make only about 20 packed rows, two full steps of 8 and a last step of a few rows, where most devices wait a
+# whole step; the sorted groups happen to fill their steps. On the 2,000-sequence set above the tail is one step
+# in ~40 and BFD wins (table above). The cell checks the explanation: drop the tail (`drop_last`) and BFD is faster.
 
 # %%
 g = synthetic_longalign_sharegpt_mix(16 * SIM_DEVICES, seed=SEED + 1, max_length=SYNTH_MAX_LEN)
@@ -285,6 +348,17 @@ small = sim.compare_strategies(g_len, g_nt, syn_cfg, cost=cost)
 plots.show(sim.gantt_figure([small[k][1] for k in ("naive", "sorted", "packed-bfd", "packed-bfd+balance")],
                             title=f"{SIM_DEVICES} devices, synthetic LongAlign-10k + ShareGPT mix of {len(g_len)} sequences"),
            out / "gantt.png")
+bfd_small = small["packed-bfd"][0]
+tail_rows = sum(1 for _ in bfd_small.steps[-1].micro_batches())
+print(f"BFD: {len(bfd_small.steps)} steps, last one {tail_rows} rows on {SIM_DEVICES} devices")
+full_only = {}  # the same plans without their last, incomplete step: real tokens per modelled second
+for k in ("sorted", "packed-bfd"):
+    p_ = plan_epoch(g_len, g_nt, dataclasses.replace(sim.strategy_variants(syn_cfg)[k], drop_last=True))
+    full_only[k] = sum(st.tokens for st in p_.steps) / sim.simulate(p_, cost, k).total_time
+print("tokens per modelled second: with the tail " + ", ".join(
+    f"{k} {sum(st.tokens for st in small[k][0].steps) / small[k][1].total_time:,.0f}" for k in full_only)
+      + "; full steps only " + ", ".join(f"{k} {v:,.0f}" for k, v in full_only.items()))
+assert tail_rows < SIM_DEVICES and full_only["packed-bfd"] > full_only["sorted"], (tail_rows, full_only)
 
 # %%
 plots.show(sim.idle_bar_figure({k: s.summary() for k, (_, s) in res.items()},
@@ -295,8 +369,10 @@ plots.show(sim.idle_bar_figure({k: s.summary() for k, (_, s) in res.items()},
 # ## 6. Real step times on this device (opt-in on a CPU: `MEASURE = True`)
 # Now run the three plans for real: forward + backward of SmolLM2 for the first steps of each plan (all ranks'
 # micro-batches one after another, no optimizer update), with the `sequence` loss weights. Packed rows go in
-# with `position_ids` only, and transformers keeps each packed sequence's attention to itself. The measured
-# micro-batch times calibrate the cost model for this device (non-negative least squares).
+# with `position_ids` only, and transformers keeps each packed sequence's attention to itself. Every plan gets
+# one untimed warm-up micro-batch (allocation, kernel choice) and every micro-batch time is the **median of 3
+# runs**. The measured micro-batch times calibrate the cost model for this device (non-negative least squares) —
+# when they carry enough signal; `calibrate` refuses samples that cannot determine the constants.
 
 # %%
 timing, fitted = {}, None
@@ -311,7 +387,7 @@ else:
         c = dataclasses.replace(tcfg, strategy=k, batch_size=1 if k == "packed" else BATCH_SIZE)
         tp = plan_epoch(lengths, n_target, c, epoch=0, labels=labels)
         timing[k] = sim.measure_step_times(model, tp, ds, n_steps=TIMED_STEPS, pad_id=tok.pad_token_id or 0,
-                                           warmup=1 if k == "naive" else 0)  # first call only: allocation, kernels
+                                           warmup=1, repeats=3)  # untimed first call, median of 3
         t = timing[k]
         print(f"{k:7s} {len(t['steps'])} steps, {len(t['micro'])} micro-batches, {t['tokens']} real tokens "
               f"({t['computed_tokens']} computed), {sum(t['steps']):.2f} s → {t['tokens_per_s']:.0f} tokens/s on {device}")
@@ -319,15 +395,24 @@ else:
 # %% [markdown]
 # Reading the numbers: on a GPU, padded rows cost compute for nothing and packed rows do not, so packing shows
 # up as more real tokens per second; on a small shared CPU with a handful of short micro-batches the times are
-# dominated by noise and fixed overheads (the SMOKE run times one micro-batch of ≤ 64 tokens per plan). The fit
-# below is only as good as its samples: give it more steps (`TIMED_STEPS`) and longer rows for a usable model,
-# then pass the constants to `longalign pack` with `--set batching.cost_a=… --set batching.cost_b=… --set batching.cost_c=…`.
+# dominated by noise and fixed overheads. A ranking of the plans from a few micro-batches is not a measurement:
+# compare the spread of the three repeats with the gaps between plans before reading anything into it.
+# The fit below needs at least two micro-batches per constant, three different sizes, and times that grow with
+# tokens; otherwise `calibrate` says why and nothing is fitted. Only a fit that passes, from many steps
+# (`TIMED_STEPS`) of long rows (`TIMING_MAX_TOKENS`), is worth passing to `longalign pack` with
+# `--set batching.cost_a=… --set batching.cost_b=… --set batching.cost_c=…`.
 
 # %%
+fit_refused = None
+samples = [m for t in timing.values() for m in t["micro"]]
 if timing:
-    samples = [m for t in timing.values() for m in t["micro"]]
-    fitted = sim.calibrate(samples, fit_overhead=len(samples) >= 4)
-    print("calibrated for this device:", fitted)
+    try:
+        fitted = sim.calibrate(samples)
+        print("calibrated for this device:", fitted)
+    except LongAlignError as e:  # too few / one-size / non-growing samples: no constants to hand on
+        fit_refused = str(e)
+        print("no cost model fitted:", e)
+if fitted:
     fig, ax = plots.figure(figsize=(5.5, 4))
     for k, t in timing.items():
         ax.scatter([fitted.a * x + fitted.b * x2 + fitted.c for x, x2, _ in t["micro"]], [s for *_, s in t["micro"]],
@@ -342,7 +427,9 @@ if timing:
 
 # %% [markdown]
 # ## Takeaways
-# - Packing removes padding; BFD fills rows far better than next-fit (≈ 99 % vs ≈ 80 % at 64k here).
+# - Packing removes padding; BFD fills rows far better than next-fit (≈ 99 % vs ≈ 83 % at 64k here) — but global
+#   BFD's rows are long-only or short-only, so its steps are as one-sided as sorted batching's; BFD inside shuffled
+#   windows (`pack_mix=window`) keeps ≈ 97 % fill with steps as mixed as random ones.
 # - With data parallelism, a step lasts as long as its slowest device: packing (and cost balancing) cuts the idle
 #   time that naive batching wastes; sorted batching cuts it too, but each step is then all-long or all-short.
 # - A pack-mean loss gives a sequence more weight the fewer target tokens its pack holds; weighting every target
@@ -354,7 +441,8 @@ if timing:
 # 2. In the worked example, add a fifth sequence of 16 tokens (`[8, 8, 8, 8, 16]`, rows of 24). Which sequence gets
 #    the largest Eq. 3 share now, and what does Eq. 2 give each?
 # 3. Under the `token` reduction (a plain token mean over the step), what share does a sequence with N_i target
-#    tokens get? Check it with `effective_sequence_weights` on the worked example.
+#    tokens get? Check it with `effective_sequence_weights` on the five-sequence step of exercise 2 (the four
+#    equal sequences of the worked example would hide the answer: with equal N_i every reduction gives 1/M).
 #
 # Solutions (collapsed in JupyterLab; CI runs and checks them):
 
@@ -372,8 +460,11 @@ print("2. packs", [p for mb in d5.steps[0].micro_batches() for p in mb.packs], "
 assert all(abs(v - 1 / 5) < 1e-12 for v in e2.values()) and max(e3.values()) > 1 / 5
 
 # %% tags=["solution"] jupyter={"source_hidden": true}
-tok_share = effective_sequence_weights(demo.steps[0], "token", demo.n_target)
-assert all(abs(tok_share[i] - N[i] / sum(N.values())) < 1e-12 for i in N)  # N_i / Σ N_j: long answers weigh more
+tok_share = effective_sequence_weights(d5.steps[0], "token", d5.n_target)
+N5 = {i: int(d5.n_target[i]) for i in tok_share}
+assert len(set(N5.values())) > 1  # unequal N_i, or the check proves nothing
+assert all(abs(tok_share[i] - N5[i] / sum(N5.values())) < 1e-12 for i in N5)  # N_i / Σ N_j: long answers weigh more
+assert max(tok_share.values()) > 1 / len(N5) > min(tok_share.values())
 print("3. token mean: share N_i / Σ_j N_j =", {i: round(v, 3) for i, v in tok_share.items()})
 
 # %%
@@ -385,11 +476,12 @@ metrics_file = write_metrics(out, {
     "sequence_share_spread": float(max(shares["sequence"].values()) - min(shares["sequence"].values())),
     "demo_pack_mean_max_share": float(max_pack_mean_share),
     "synthetic_n": SYNTH_N, "bfd_fill_64k": float(bfd_fill), "next_fit_fill_64k": float(nf_fill),
-    "idle": {k: float(s.idle_fraction) for k, (_, s) in res.items()}, "step_mean_len_std": step_mean_std,
+    "idle": {k: float(s.idle_fraction) for k, (_, s) in res.items()},
     "modelled_time_s": {k: float(s.total_time) for k, (_, s) in res.items()},
     "timing": {k: {"tokens_per_s": t["tokens_per_s"], "step_s": t["steps"], "micro_batches": len(t["micro"])}
                for k, t in timing.items()},
-    "calibrated": fitted.to_dict() if fitted else None, "measured": bool(MEASURE), "smoke": SMOKE,
+    "calibrated": fitted.to_dict() if fitted else None, "calibration_refused": fit_refused,
+    "step_long_share_std": bias, "step_long_share_vs_chance": ratio, "window_fill_64k": float(window_fill), "measured": bool(MEASURE), "smoke": SMOKE,
     "toy_rows": {"next_fit": len(nf), "bfd": len(bfd)},
     "figures": [str(out / f) for f in ("loss_weights.png", "pack_fill.png", "gantt.png", "idle.png",
                                        "step_composition.png", *(["calibration.png"] if timing else []))],

@@ -20,12 +20,16 @@
 # **What you will learn**
 # - the block-diagonal causal mask that isolates packed documents, built by hand and checked against the library;
 # - that the packed, isolated, weighted loss equals running each sequence alone — and what goes wrong without
-#   isolation;
-# - that for the **same tokens** packing trains faster than naive batching (tokens/s, not just wall time);
+#   isolation (on the real SmolLM2, so the leak is visible);
+# - one packed, isolated, weighted training step written from scratch in plain PyTorch, with the same gradients
+#   as `LongAlignTrainer`;
+# - that for the **same tokens** packing trains faster than naive batching (forward + backward tokens/s after a
+#   warm-up, median of 3 — not wall time of runs with different numbers of optimizer steps);
 # - that the recipe really trains: SmolLM2-135M learns to quote a verse exactly in a few steps, before vs after.
 #
-# **Time**: ~60 s on 2 CPU cores (SMOKE, the default without a GPU: the strategy comparison uses a 2-layer random
-# model with SmolLM2's tokenizer, the learning demo the real SmolLM2); full mode trains SmolLM2 at 16k (use a GPU).
+# **Time**: ~70 s on 2 CPU cores (SMOKE, the default without a GPU: the strategy comparison and the from-scratch
+# step use a 2-layer random model with SmolLM2's tokenizer; the isolation check and the learning demo the real
+# SmolLM2); full mode trains SmolLM2 at 16k (use a GPU).
 #
 # Library code: `longalign_lib.batching` (plans, weights, collators), `longalign_lib.attention` (isolation),
 # `longalign_lib.loss` (weighted chunked cross-entropy), `longalign_lib.train` (LongAlignTrainer).
@@ -44,14 +48,17 @@ ROPE_BASE_FACTOR = 8.0  # SmolLM2 was trained to 8k; 16k rows need a larger RoPE
 LEARN_MODEL = "smollm2-135m-instruct"  # section 6: the real model that learns the task
 LEARN_TRAIN, LEARN_TEST = 6, 4  # short verse-lookup records (1–2 verses) to train on / to test before and after
 LEARN_EPOCHS, LEARN_LR = 2, 1e-4
+TIMED_STEPS = 8  # optimizer steps of each plan timed (forward + backward, median of 3 after a warm-up); None: all
 
 # %%
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from longalign_lib import attention, batching, plots, train
+from longalign_lib import simulate as sim
 from longalign_lib.config import load_config
 from longalign_lib.formatting import format_records
 from longalign_lib.generate import reference_scores
@@ -72,6 +79,7 @@ if SMOKE:
     # 4 records, one epoch (3 packed steps, ~12 s on one core) teach the format (3/3 exact after, 0/3 before; a
     # second epoch only drives the loss from 0.1 to 0.001 for 11 s more); 3 held-out verses, generated on CPU
     LEARN_TRAIN, LEARN_TEST, LEARN_EPOCHS = 4, 3, 1
+    TIMED_STEPS = None  # the whole (tiny) epoch of each plan
 print("model:", MODEL, "| device:", device, "| SMOKE:", SMOKE)
 
 # %% [markdown]
@@ -148,9 +156,12 @@ plots.show(train.packed_batch_figure(packed), out / "packed_batch.png")
 # tokens, multiply by its weight N_i·w_i. Library: one forward pass over the packed row (isolated attention) and
 # `loss.weighted_chunked_ce` on the final hidden states (only answer positions reach the LM head, in chunks).
 # Without isolation: the same packed row as one plain causal sequence (no `position_ids` restart, no boundaries).
+# This check runs on the real SmolLM2 even in SMOKE: a random 2-layer model barely reads its context, so a leak
+# would change its loss by ~1e-4 and teach nothing; a trained model is thrown off by its neighbours' text.
 
 # %%
-model, _ = load_model_and_tokenizer(MODEL, dtype="fp32", device=device, attn_implementation="sdpa")  # isolated SDPA: fp32
+ISO_MODEL = LEARN_MODEL if SMOKE else MODEL  # same tokenizer as the tiny SMOKE model, real weights
+model, _ = load_model_and_tokenizer(ISO_MODEL, dtype="fp32", device=device, attn_implementation="sdpa")  # isolated SDPA: fp32
 model.eval()
 exs = batching.materialize(plan, mb, rows)
 with torch.no_grad():
@@ -171,14 +182,70 @@ rel = abs(library - by_hand) / by_hand
 print(f"by hand (one sequence at a time): {by_hand:.6f}")
 print(f"library (packed, isolated):       {library:.6f}   relative difference {rel:.1e}")
 print(f"packed WITHOUT isolation:         {leaky:.6f}   relative difference {abs(leaky - by_hand) / by_hand:.1e}")
+leak = abs(leaky - by_hand) / by_hand
 assert rel < 1e-4, "the packed isolated loss should equal the sequences run alone"
+assert leak > 100 * max(rel, 1e-6) and leak > 1e-2, f"the leak should be visible on a trained model: {leak:.1e}"
+iso_model = model if ISO_MODEL == LEARN_MODEL else None  # section 6 trains the same SmolLM2: load it once
 del model, wrapper
 
 # %% [markdown]
 # *What you should see:* by hand and library agree to ~1e-7 (float rounding); without isolation the loss is a
-# different number — every document after the first is read in the context of its neighbours and at shifted
-# positions, which is not the data you meant to train on.
+# different number (several percent here) — every document after the first is read in the context of its
+# neighbours and at shifted positions, which is not the data you meant to train on.
 #
+# ## 4b. One training step from scratch
+# What the trainer does for one optimizer step, in plain PyTorch: for each packed row of the step, concatenate the
+# sequences, restart `position_ids` at 0 for each (transformers then keeps every document's attention to itself),
+# mask the first label of each document, weight each answer token 1/(M·N_i), and **sum** the weighted token losses
+# over all rows before one backward-accumulated gradient. Only the plan's choice of rows comes from the library.
+# The same step through `LongAlignTrainer.training_step` must give the same gradients.
+
+# %%
+# a tiny random model on the CPU in fp32 (in full mode too): the lesson is the arithmetic, and CPU fp32 makes the
+# two paths bit-comparable (no bf16 autocast, TF32 or fused kernels); the 8 shortest records, rows of 512 tokens
+TINY = "random:" + str(train.tiny_model_dir(out / "tiny_model"))
+step_data = sorted(rows, key=lambda r: r["length"])[:8]
+assert max(r["length"] for r in step_data) <= 512, "need short records for the from-scratch step"
+step_cfg = load_config("cpu-demo", [f"model.name={TINY}", "batching.max_pack_tokens=512", "batching.grad_accum=2",
+                                    "batching.strategy=packed", "batching.loss_reduction=sequence",
+                                    "train.max_steps=1", "train.save_steps=0", "train.tensorboard=false",
+                                    "train.bf16=false", "train.fused_kernels=none", "model.dtype=fp32",
+                                    "model.device=cpu"])
+trainer, _ = train.build_trainer(step_cfg, out / "runs" / "one_step", dataset=step_data, quiet=True, device="cpu")
+lm = trainer.model.lm
+step_rows = [[step_data[i] for i in row] for mb in trainer.plan_batches.plans[0].steps[0].micro_batches()
+             for row in mb.packs]  # the plan's first optimizer step: which sequences share each row
+# ---- from scratch: ~20 lines of plain PyTorch
+lm.zero_grad(set_to_none=True)
+M = sum(len(r) for r in step_rows)  # sequences in the step
+for row in step_rows:  # one packed row per micro-batch
+    ids, pos, lab, w = [], [], [], []
+    for r in row:
+        n_i = sum(1 for t in r["labels"][1:] if t != -100)  # target tokens of this sequence
+        ids += r["input_ids"]
+        pos += list(range(len(r["input_ids"])))  # restart: isolated attention, positions from 0
+        lab += [-100] + r["labels"][1:]  # never predict a document's first token from the previous one
+        w += [0.0] + [1.0 / (M * n_i)] * (len(r["labels"]) - 1)  # Eq. 2: every sequence counts 1/M
+    ids, pos, lab, w = (torch.tensor([x]) for x in (ids, pos, lab, w))
+    logits = lm(input_ids=ids, position_ids=pos, use_cache=False).logits[:, :-1]
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), lab[:, 1:].flatten(),
+                                           ignore_index=-100, reduction="none")
+    (ce * w[:, 1:].flatten()).sum().backward()  # a SUM over rows: gradients accumulate, no division
+grad_hand = {n: p.grad.detach().clone() for n, p in lm.named_parameters() if p.grad is not None}
+# ---- the library: the same step through LongAlignTrainer
+lm.zero_grad(set_to_none=True)
+for i in range(trainer.plan_batches.grad_accum):
+    trainer.training_step(trainer.model, trainer.plan_batches[i])
+grad_err = max(float((p.grad - grad_hand[n]).abs().max() / p.grad.abs().max().clamp_min(1e-12))
+               for n, p in lm.named_parameters() if p.grad is not None)
+assert max(len(r) for r in step_rows) >= 2, "the step should pack several sequences into a row"
+print(f"{len(step_rows)} rows, M={M} sequences, {len(grad_hand)} parameter tensors; "
+      f"largest relative gradient difference {grad_err:.1e}")
+assert len(grad_hand) == sum(1 for p in lm.parameters() if p.grad is not None) and grad_err < 1e-4
+print("✓ from scratch == LongAlignTrainer.training_step (same gradients)")
+del trainer, lm
+
+# %% [markdown]
 # ## 5. Naive vs sorted vs packed vs packed+weighting, the same tokens
 # One full epoch of the same records, four ways, through the same `LongAlignTrainer` — so every strategy trains on
 # exactly the same tokens (checked below):
@@ -186,6 +253,15 @@ del model, wrapper
 # - **sorted**: sequences of similar length batched together (little padding; steps are all-long or all-short);
 # - **packed**: rows of up to `PACK_TOKENS` tokens, loss = mean over each pack's tokens (the paper's biased L′);
 # - **packed+weighting**: the same rows, each sequence weighted 1/(M·N_i) (the paper's fix).
+#
+# The strategies make different numbers of optimizer steps from the same tokens (a packed row holds fewer tokens
+# than a micro-batch of `BATCH_SIZE` padded sequences here), and each optimizer step has a fixed cost, so the wall
+# time of the training runs compares unequal work. The speed comparison below therefore times **forward +
+# backward only**, micro-batch by micro-batch (`simulate.measure_plans`: one untimed warm-up micro-batch per
+# plan, then the median of 3 runs of each, the runs of all plans interleaved), on the same model, and reports real
+# tokens per second. The spread of the 3 runs is printed: when it is as large as the gaps between plans (a busy
+# shared CPU), the ranking is noise, not a measurement. The two packed
+# arms run the same rows (weights differ, compute does not), so `packed` stands for both.
 
 # %%
 strategies = {
@@ -200,32 +276,65 @@ common = [f"model.name={MODEL}", f"batching.max_pack_tokens={PACK_TOKENS}",
           f"model.rope_base_factor={ROPE_BASE_FACTOR}", f"model.max_position_embeddings={max(PACK_TOKENS, 8192)}",
           "model.device=" + device]
 logs, times, tokens, computed, plans_info = {}, {}, {}, {}, {}
+# warm-up: one untimed optimizer step first, so the first strategy does not pay for CUDA start-up, allocation and
+# kernel choice (in full mode naive used to run first, cold)
+train.train(load_config("gpu-small" if not SMOKE else "cpu-demo", common + strategies["naive"] + ["train.max_steps=1"]),
+            out / "runs" / "warmup", dataset=rows, save_model=False, quiet=True)
 for name, sets in strategies.items():
     cfg_s = load_config("gpu-small" if not SMOKE else "cpu-demo", common + sets)
     res = train.train(cfg_s, out / "runs" / name.replace("+", "_"), dataset=rows, save_model=False, quiet=True)
     logs[name] = res["log"]
-    times[name] = sum(r["step_s"] for r in res["log"])
+    times[name] = sum(r["step_s"] for r in res["log"])  # training wall time (optimizer steps included)
     tokens[name] = sum(r["tokens"] for r in res["log"])
     computed[name] = sum(r["computed_tokens"] for r in res["log"])
     plans_info[name] = res["plans"][0]
-    print(f"{name:17s} {len(res['log']):3d} steps  {tokens[name]:6,} tokens ({computed[name]:6,} computed)  "
-          f"{times[name]:6.2f} s  {tokens[name] / times[name]:8,.0f} tokens/s")
+    print(f"{name:17s} {len(res['log']):3d} optimizer steps  {tokens[name]:6,} tokens ({computed[name]:6,} computed)"
+          f"  training wall time {times[name]:6.2f} s")
     del res
     if device == "cuda":
         torch.cuda.empty_cache()
 assert len(set(tokens.values())) == 1, f"strategies trained different tokens: {tokens}"
 
 # %%
+tmodel, _ = load_model_and_tokenizer(MODEL, dtype="fp32" if device == "cpu" else "auto", device=device)
+# the same memory budget per micro-batch: a packed row may hold as many tokens as a padded naive micro-batch
+# (BATCH_SIZE × the longest sequence), within the model's window — else packing pays for more, smaller calls
+time_row = max(PACK_TOKENS, min(BATCH_SIZE * max(lengths), max(PACK_TOKENS, 8192)))
+tplans = {name: batching.plan_epoch(lengths, [r["n_target"] for r in rows], load_config(
+              "gpu-small" if not SMOKE else "cpu-demo",
+              common + sets + ([f"batching.max_pack_tokens={time_row}"] if name == "packed" else [])).batching)
+          for name, sets in list(strategies.items())[:3]}  # packed+weighting runs packed's rows: same compute
+print(f"timing rows: packed up to {time_row:,} tokens; naive/sorted {BATCH_SIZE} sequences padded to the longest")
+# one warm-up micro-batch per plan, then 3 rounds that each time every micro-batch of every plan once (interleaved,
+# so a change in machine load hits all plans alike); each micro-batch's time is the median of its 3 runs
+timed = sim.measure_plans(tmodel, tplans, rows, n_steps=TIMED_STEPS, pad_id=tok.pad_token_id or 0, warmup=1,
+                          repeats=3)
+fb = {}
+for name, t in timed.items():
+    spread = max(max(r) / min(r) for r in t["runs"])  # the worst ratio of slowest to fastest run of a micro-batch
+    fb[name] = {"s": sum(t["steps"]), "tokens": t["tokens"], "computed": t["computed_tokens"],
+                "tokens_per_s": t["tokens_per_s"], "micro_batches": len(t["micro"]), "steps": len(t["steps"]),
+                "max_run_spread": spread}
+    print(f"{name:17s} {len(t['steps']):3d} steps, {len(t['micro']):3d} micro-batches: {t['tokens']:6,} real tokens "
+          f"({t['computed_tokens']:6,} computed) in {fb[name]['s']:6.2f} s → {t['tokens_per_s']:8,.0f} real tokens/s"
+          f"  (runs of one micro-batch differ by up to {spread:.1f}×)")
+del tmodel
+if TIMED_STEPS is None:  # the whole epoch: every plan timed the same tokens
+    assert len({v["tokens"] for v in fb.values()}) == 1, fb
+# padding is computed for nothing: naive computes more tokens than it trains, packing computes only real ones
+assert fb["naive"]["computed"] > fb["naive"]["tokens"] and fb["packed"]["computed"] == fb["packed"]["tokens"]
+
+# %%
 fig, (ax1, ax2) = plots.figure(1, 2, figsize=(10, 3.8))
-names = list(times)
+names = list(fb)
 colors = [plots.PALETTE.get(n, plots.CYCLE[0]) for n in names]
-ax1.bar(names, [times[n] for n in names], color=colors)
-ax1.set_ylabel("training time (s)")
-ax1.set_title(f"Wall time, same {tokens['naive']:,} tokens ({device})")
-ax2.bar(names, [tokens[n] / times[n] for n in names], color=colors)
-ax2.set_ylabel("real tokens / s")
-ax2.set_title("Throughput (padding not counted)")
-for ax, vals in ((ax1, [times[n] for n in names]), (ax2, [tokens[n] / times[n] for n in names])):
+ax1.bar(names, [fb[n]["computed"] for n in names], color=colors)
+ax1.set_ylabel("tokens computed (padding included)")
+ax1.set_title(f"Same {fb['naive']['tokens']:,} real tokens")
+ax2.bar(names, [fb[n]["tokens_per_s"] for n in names], color=colors)
+ax2.set_ylabel("real tokens / s (forward + backward)")
+ax2.set_title(f"Throughput, median of 3 after a warm-up ({device})")
+for ax, vals in ((ax1, [fb[n]["computed"] for n in names]), (ax2, [fb[n]["tokens_per_s"] for n in names])):
     for i, v in enumerate(vals):
         ax.annotate(f"{v:,.1f}" if v < 100 else f"{v:,.0f}", (i, v), ha="center", va="bottom", fontsize=8)
     ax.tick_params(axis="x", labelrotation=15)
@@ -233,9 +342,14 @@ plots.show(fig, out / "wall_time.png")
 
 # %% [markdown]
 # *What you should see:* every strategy trained the same number of real tokens; naive batching **computed** more
-# (its padding, printed above) and so runs fewer real tokens per second; packing computes only real tokens. On a
-# small CPU with a tiny model and a few short rows the gaps are modest and noisy (fixed per-step costs weigh a
-# lot); on a GPU with long rows they are large (`docs/performance.md`, measured on H100). The pack-mean loss
+# (its padding, left) and packing only real tokens. Whether that shows up as speed depends on the device: on a GPU
+# with long rows packing runs ~3× more real tokens per second than naive (full mode of this notebook; the same in
+# `docs/reproduction.md` and `docs/performance.md`). On this CPU, with a 2-layer model and rows of a few hundred
+# tokens, it may not: per-call costs of the isolated-attention path (documents passed as `cu_seq_lens`) weigh as
+# much as the ~30 % padding saved at this size. The numbers above measure this device, with their spread; they
+# are not evidence about the GPU case, and the notebook asserts nothing about their order.
+# The training wall times printed further up are not the comparison: they include a different number of
+# optimizer updates per strategy. The pack-mean loss
 # (`packed`) is a different, biased quantity, so its loss values are not comparable with the other three.
 #
 # ## 6. The real model learns: SmolLM2 answers in the data's format
@@ -249,7 +363,10 @@ plots.show(fig, out / "wall_time.png")
 learn = [r for r in train.verse_lookup_records(20 * (LEARN_TRAIN + LEARN_TEST), long_fraction=0.0, seed=1)
          if r["meta"]["verses"] <= 2][: LEARN_TRAIN + LEARN_TEST]
 learn_train, learn_test = learn[:LEARN_TRAIN], learn[LEARN_TRAIN:]
-lm, ltok = load_model_and_tokenizer(LEARN_MODEL, dtype="fp32", device=device)
+if iso_model is not None:  # loaded in section 4 (fp32, this device), not trained since
+    lm, ltok, iso_model = iso_model, load_tokenizer(LEARN_MODEL), None
+else:
+    lm, ltok = load_model_and_tokenizer(LEARN_MODEL, dtype="fp32", device=device)
 # room for the longest expected verse and a few tokens more: a longer reply cannot be exact anyway
 answer_tokens = max(len(ltok(r["messages"][1]["content"])["input_ids"]) for r in learn_test) + 8
 
@@ -269,9 +386,11 @@ after = reference_scores(lm, ltok, learn_test, max_new_tokens=answer_tokens)
 print(f"after training:  {sum(after['exact'])}/{len(learn_test)} exact, mean token-F1 {np.mean(after['f1']):.2f}")
 for q, b, a, r in list(zip(learn_test, before['predictions'], after['predictions'], learn_test, strict=True))[:3]:
     print(f"\n{q['meta']['ref']}\n  before: {b[:120]!r}\n  after:  {a[:120]!r}\n  verse:  {r['messages'][1]['content'][:120]!r}")
-plots.show(train.loss_figure({"packed+weighting": lres["log"]},
+loss_fig = train.loss_figure({"packed+weighting": lres["log"]},
                              title=f"SmolLM2-135M on verse quoting: {len(lres['log'])} steps, "
-                                   f"{sum(r['tokens'] for r in lres['log']):,} tokens"), out / "learn_loss.png")
+                                   f"{sum(r['tokens'] for r in lres['log']):,} tokens")
+loss_fig.axes[0].xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole numbers
+plots.show(loss_fig, out / "learn_loss.png")
 
 # %% [markdown]
 # *What you should see:* before training the model talks *about* the passage ("The passage you're referring to is
@@ -315,8 +434,9 @@ print(f"2. the row: {row_sum:.4f} = {m_row} sequences / M={step.n_sequences}; th
 metrics_file = write_metrics(out, {
     "smoke": SMOKE, "device": device, "model": MODEL, "records": len(rows), "tokens": sum(lengths),
     "loss_by_hand": by_hand, "loss_library": library, "loss_rel_diff": rel, "loss_no_isolation": leaky,
-    "wall_s": times, "trained_tokens": tokens, "computed_tokens": computed,
-    "tokens_per_s": {k: tokens[k] / times[k] for k in times},
+    "loss_leak_rel": leak, "iso_model": ISO_MODEL, "one_step_grad_rel_err": grad_err,
+    "wall_s": times, "trained_tokens": tokens, "computed_tokens": computed, "forward_backward": fb,
+    "tokens_per_s": {k: v["tokens_per_s"] for k, v in fb.items()},
     "padding_fraction": {k: v["padding_fraction"] for k, v in plans_info.items()},
     "final_loss": {k: v[-1]["loss"] for k, v in logs.items()}, "first_loss": {k: v[0]["loss"] for k, v in logs.items()},
     "steps": {k: len(v) for k, v in logs.items()},

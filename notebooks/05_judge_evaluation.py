@@ -406,12 +406,18 @@ else:
 # Solutions (collapsed in JupyterLab; click the dots to open; CI runs and checks them):
 
 # %% tags=["solution"] jupyter={"source_hidden": true}
-x, y = np.array([1, 3, 2, 5, 4]), np.array([1, 2, 3, 4, 5])
-conc = sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i in range(5) for j in range(i + 1, 5))
-tau_a = conc / (5 * 4 / 2)
-assert abs(tau_a - ag.kendall(x, y)) < 1e-12  # no ties: τ-a = τ-b
-print("1. no ties: τ-a", tau_a, "= library τ-b", ag.kendall(x, y), "; with ties (lenient vs ref) τ-b =",
-      round(ag.kendall(lenient, ref), 3))
+def tau_a(x, y):
+    """(concordant − discordant) / all pairs; a tied pair counts as neither."""
+    n = len(x)
+    return sum(np.sign(x[i] - x[j]) * np.sign(y[i] - y[j]) for i in range(n) for j in range(i + 1, n)) / (n * (n - 1) / 2)
+
+
+ta = tau_a(lenient, ref)  # the question's arrays: ref has a tie (two 5s), and so has lenient
+assert ta < ag.kendall(lenient, ref) <= 1  # τ-b divides by fewer pairs when there are ties
+no_ties = np.array([1, 3, 2, 5, 4]), np.array([1, 2, 3, 4, 5])
+assert abs(tau_a(*no_ties) - ag.kendall(*no_ties)) < 1e-12  # no ties: τ-a = τ-b
+print(f"1. lenient vs ref (one tied pair): τ-a = {ta:.3f} < τ-b = {ag.kendall(lenient, ref):.3f} (library); "
+      f"without ties they agree: τ-a = τ-b = {tau_a(*no_ties):.3f}")
 
 # %% tags=["solution"] jupyter={"source_hidden": true}
 shifted = np.minimum(js + 2, 10)

@@ -451,3 +451,23 @@ def test_loss_weight_figure_counts_a_split_sequence_once():
     import matplotlib.pyplot as plt
 
     plt.close(fig)
+
+def test_pack_mix_window_brings_back_mixed_steps_at_a_small_fill_cost():
+    """Global BFD sorts by length: its rows are long-only or short-only, so its steps are as biased as sorted
+    batching (notebook 03). pack_mix=window (BFD inside shuffled windows of one step's tokens) gives steps as mixed
+    as next-fit's for a few points of fill. Fails before pack_mix existed (BatchConfig has no such field)."""
+    from longalign_lib.batching import step_shares
+
+    mix = synthetic_longalign_sharegpt_mix(800, seed=3)
+    long_ = mix.source == "long"
+    c = BatchConfig(strategy="packed", packer="bfd", max_pack_tokens=65536, world_size=8, balance="none", seed=1)
+    plans = {k: plan_epoch(mix.lengths, mix.n_target, dataclasses.replace(c, **kw)) for k, kw in {
+        "bfd": {}, "window": {"pack_mix": "window"}, "next_fit": {"packer": "next_fit"}}.items()}
+    std = {k: float(np.std(step_shares(p, long_))) for k, p in plans.items()}
+    fill = {k: p.counters["fill_rate"] for k, p in plans.items()}
+    assert std["bfd"] > 3 * std["window"] and std["window"] < 1.5 * std["next_fit"], std
+    assert fill["bfd"] > fill["window"] > 0.93 > fill["next_fit"], fill
+    assert sorted(plans["window"].steps[0].item_ids + [i for s in plans["window"].steps[1:] for i in s.item_ids]) \
+        == list(range(800))
+    with pytest.raises(LongAlignError, match="pack_mix"):
+        plan_epoch(mix.lengths, mix.n_target, dataclasses.replace(c, pack_mix="stratified"))

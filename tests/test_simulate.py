@@ -57,8 +57,19 @@ def test_calibrate_recovers_constants():
     fit = calibrate(samples)
     assert fit.a == pytest.approx(true.a, rel=1e-3) and fit.b == pytest.approx(true.b, rel=1e-3)
     assert fit.c == pytest.approx(true.c, rel=1e-2)
-    with pytest.raises(LongAlignError, match="at least 3"):
-        calibrate(samples[:2])
+    with pytest.raises(LongAlignError, match="at least 6"):
+        calibrate(samples[:5])
+
+
+def test_calibrate_refuses_noise():
+    """Notebook 03 once fitted a = b = 0 from 5 micro-batches of one size and told the learner to pass the result to
+    `longalign pack`. Fails on the old code (it returned those constants)."""
+    same_size = [(64.0, 4096.0, t) for t in (0.30, 0.21, 0.44, 0.25, 0.38, 0.29)]
+    with pytest.raises(LongAlignError, match="distinct size"):
+        calibrate(same_size)
+    shrinking = [(x, x * x, 1.0 / x) for x in (100.0, 200.0, 300.0, 400.0, 500.0, 600.0)]  # slower when smaller
+    with pytest.raises(LongAlignError, match="do not grow with the tokens"):
+        calibrate(shrinking)
 
 
 def test_packing_beats_naive_on_the_synthetic_longalign_mix():
@@ -90,10 +101,19 @@ def test_measure_step_times_on_a_tiny_model():
     for strategy in ("naive", "packed"):
         plan = plan_epoch([len(r["input_ids"]) for r in rows], None,
                           BatchConfig(strategy=strategy, max_pack_tokens=40, batch_size=2, grad_accum=2))
-        t = measure_step_times(model, plan, rows, n_steps=1, warmup=1)
+        t = measure_step_times(model, plan, rows, n_steps=1, warmup=1, repeats=3)
         n_mb = len(list(plan.steps[0].micro_batches()))
         assert len(t["micro"]) == n_mb and len(t["steps"]) == 1 and all(s > 0 for *_, s in t["micro"])
         assert t["tokens"] == plan.steps[0].tokens and t["tokens_per_s"] > 0
+    with pytest.raises(LongAlignError, match="median of at least 3"):
+        measure_step_times(model, plan, rows, n_steps=1, repeats=1)
+    from longalign_lib.simulate import measure_plans
+
+    plans = {s: plan_epoch([len(r["input_ids"]) for r in rows], None,
+                           BatchConfig(strategy=s, max_pack_tokens=40, batch_size=2)) for s in ("naive", "packed")}
+    both = measure_plans(model, plans, rows, n_steps=None, repeats=3)  # interleaved rounds, every step timed
+    assert set(both) == {"naive", "packed"} and all(len(r) == 3 for t in both.values() for r in t["runs"])
+    assert both["naive"]["tokens"] == both["packed"]["tokens"] == sum(len(r["input_ids"]) for r in rows)
 
 
 def test_pack_stage_writes_plans_json_and_figures(tmp_path, smol_tokenizer):
