@@ -10,14 +10,17 @@ Library:
 The protocol (Bai et al., 2024, LongBench-Chat): the judge sees the question, the reference answer and several
 answers with human ratings — never the long document, so a judge with a short window can grade long-context
 answers. The rated examples are shuffled for every run, each case is judged `runs` times (2, as in the paper) and
-the ratings are averaged. The judge must give the rating as [[n]]; parse_rating also accepts a few looser forms
-(each rating records how it was parsed), and a reply with no rating is retried with a reminder, up to
-`max_attempts` tries; runs that never yield a rating are recorded as failures. Alongside, every answer gets the
+the ratings are averaged. The judge must give the rating as [[n]], and only a [[n]] the judge wrote itself is read
+(parse_rating skips any it copied from its prompt: rated examples, the template, the graded answer); a reply with no
+rating is retried with a reminder, up to `max_attempts` tries; runs that never yield a rating are recorded as
+failures, and the parse rate (parse_stats) goes into the summary and the report. All requests of a try go out
+together; the client keeps `eval.judge_concurrency` of them in flight. Alongside, every answer gets the
 reference-overlap proxy scores of scoring.py (offline, labelled as a proxy).
 
 Scoring (`eval.judge_scoring`): a local judge is read through its rating probabilities (rating_probs.py: the
 expectation over 1..10 at the rating position, so every item gets a score without generating); an API judge's
-[[n]] is parsed, or, with `probs` on an OpenAI-compatible server, its top_logprobs are read. Each score records its
+[[n]] is parsed, or, with `probs` on an OpenAI-compatible server, its reply is prefilled with "[[" (eval.judge_prefill)
+and the top_logprobs of the rating token are read. Each score records its
 method. `reliability` adds judge reliability (agreement.py) whenever reference scores exist: against human / rubric
 ratings (Spearman, Kendall, weighted κ, Krippendorff's α, Scott's π, leniency, with CIs), against exact
 correctness on verifiable tasks (AUC, point-biserial), scores per input-length bucket, truncation and the

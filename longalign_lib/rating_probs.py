@@ -5,7 +5,8 @@ Usage:
     scorer = LocalRatingScorer(model, tokenizer)         # any transformers causal LM with a chat template
     d = scorer.distribution([{"role": "user", "content": judge_prompt}])
     d["expected"], d["probs"][7], d["mass"]              # Σ r·p(r), p(7), how much probability sat on 1..10
-    scorer = OpenAIRatingScorer(client)                  # an llm.py openai client (OpenAI, vLLM): logprobs + top_logprobs
+    scorer = OpenAIRatingScorer(client, prefill="chat")  # an llm.py openai client: vLLM, llama.cpp server, ...
+    parse_rating(reply, prompt)                          # the judge's own last [[n]]; [[n]] copied from `prompt` skipped
 
 Why: a judge that writes "[[7]]" was perhaps 40 % sure of 7 and 35 % of 8; the digit it wrote throws that away,
 and a small judge often writes no rating at all. Reading the next-token probabilities *at the rating position*
@@ -14,9 +15,14 @@ gives a score for every item and a finer one (G-Eval, Liu et al. 2023, weights r
 Local models: the judge's reply is prefilled with "[[" (the assistant turn of the chat template starts with it),
 one forward pass gives p(first token of each rating), and ratings whose tokens are a prefix of another rating's
 (SmolLM2 writes 10 as "1" "0") get one more step: p(10) = p("1")·p("0" | "1"), p(1) = p("1")·(1 − p("0" | "1")).
-OpenAI-compatible servers: the reply is requested with `logprobs` and `top_logprobs`; the position right after
-"[[" in the reply (or the first token, when the reply starts with the digit) is read. `mass` (the probability on
-valid ratings before renormalising) says how much the judge itself believed it was giving a rating.
+OpenAI-compatible servers: the reply is prefilled the same way, as a continued final assistant message
+(prefill="chat") or through /v1/completions with the chat template applied (prefill="completions"), and the
+`top_logprobs` of the first generated token are read; p("0" | "[[1") takes one more one-token request. Without a
+prefill (api.openai.com) the position right after a "[[" the judge wrote is read. `mass` (the probability on valid
+ratings before renormalising) says how much the judge itself believed it was giving a rating.
+
+Parsing (`parse_rating`): only the protocol's [[n]], the last one the judge wrote itself; a [[n]] copied from its
+prompt (a rated example, the template's "for example: [[6]]", a graded answer containing one) is not a rating.
 """
 from __future__ import annotations
 
