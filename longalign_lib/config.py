@@ -253,6 +253,12 @@ class EvalConfig:
     # transformers, or an OpenAI-compatible server returning logprobs); every score records its method
     judge_scoring: str = "auto"
     judge_top_logprobs: int = 20  # probs on an OpenAI-compatible server: top_logprobs requested per token
+    # judge_prefill: probs on an OpenAI-compatible server: how the reply is begun with "[[" so the next token is the
+    # rating. chat (continue a final assistant message: vLLM, llama.cpp, SGLang) | completions (/v1/completions,
+    # prompt written with judge_tokenizer's chat template) | none (no prefill: api.openai.com) | auto (completions
+    # with a judge_tokenizer, chat with a judge_base_url, none otherwise)
+    judge_prefill: str = "auto"
+    judge_tokenizer: str | None = None  # the served judge's tokenizer (hub id or folder), for judge_prefill=completions
     reliability_boot: int = 1000  # bootstrap resamples for the CIs of the judge reliability statistics
     # length_buckets: input-token edges of the buckets in which scores are reported (controls)
     length_buckets: list[int] = field(default_factory=lambda: [1000, 4000, 16000])

@@ -10,14 +10,17 @@ Library:
 The protocol (Bai et al., 2024, LongBench-Chat): the judge sees the question, the reference answer and several
 answers with human ratings — never the long document, so a judge with a short window can grade long-context
 answers. The rated examples are shuffled for every run, each case is judged `runs` times (2, as in the paper) and
-the ratings are averaged. The judge must give the rating as [[n]]; parse_rating also accepts a few looser forms
-(each rating records how it was parsed), and a reply with no rating is retried with a reminder, up to
-`max_attempts` tries; runs that never yield a rating are recorded as failures. Alongside, every answer gets the
+the ratings are averaged. The judge must give the rating as [[n]], and only a [[n]] the judge wrote itself is read
+(parse_rating skips any it copied from its prompt: rated examples, the template, the graded answer); a reply with no
+rating is retried with a reminder, up to `max_attempts` tries; runs that never yield a rating are recorded as
+failures, and the parse rate (parse_stats) goes into the summary and the report. All requests of a try go out
+together; the client keeps `eval.judge_concurrency` of them in flight. Alongside, every answer gets the
 reference-overlap proxy scores of scoring.py (offline, labelled as a proxy).
 
 Scoring (`eval.judge_scoring`): a local judge is read through its rating probabilities (rating_probs.py: the
 expectation over 1..10 at the rating position, so every item gets a score without generating); an API judge's
-[[n]] is parsed, or, with `probs` on an OpenAI-compatible server, its top_logprobs are read. Each score records its
+[[n]] is parsed, or, with `probs` on an OpenAI-compatible server, its reply is prefilled with "[[" (eval.judge_prefill)
+and the top_logprobs of the rating token are read. Each score records its
 method. `reliability` adds judge reliability (agreement.py) whenever reference scores exist: against human / rubric
 ratings (Spearman, Kendall, weighted κ, Krippendorff's α, Scott's π, leniency, with CIs), against exact
 correctness on verifiable tasks (AUC, point-biserial), scores per input-length bucket, truncation and the
@@ -29,6 +32,7 @@ name>` for a vLLM / llama.cpp server (a base_url switches the local backend to t
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import random
@@ -36,8 +40,15 @@ import re
 from pathlib import Path
 
 from .io import LongAlignError, iter_jsonl, read_jsonl
-from .llm import Deferred, client_from_config
-from .rating_probs import PATTERNS, LocalRatingScorer, OpenAIRatingScorer, parse_rating  # noqa: F401
+from .llm import Deferred, client_from_config, run_sync
+from .rating_probs import (  # noqa: F401
+    PATTERNS,
+    LocalRatingScorer,
+    OpenAIRatingScorer,
+    parse_rating,
+    prompt_text,
+    rating_matches,
+)
 from .scoring import agreement, bootstrap_ci
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
@@ -151,22 +162,16 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
     for attempt in range(max_attempts):
         if not pending:
             break
-        replies, deferred = [], None
-        for r in range(runs):  # one seed per run: identical prompts still count as separate samples
-            batch = [j for j in pending if j["run"] == r]
-            try:
-                replies += list(zip(batch, client.chat_many(
-                    [j["messages"] for j in batch], desc=f"judge run {r + 1} try {attempt + 1}", progress=progress,
-                    temperature=temperature, max_new_tokens=max_new_tokens, seed=seed + r), strict=False)) if batch else []
-            except Deferred as e:  # judge_mode=batch: record every run's requests for one batch (llm_batch.py)
-                deferred = e
-        if deferred is not None:
-            raise deferred
+        # every run's request at once (each run its own seed: identical prompts still count as separate samples);
+        # the client keeps at most `concurrency` of them in flight
+        texts = _gather(client, [(lambda j=j: client.achat(j["messages"], temperature=temperature,
+                                                             max_new_tokens=max_new_tokens, seed=seed + j["run"]))
+                                 for j in pending], f"judge try {attempt + 1}", progress)
         retry = []
-        for j, rep in replies:
-            rating, how = parse_rating(rep.text)
+        for j, rep in zip(pending, texts, strict=True):
+            rating, how, echoed = _read(rep.text, j["messages"])
             j["attempts"].append({"raw": rep.text, "rating": rating, "parsed_by": how, "usage": dict(rep.usage),
-                                  "cost_usd": rep.cost_usd, "cached": rep.cached})
+                                  "cost_usd": rep.cost_usd, "cached": rep.cached, "echoed_ratings": echoed})
             if rating is None:
                 j["messages"] = j["messages"] + [{"role": "assistant", "content": rep.text.strip() or "(no reply)"},
                                                  {"role": "user", "content": REMINDER}]
@@ -195,19 +200,68 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
     return rows
 
 
-def _score_by_probs(scorer, jobs: list[dict], progress: bool) -> None:
-    """Each job's rating from the scorer's distribution (expectation over 1..10); the attempt records it all."""
+def _read(text: str, messages: list[dict]) -> tuple[float | None, str | None, list[float]]:
+    """(rating, how, ratings the judge copied from its prompt and that were therefore not read) of one reply."""
+    sent = prompt_text(messages)
+    echoed = [m["value"] for m in rating_matches(text, sent) if m["echoed"]]
+    return (*parse_rating(text, sent), echoed)
+
+
+def _gather(client, calls: list, desc: str, progress: bool) -> list:
+    """Run the coroutine factories `calls` together on one client session (its semaphore bounds how many are in
+    flight: eval.judge_concurrency); results in order. Inside `client.deferring()` every miss is recorded before
+    one Deferred is raised (judge_mode=batch)."""
     from tqdm.auto import tqdm
 
-    for j in tqdm(jobs, desc="judge (rating probabilities)", disable=not progress, leave=False):
-        d = scorer.distribution(j["messages"]) or {}
+    async def go():
+        async with client.session():
+            bar = tqdm(total=len(calls), desc=desc, disable=not progress, leave=False)
+
+            async def one(call):
+                r = await call()
+                bar.update(1)
+                return r
+            try:
+                return await asyncio.gather(*(one(c) for c in calls), return_exceptions=True)
+            finally:
+                bar.close()
+
+    out = list(run_sync(go())) if calls else []
+    for r in out:
+        if isinstance(r, BaseException) and not isinstance(r, Deferred):
+            raise r
+    n_deferred = sum(isinstance(r, Deferred) for r in out)
+    if n_deferred:
+        raise Deferred(n_deferred)
+    return out
+
+
+def _score_by_probs(scorer, jobs: list[dict], progress: bool) -> None:
+    """Each job's rating from the scorer's distribution (expectation over 1..10); the attempt records it all.
+
+    A scorer with a client (an OpenAI-compatible server) is asked for every job at once, at most
+    `client.concurrency` in flight; a local scorer runs the jobs one after another."""
+    from tqdm.auto import tqdm
+
+    client = getattr(scorer, "client", None)
+    if client is not None and hasattr(scorer, "adistribution"):
+        dists = _gather(client, [(lambda j=j: scorer.adistribution(j["messages"])) for j in jobs],
+                        "judge (rating probabilities)", progress)
+    else:
+        dists = [scorer.distribution(j["messages"]) for j in tqdm(jobs, desc="judge (rating probabilities)",
+                                                                   disable=not progress, leave=False)]
+    for j, d in zip(jobs, dists, strict=True):
+        d = d or {}
         text = d.get("text", "")
-        parsed, how = parse_rating(text) if text else (None, None)
+        parsed, how, echoed = _read(text, j["messages"]) if text else (None, None, [])
         att = {"raw": text, "rating": None, "parsed_by": None, "usage": dict(d.get("usage") or {}),
-               "cost_usd": d.get("cost_usd", 0.0), "cached": d.get("cached", False), "parsed_rating": parsed}
+               "cost_usd": d.get("cost_usd", 0.0), "cached": d.get("cached", False), "parsed_rating": parsed,
+               "echoed_ratings": echoed}
+        if d.get("prefill"):
+            att["prefill"] = d["prefill"]
         if d.get("expected") is not None:
             att.update(rating=d["expected"], parsed_by="prob_weighted", probs=d["probs"], mass=d["mass"],
-                       mode=d["mode"])
+                       mode=d["mode"], approximate=bool(d.get("approximate")))
             j.update(rating=d["expected"], parsed_by="prob_weighted", method="prob_weighted")
         elif parsed is not None:
             att.update(rating=parsed, parsed_by=how)
@@ -216,6 +270,28 @@ def _score_by_probs(scorer, jobs: list[dict], progress: bool) -> None:
             j["messages"] = j["messages"] + [{"role": "assistant", "content": text.strip()},
                                              {"role": "user", "content": REMINDER}]
         j["attempts"].append(att)
+
+
+def parse_stats(rows: list[dict]) -> dict:
+    """How the judge's replies were read: `attempted` replies read for a [[n]] (every try not scored by rating
+    probabilities), `parsed`, `unparseable`, `rate` (parsed / attempted), `echoed_ignored` ([[n]] the judge copied
+    from its prompt, not read), `prob_weighted` (tries scored from the rating distribution)."""
+    atts = [a for r in rows for run in r.get("runs") or [] for a in run.get("attempts") or []]
+    probs = sum(a.get("parsed_by") == "prob_weighted" for a in atts)
+    read = [a for a in atts if a.get("parsed_by") != "prob_weighted"]
+    parsed = sum(a.get("rating") is not None for a in read)
+    return {"attempted": len(read), "parsed": parsed, "unparseable": len(read) - parsed,
+            "rate": parsed / len(read) if read else None,
+            "echoed_ignored": sum(len(a.get("echoed_ratings") or []) for a in atts), "prob_weighted": probs}
+
+
+def parse_text(p: dict) -> str:
+    """One sentence for the report on parse_stats' numbers."""
+    if not p["attempted"]:
+        return ""
+    return (f"Judge replies read for a [[n]] rating: {p['parsed']} of {p['attempted']} parsed "
+            f"({100 * p['rate']:.0f} %), {p['unparseable']} unparseable; {p['echoed_ignored']} [[n]] copied from the "
+            "judge's own prompt (rated examples, the template, the graded answer) were not read as ratings.")
 
 
 def judge_config(ec):
@@ -267,8 +343,30 @@ def make_rating_scorer(ec, model_cfg=None, client=None):
         kw = {"dtype": model_cfg.dtype, "device": model_cfg.device} if model_cfg is not None else {}
         model, tok = load_model_and_tokenizer(ec.judge_model, **kw)
         return LocalRatingScorer(model, tok, threads=ec.local_threads, name=ec.judge_model)
+    prefill = resolve_prefill(ec)
+    tok = None
+    if prefill == "completions":
+        from .models import load_tokenizer
+
+        tok = load_tokenizer(ec.judge_tokenizer)
     return OpenAIRatingScorer(client or make_judge_client(ec, model_cfg), top_logprobs=ec.judge_top_logprobs,
-                              max_new_tokens=min(ec.judge_max_new_tokens, 16), seed=ec.seed)
+                              max_new_tokens=min(ec.judge_max_new_tokens, 16), seed=ec.seed, prefill=prefill,
+                              tokenizer=tok)
+
+
+def resolve_prefill(ec) -> str:
+    """eval.judge_prefill → how an OpenAI-compatible judge's reply is begun with "[[" (rating_probs.PREFILL_MODES).
+
+    auto: `completions` when eval.judge_tokenizer names the served model's chat template; `chat` (a continued final
+    assistant message) when eval.judge_base_url points at your own server (vLLM, llama.cpp, SGLang continue one);
+    `none` for the provider's own endpoint, which takes no prefilled assistant turn.
+    """
+    mode = getattr(ec, "judge_prefill", "auto") or "auto"
+    if mode not in ("auto", "chat", "completions", "none"):
+        raise LongAlignError(f"eval.judge_prefill={mode!r}: choose auto, chat, completions or none")
+    if mode == "auto":
+        return "completions" if getattr(ec, "judge_tokenizer", None) else "chat" if ec.judge_base_url else "none"
+    return mode
 
 
 def reliability(rows: list[dict], n_boot: int = 1000, seed: int = 0, length_edges=None) -> dict:
@@ -283,6 +381,8 @@ def reliability(rows: list[dict], n_boot: int = 1000, seed: int = 0, length_edge
     for r in rows:
         m = r.get("score_method") or "none"
         out["score_methods"][m] = out["score_methods"].get(m, 0) + 1
+    if any(r.get("runs") for r in rows):
+        out["parsing"] = parse_stats(rows)
     human = [r.get("human_score") for r in rows]
     if any(h is not None for h in human):
         out["judge_vs_human"] = reliability_report(judge, human, n_boot=n_boot, seed=seed)
@@ -308,6 +408,8 @@ def reliability_text(rel: dict, judge_name: str, reference: str = "human ratings
     from .agreement import markdown_table
 
     parts = []
+    if rel.get("parsing") and parse_text(rel["parsing"]):
+        parts.append(parse_text(rel["parsing"]))
     if "judge_vs_human" in rel:
         a, p = rel["judge_vs_human"], rel["proxy_vs_human"]
         rho = a["spearman"]["value"]
@@ -431,6 +533,7 @@ def summarize(rows: list[dict], seed: int = 0) -> dict:
            "judge_ci_hi": ci["hi"], "failed_cases": sum(bool(r.get("failed")) for r in rows if "runs" in r),
            "failed_runs": sum(r.get("n_failed_runs", 0) for r in rows),
            "unparseable_replies": sum(a["rating"] is None for a in attempts), "judge_calls": len(attempts),
+           "parsing": parse_stats(rows),
            "proxy_token_f1": f1["mean"], "proxy_token_f1_ci": [f1["lo"], f1["hi"]],
            "proxy_rouge_l": rl["mean"], "proxy_rouge_l_ci": [rl["lo"], rl["hi"]],
            "input_tokens": sum(r.get("usage", {}).get("input_tokens", 0) for r in rows),

@@ -319,6 +319,18 @@ class _SDKBackend:
             raise self._error(e, what) from None
 
 
+def _legacy_logprobs(lp: dict) -> list[dict] | None:
+    """A /v1/completions `logprobs` object in the legacy format (tokens, token_logprobs, top_logprobs as
+    {token: logprob} dicts; vLLM, OpenAI) as the chat format's content list (llama.cpp already sends that)."""
+    tokens = lp.get("tokens") or []
+    if not tokens:
+        return None
+    lps, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
+    return [{"token": t, "logprob": lps[i] if i < len(lps) else None,
+             "top_logprobs": [{"token": k, "logprob": v} for k, v in ((tops[i] if i < len(tops) else None) or {}).items()]}
+            for i, t in enumerate(tokens)]
+
+
 class _OpenAIBackend(_SDKBackend):
     """`openai.AsyncOpenAI`: chat completions, raw completions, files + batches (OpenAI or any compatible server)."""
 
@@ -354,7 +366,9 @@ class _OpenAIBackend(_SDKBackend):
         choice = (j.get("choices") or [{}])[0]
         text = ((choice.get("message") or {}).get("content") if kind == "chat" else choice.get("text")) or ""
         lp = choice.get("logprobs")
-        logprobs = lp.get("content") if isinstance(lp, dict) and kind == "chat" else None
+        logprobs = lp.get("content") if isinstance(lp, dict) else None
+        if logprobs is None and isinstance(lp, dict) and kind == "complete":
+            logprobs = _legacy_logprobs(lp)
         meta = {"logprobs": logprobs, "finish_reason": norm_finish(choice.get("finish_reason"))}
         return text, cls.usage_of(j.get("usage")), j.get("model") or model, meta
 

@@ -150,7 +150,7 @@ print(judge_tok.decode(scorer.prompt_ids([{"role": "user", "content": prompt}]))
 # ## 4. Parsing `[[n]]`, by hand
 #
 # A capable judge writes its rating as `[[n]]`. The rule: take the **last** `[[n]]` whose n is within 1–10.
-# `judge.parse_rating` also accepts a few looser forms (`[n]`, `Rating: n`, `n/10`) and records which one matched.
+# `judge.parse_rating` reads only `[[n]]`: looser forms (`n/10`) would match the prompt's own labels ("rated 5/10") when a judge echoes them, and a `[[n]]` copied from the prompt is skipped too.
 
 # %%
 replies = ["The answer names the right code. [[9]]", "[[3]] at first; on reflection [[7]]", "[[12]]",

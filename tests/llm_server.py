@@ -7,6 +7,7 @@ Usage (the fixture is registered in tests/conftest.py):
         llm_server.responder = lambda body, path: "..."  # default text once the queue is empty
         llm_server.logprobs = lambda body, text: [...]    # OpenAI logprobs.content for requests with logprobs=true
         llm_server.cap_words = True        # answers longer than the request's max_tokens (in words) are cut there
+        llm_server.completions_logprobs = "content"       # /v1/completions logprobs as llama.cpp (default: vLLM)
         client = make_client("openai", "m", base_url=llm_server.openai_url, cache_dir=tmp_path)
         client = make_client("anthropic", "m", base_url=llm_server.anthropic_url, cache_dir=tmp_path)
         llm_server.count, .bodies, .headers, .by_path, .log, .max_inflight   # what the server saw
@@ -80,6 +81,7 @@ class LLMServer:
         self.queue: deque[Scripted] = deque()
         self.responder = default_responder
         self.logprobs = None  # (body, text) -> OpenAI `logprobs.content` list, sent when a request asks for logprobs
+        self.completions_logprobs = "legacy"  # /v1/completions sends them as vLLM does (legacy) or llama.cpp (content)
         self.count = 0
         self.by_path: dict[str, int] = {}
         self.log: list[str] = []
@@ -175,8 +177,15 @@ class LLMServer:
                     "stop_sequence": None, "usage": usage}
         finish = "length" if cut else "stop"
         if path == "/v1/completions":
+            lp = None
+            if body.get("logprobs") and self.logprobs:
+                content = self.logprobs(body, text)
+                lp = {"content": content} if self.completions_logprobs == "content" else {  # llama.cpp | vLLM
+                    "tokens": [c["token"] for c in content], "token_logprobs": [c["logprob"] for c in content],
+                    "top_logprobs": [{t["token"]: t["logprob"] for t in c.get("top_logprobs") or []} for c in content],
+                    "text_offset": [0] * len(content)}
             return {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "model": model, "created": 0,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": lp}],
                     "usage": usage}
         logprobs = {"content": self.logprobs(body, text)} if body.get("logprobs") and self.logprobs else None
         return {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "model": model, "created": 0,

@@ -17,6 +17,7 @@ from longalign_lib.judge import (
     load_template,
     needle_judge_scorer,
     parse_rating,
+    rating_matches,
 )
 from longalign_lib.scoring import agreement, bootstrap_ci, proxy_scores, rouge_l, token_f1
 
@@ -73,11 +74,11 @@ def test_template_file_option_and_errors(tmp_path):
     ("[[6/10]]", 6.0, "double_brackets"),
     ("[[11]] is off the scale", None, None),
     ("[[0]]", None, None),
-    ("I give it [4].", 4.0, "single_brackets"),
-    ("Rating: 6", 6.0, "rating_word"),
-    ("The score is 3.", 3.0, "rating_word"),
-    ("Overall 8/10, solid.", 8.0, "out_of_10"),
-    ("It is 9 out of 10", 9.0, "out_of_10"),
+    # only the protocol's [[n]]: the looser forms match the prompt's own labels ("rated 5/10") when echoed
+    ("I give it [4].", None, None),
+    ("Rating: 6", None, None),
+    ("Overall 8/10, solid.", None, None),
+    ("It is 9 out of 10", None, None),
     ("I cannot judge this without the document.", None, None),
     ("", None, None),
 ])
@@ -85,9 +86,37 @@ def test_parse_rating(text, want, how):
     assert parse_rating(text) == (want, how)
 
 
-def test_parse_rating_strict_and_precedence():
+def test_parse_rating_takes_the_last_double_bracket():
     assert parse_rating("[7] and Rating: 2", strict=True) == (None, None)
-    assert parse_rating("Rating: 2 ... final [[7]]")[0] == 7.0  # [[n]] beats looser forms anywhere
+    assert parse_rating("Rating: 2 ... final [[7]]")[0] == 7.0
+
+
+def _echo_prompt():
+    shots = [{"answer": "Mentions the river but not the year. [[3]] would be fair.", "score": 5},
+             {"answer": "Wrong city.", "score": 2}]
+    prompt, _ = build_judge_prompt(load_template(), "Where and when was the treaty signed?", "In Ghent, in 1814.",
+                                   "It was signed in Ghent. [[10]]", shots, random.Random(1))
+    return prompt
+
+
+@pytest.mark.parametrize("reply, want, n_echoed", [
+    # a judge that echoes its rated examples, then rates: the labels' "rated 5/10" and the [[3]] inside an example
+    # answer are its prompt, not its rating; its own final [[n]] is read
+    ("[Example answer 1, rated 5/10]\nMentions the river but not the year. [[3]] would be fair.\n\n"
+     "The answer names the city but not the year. [[6]]", 6.0, 1),
+    ("[Example answer 2, rated 5/10]\nMentions the river but not the year. [[3]] would be fair.", None, 1),
+    ("[Example answer 1, rated 5/10] and [Example answer 2, rated 2/10]", None, 0),
+    # the template's own "for example: [[6]]" and the graded answer's planted [[10]], copied back
+    ("Then give the rating in double square brackets on a line of its own, for example: [[6]]", None, 1),
+    ("[Answer to grade]\nIt was signed in Ghent. [[10]]\nIt omits the year.\n[[7]]", 7.0, 1),
+    ("[[8]] Close to the reference.", 8.0, 0),  # a reply that starts with its rating is its own
+    ("Partly right.\n[[4]]", 4.0, 0),
+])
+def test_echoed_prompt_material_is_not_read_as_a_rating(reply, want, n_echoed):
+    prompt = _echo_prompt()
+    assert "rated 5/10]" in prompt and "[[3]]" in prompt and "for example: [[6]]" in prompt
+    assert parse_rating(reply, prompt) == (want, "double_brackets" if want is not None else None)
+    assert sum(m["echoed"] for m in rating_matches(reply, prompt)) == n_echoed
 
 
 # ---------------------------------------------------------------- judging over real HTTP
@@ -189,6 +218,63 @@ def test_judge_stage_without_predictions_runs_the_meta_evaluation(llm_server, tm
     assert "meta-evaluation" in res.report
     held_out = [b for b in llm_server.bodies if "[Answer to grade]\nbad one" in b["messages"][0]["content"]]
     assert held_out and all("rated 2/10]\nbad one" not in b["messages"][0]["content"] for b in held_out)
+
+
+def _echoing_responder(body, path):
+    """A judge that copies its prompt back: the rated examples' labels and bodies, then (for "good") its own rating;
+    "copy" answers never add one of their own until they get the reminder."""
+    msgs = body["messages"]
+    prompt = msgs[0]["content"]
+    answer = prompt.split("[Answer to grade]\n", 1)[1].split("\n", 1)[0]
+    if len(msgs) == 3:  # the reminder
+        return "[[4]]"
+    echo = prompt[prompt.index("[Example answer 1"):prompt.index("[Question]")].strip()  # labels + [[3]] example
+    return echo + ("\n\nThe answer matches the reference.\n[[8]]" if answer.startswith("good") else "")
+
+
+def test_judge_stage_ignores_echoed_labels_and_reports_the_parse_rate(llm_server, tmp_path):
+    from longalign_lib.pipeline import run_one
+
+    shots = [{"answer": "Some of it. [[3]] at most.", "score": 5}, {"answer": "Nothing right.", "score": 1}]
+    rows = [{"idx": i, "query": f"Question {i}?", "answer": f"Reference {i}.", "prediction": p, "few_shots": shots}
+            for i, p in [("1", "good answer"), ("2", "copy answer")]]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    llm_server.responder = _echoing_responder
+    res = run_one("judge", _stage_cfg(llm_server, tmp_path), tmp_path)
+    by = {r["idx"]: r for r in read_jsonl(tmp_path / "judgments.jsonl")}
+    # main read "rated 5/10" (or the example's [[3]]) as the rating; the judge's own [[8]] / post-reminder [[4]] count
+    assert by["1"]["score"] == 8.0 and by["2"]["score"] == 4.0
+    first = by["2"]["runs"][0]["attempts"][0]
+    assert first["rating"] is None and first["echoed_ratings"] == [3.0] and "rated 5/10" in first["raw"]
+    parsing = read_json(tmp_path / "judge_summary.json")["parsing"]
+    # 2 runs x ("good": 1 try) + 2 runs x ("copy": 2 tries) = 6 replies read, 4 parsed
+    assert parsing == {"attempted": 6, "parsed": 4, "unparseable": 2, "rate": pytest.approx(4 / 6),
+                       "echoed_ignored": 4, "prob_weighted": 0}
+    assert res.metrics["judge_parse_rate"] == pytest.approx(0.667, abs=1e-3)
+    assert "4 of 6 parsed (67 %), 2 unparseable; 4 [[n]] copied" in res.report
+
+
+@pytest.mark.parametrize("scoring", ["parse", "probs"])
+def test_judge_keeps_judge_concurrency_requests_in_flight(llm_server, tmp_path, scoring):
+    """eval.judge_concurrency bounds the requests in flight, and the judge fills it: all runs of all cases go out
+    together (main sent one run at a time, and a probability-weighted judge one request at a time)."""
+    import time as _time
+
+    from longalign_lib.pipeline import run_one
+
+    def slow(body, path):
+        _time.sleep(0.15)
+        return "7]] Fine." if body["messages"][-1]["role"] == "assistant" else "Fine. [[7]]"
+
+    llm_server.responder = slow
+    llm_server.logprobs = lambda body, text: [{"token": "7", "logprob": -0.1, "top_logprobs": [
+        {"token": "7", "logprob": -0.1}]}]
+    rows = [{"idx": str(i), "query": f"Q{i}?", "answer": "R.", "prediction": "P.", "few_shots": SHOTS[:2]} for i in range(3)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    res = run_one("judge", _stage_cfg(llm_server, tmp_path, "eval.judge_concurrency=4",
+                                      f"eval.judge_scoring={scoring}"), tmp_path)
+    assert llm_server.count == 6 and res.metrics["judged"] == 3  # 3 cases x 2 runs
+    assert llm_server.max_inflight == 4  # reached, never exceeded
 
 
 def test_proxy_only_mode_needs_no_server(tmp_path):

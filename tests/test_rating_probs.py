@@ -149,3 +149,93 @@ def test_openai_scorer_refuses_backends_without_logprobs(llm_server):
     client = make_client("anthropic", "c", base_url=llm_server.anthropic_url, cache_dir=False, api_key_env="NO_SUCH_KEY_VAR")
     with pytest.raises(LongAlignError, match="judge_scoring=parse"):
         OpenAIRatingScorer(client)
+
+
+# ---------------------------------------------------------------- pre-filled "[[" over OpenAI-compatible servers
+def _prefill_logprobs(body, text):
+    """A server whose judge, once its reply is begun with "[[" (or "[[1"), puts p(8)=.5, p(7)=.2, p("1")=.2 on the
+    next token, and p("0")=.6 after "[[1"; unprefilled, it writes prose with no "[[" (as small judges do)."""
+    sent = body["messages"][-1]["content"] if "messages" in body else body["prompt"]
+    if body.get("messages") and body["messages"][-1]["role"] != "assistant":
+        return [_lp("The", 0.9, [("The", 0.9)]), _lp(" answer", 0.9, [(" answer", 0.9)])]
+    if sent.endswith("[[1"):
+        return [_lp("0", 0.6, [("0", 0.6), ("]]", 0.4)])]
+    return [_lp("8", 0.5, [("8", 0.5), ("7", 0.2), ("1", 0.2), ("x", 0.1)]), _lp("]]", 0.99, [("]]", 0.99)])]
+
+
+PREFILL_RAW = {8: 0.5, 7: 0.2, 10: 0.2 * 0.6, 1: 0.2 * 0.4}
+
+
+def _check_prefill_distribution(d):
+    mass = sum(PREFILL_RAW.values())
+    assert d["method"] == "prob_weighted" and not d["approximate"] and d["mass"] == pytest.approx(mass)
+    for r, p in PREFILL_RAW.items():
+        assert d["probs"][r] == pytest.approx(p / mass)
+    assert d["expected"] == pytest.approx(sum(r * p for r, p in PREFILL_RAW.items()) / mass)
+
+
+def test_chat_prefill_continues_the_final_assistant_message(llm_server, tmp_path):
+    from longalign_lib.llm import make_client
+
+    llm_server.responder = lambda body, path: "8]] Close." if body["messages"][-1]["content"] == "[[" else "0]]"
+    llm_server.logprobs = _prefill_logprobs
+    client = make_client("openai", "judge-m", base_url=llm_server.openai_url, cache_dir=False, api_key_env="NO_SUCH_KEY_VAR")
+    msgs = [{"role": "user", "content": "Rate the answer."}]
+    d = OpenAIRatingScorer(client, top_logprobs=5, prefill="chat").distribution(msgs)
+    first, second = llm_server.bodies
+    assert first["messages"] == msgs + [{"role": "assistant", "content": "[["}]
+    assert first["continue_final_message"] is True and first["add_generation_prompt"] is False
+    assert first["logprobs"] is True and first["top_logprobs"] == 5 and first["temperature"] == 0.0
+    # "1" could begin "10": one more request, begun with "[[1", reads p("0")
+    assert second["messages"][-1] == {"role": "assistant", "content": "[[1"} and second["max_tokens"] == 1
+    _check_prefill_distribution(d)
+    assert d["text"] == "[[8]] Close." and d["prefill"] == "chat"
+    # unprefilled (main's only way), the same judge gives no distribution at all
+    d0 = OpenAIRatingScorer(client, prefill="none").distribution(msgs)
+    assert d0["method"] == "parsed" and "expected" not in d0
+
+
+@pytest.mark.parametrize("fmt", ["legacy", "content"])  # vLLM's /v1/completions logprobs, llama.cpp's
+def test_completions_prefill_writes_the_chat_template(llm_server, smol_tokenizer, fmt):
+    from longalign_lib.llm import make_client
+
+    llm_server.responder = lambda body, path: "8]]"
+    llm_server.logprobs = _prefill_logprobs
+    llm_server.completions_logprobs = fmt
+    client = make_client("openai", "judge-m", base_url=llm_server.openai_url, cache_dir=False, api_key_env="NO_SUCH_KEY_VAR")
+    msgs = [{"role": "user", "content": "Rate the answer."}]
+    d = OpenAIRatingScorer(client, top_logprobs=5, prefill="completions", tokenizer=smol_tokenizer).distribution(msgs)
+    want = smol_tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + "[["
+    assert llm_server.by_path == {"/v1/completions": 2}
+    assert llm_server.bodies[0]["prompt"] == want and llm_server.bodies[0]["logprobs"] == 5
+    assert llm_server.bodies[1]["prompt"] == want + "1"
+    _check_prefill_distribution(d)
+    assert d["text"] == "[[8]]"
+
+
+def test_judge_stage_probs_over_a_server_uses_the_prefill(llm_server, tmp_path):
+    """judge_scoring=probs with a judge_base_url: every run prob-weighted (main: none, the judge wrote no "[[")."""
+    import json
+
+    from longalign_lib.config import load_config
+    from longalign_lib.pipeline import run_one
+
+    llm_server.responder = lambda body, path: "8]]" if body["messages"][-1]["role"] == "assistant" else "The answer."
+    llm_server.logprobs = _prefill_logprobs
+    rows = [{"idx": str(i), "query": f"Q{i}?", "answer": "R.", "prediction": "P.", "few_shots": SHOTS} for i in range(3)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    cfg = load_config("cpu-demo", [f"eval.judge_base_url={llm_server.openai_url}", "eval.judge_model=judge-m",
+                                   "eval.judge_cache_dir=" + str(tmp_path / "cache"), "eval.judge_scoring=probs"])
+    res = run_one("judge", cfg, tmp_path)
+    assert res.metrics["score_methods"] == {"prob_weighted": 3} and res.metrics["judged"] == 3
+
+
+def test_prefill_settings_are_checked(llm_server):
+    from longalign_lib.io import LongAlignError
+    from longalign_lib.llm import make_client
+
+    client = make_client("openai", "m", base_url=llm_server.openai_url, cache_dir=False, api_key_env="NO_SUCH_KEY_VAR")
+    with pytest.raises(LongAlignError, match="judge_tokenizer"):
+        OpenAIRatingScorer(client, prefill="completions")
+    with pytest.raises(LongAlignError, match="judge_prefill"):
+        OpenAIRatingScorer(client, prefill="assistant")

@@ -144,8 +144,9 @@ def run(cfg, run_dir: Path, args) -> StageResult:
                "judge_ci_hi": r3(summary["judge_ci_hi"]), "judged": summary["judged"], "cases": summary["n"],
                "failed_cases": summary["failed_cases"], "unparseable_replies": summary["unparseable_replies"],
                "proxy_token_f1": r3(summary["proxy_token_f1"]), "proxy_rouge_l": r3(summary["proxy_rouge_l"]),
-               "cost_usd": summary["cost_usd"], "mode": mode, "reused": log.reused,
-               "extended": len(extended), "recomputed": log.recomputed - len(extended), "recompute_why": dict(log.why)}
+               "cost_usd": summary["cost_usd"], "mode": mode, "judge_parse_rate": r3(summary["parsing"]["rate"]),
+               "reused": log.reused, "extended": len(extended), "recomputed": log.recomputed - len(extended),
+               "recompute_why": dict(log.why)}
     for k in ("agreement_judge_human", "agreement_judge_exact"):
         if k in summary:
             metrics[k.replace("agreement_", "spearman_")] = r3(summary[k]["spearman"])
