@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 
-from longalign_lib.config import EvalConfig
 from longalign_lib.io import read_jsonl, write_jsonl
 
 pytestmark = [pytest.mark.slow]
@@ -219,7 +218,6 @@ def _judge_args(server, tmp_path, run, scoring, *extra):
             "--set", "eval.judge_max_new_tokens=32", "--set", "eval.judge_top_logprobs=10", *extra]
 
 
-H3_PREFILL = "judge_prefill" in EvalConfig.__dataclass_fields__  # issue 22 point 3: "[[" prefill over HTTP
 
 
 def test_judge_both_scorings_through_llama_server(llama_server, tmp_path):
@@ -243,9 +241,7 @@ def test_judge_both_scorings_through_llama_server(llama_server, tmp_path):
     (row,) = read_jsonl(run2 / "judgments.jsonl")
     first = row["runs"][0]["attempts"][0]
     assert first["usage"]["input_tokens"] > 50 and row["judge"]["backend"] == "openai"
-    if not H3_PREFILL:  # the "[[" prefill for OpenAI-compatible servers is issue 22 point 3 (helper h3)
-        pytest.xfail("probability-weighted ratings over an OpenAI-compatible server need the [[ prefill "
-                     "(eval.judge_prefill, issue 22 point 3): without it the 135M judge rarely writes [[")
+    # the "[[" prefill (eval.judge_prefill): the distribution of the rating token, read from top_logprobs
     assert row["score_method"] == "prob_weighted" and 1 <= row["score"] <= 10, row
     assert first["parsed_by"] == "prob_weighted" and 0 < first["mass"] <= 1.0001
     assert abs(sum(first["probs"].values()) - 1) < 1e-6
