@@ -297,6 +297,8 @@ assert len(set(tokens.values())) == 1, f"strategies trained different tokens: {t
 
 # %%
 tmodel, _ = load_model_and_tokenizer(MODEL, dtype="fp32" if device == "cpu" else "auto", device=device)
+if device == "cuda":  # as training runs at this length (gradient checkpointing): 8 padded 16k rows do not fit without
+    tmodel.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 # the same memory budget per micro-batch: a packed row may hold as many tokens as a padded naive micro-batch
 # (BATCH_SIZE × the longest sequence), within the model's window — else packing pays for more, smaller calls
 time_row = max(PACK_TOKENS, min(BATCH_SIZE * max(lengths), max(PACK_TOKENS, 8192)))
