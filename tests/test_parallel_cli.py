@@ -6,8 +6,8 @@ Each combination of issue 27 runs as
 (tests/cli_cpu.py is `longalign_lib.cli` plus, under an FSDP config, the FSDP plugin built from that config's
 settings: accelerate enables FSDP on GPUs only). For each one:
 - the logged step losses and the gradient norms (before clipping) equal the single-process reference, the same
-  config trained in this process with the 2-rank plan flattened (fp32: rel 1e-5 on losses and on the first
-  step's norm, which checks the loss scale; 1e-3 on later norms; the GPU runs, bf16, are held to
+  config trained in this process with the 2-rank plan flattened (fp32: rel 1e-5 on losses, 1e-4 on the first
+  step's norm, which checks the loss scale, 1e-3 on later norms; the GPU runs, bf16, are held to
   bench/run_device_parallel_cli.sh's tolerance);
 - resume: the run's state is cut back to what a kill -9 during the save of checkpoint-3 leaves (checkpoint-2
   complete, checkpoint-3 without its trainer_state.json, log rows 1-2 and half of row 3, no exported model), then
@@ -119,8 +119,7 @@ def _cut_back_as_after_kill(run_dir: Path) -> None:
     (run_dir / "train_summary.json").unlink()
 
 
-def _check_combination(tmp_path, config: str, sets: list[str], ref_sets: list[str], engine: str,
-                       norm_rtol: float = 1e-5):
+def _check_combination(tmp_path, config: str, sets: list[str], ref_sets: list[str], engine: str):
     """Run through the CLI on 2 processes, compare with one process, kill-and-resume, compare with itself."""
     import torch
 
@@ -132,9 +131,9 @@ def _check_combination(tmp_path, config: str, sets: list[str], ref_sets: list[st
     assert len(got["log"]) == len(ref["loss"]) == MAX_STEPS
     assert [r["loss"] for r in got["log"]] == pytest.approx(ref["loss"], rel=1e-5)
     # the gradient norm before any update checks the loss scale (a wrong one is off by a factor >= 2, which Adam's
-    # update would hide); after updates, Adam's first steps amplify fp32 summation-order differences in near-zero
-    # gradients (the engines reduce in different orders), so later norms get 1e-3
-    assert got["grad_norm"][0] == pytest.approx(ref["grad_norm"][0], rel=norm_rtol)
+    # update would hide; seen here: up to 3e-5, from the order of fp32 sums over 3M embedding gradients); after
+    # updates, Adam's first steps amplify such differences in near-zero gradients, so later norms get 1e-3
+    assert got["grad_norm"][0] == pytest.approx(ref["grad_norm"][0], rel=1e-4)
     assert got["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
     assert got["log"][0]["loss"] != got["log"][-1]["loss"]  # the steps trained
 
@@ -189,8 +188,7 @@ def test_sequence_parallel_2_through_the_cli(setup, tmp_path):
 @pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed not installed (pip install -e .[deepspeed])")
 def test_deepspeed_zero3_through_the_cli(setup, tmp_path):
     """zero3.yaml: DeepSpeed runs on CPU with gloo; its loss scale (× world × grad_accum) gives the exact step."""
-    # DeepSpeed's own gradient norm (over its fp32 partitions) differed from torch's by 3e-5 relative here
-    got = _check_combination(tmp_path, "zero3.yaml", _sets(setup), _sets(setup), "deepspeed", norm_rtol=1e-4)
+    got = _check_combination(tmp_path, "zero3.yaml", _sets(setup), _sets(setup), "deepspeed")
     assert got["weights"]  # exported through the 16-bit gather on rank 0 (hung before parallel.rebuild_on_cpu's fix)
 
 
