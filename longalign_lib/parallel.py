@@ -226,15 +226,24 @@ def rebuild_on_cpu(lm, state: dict):
 
     The tensors of `state` become the model's (no copy; a LoRA merge writes into them): pass a gathered copy.
     """
-    from transformers import AutoModelForCausalLM
+    import copy
 
     peft_cfg = None
     base = lm
     if hasattr(lm, "peft_config"):
         peft_cfg = lm.peft_config[getattr(lm, "active_adapter", "default")]
         base = lm.get_base_model()
+    cls = type(base)
+    try:
+        from torch.distributed.fsdp import FSDPModule
+
+        cls = next(c for c in cls.__mro__ if not issubclass(c, FSDPModule))  # fully_shard's FSDP<Name> subclass
+    except ImportError:
+        pass
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(base.config)
+        # the class itself, not AutoModelForCausalLM.from_config: under DeepSpeed ZeRO-3 from_config builds inside
+        # deepspeed.zero.Init, a collective, and only rank 0 builds this copy (the other ranks would never join)
+        model = cls(copy.deepcopy(base.config))
         if peft_cfg is not None:
             from peft import get_peft_model
 
