@@ -124,9 +124,10 @@ def judge_items(client, items: list[dict], template: str | None = None, runs: in
     A row: idx, score (mean of the runs that gave a rating, or None), score_method (how the runs' ratings were
     obtained: parsed | prob_weighted | mixed), runs (per run: example order, rating, method, attempts with raw
     reply, parse pattern, usage, cost, cached), n_failed_runs, failed, usage, cost_usd.
-    The runs of a case show the rated examples in different orders and use seeds seed, seed+1, ...; each try
-    goes out through client.chat_many (concurrent for HTTP backends); unparseable replies are retried with the
-    reply and a reminder appended.
+    The runs of a case show the rated examples in different orders and use seeds seed, seed+1, ...; all requests
+    of a try (every run of every item) go out together, at most `client.concurrency` (eval.judge_concurrency) in
+    flight; a reply is read for the judge's own [[n]] only (parse_rating with the prompt: copied ones are listed in
+    the attempt's `echoed_ratings`), and unparseable replies are retried with the reply and a reminder appended.
     `scorer` (rating_probs.LocalRatingScorer / OpenAIRatingScorer): each run's rating is then the expectation of
     the judge's probability distribution over 1..10 at the rating position (method `prob_weighted`, with the
     distribution and its mass recorded); a reply without a readable rating position falls back to parsing.
