@@ -232,7 +232,7 @@ def test_load_tokenized_errors(tmp_path, smol_tokenizer):
 def test_tokenize_stage_falls_back_to_sample_then_uses_stage1_files(tmp_path, sample):
     from longalign_lib.pipeline import run_one
 
-    cfg = load_config("cpu-demo", ["data.max_length=4096"])
+    cfg = load_config("cpu-demo", ["data.max_length=4096", "data.mix_sample=false"])
     run = tmp_path / "run"
     r = run_one("tokenize", cfg, run, Namespace(rebuild=False))
     assert "fell back to the bundled sample" in r.report and r.metrics["records"] == 5

