@@ -314,9 +314,11 @@ FUNCTIONS = {"varlen": varlen_attention_forward, "flex": flex_attention_forward,
 def isolating_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                    attention_mask: torch.Tensor | None = None, **kwargs):
     """Mask function for our backends: nothing to build unless there is padding (then transformers' SDPA mask)."""
-    if attention_mask is None or (attention_mask.ndim == 2 and bool(attention_mask.all())):
-        if q_length == kv_length:
-            return None
+    # Only a full-length call (no KV cache) can skip the mask, so only that one reads the mask on the host; a
+    # decode step goes straight to transformers' mask, which makes its own skip decision (no extra device sync).
+    if q_length == kv_length and (attention_mask is None or (attention_mask.ndim == 2
+                                                             and bool(attention_mask.all()))):
+        return None
     from transformers.masking_utils import sdpa_mask
 
     mask = sdpa_mask(batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,

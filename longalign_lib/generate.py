@@ -156,8 +156,21 @@ def decode_batch(model, batch_ids: list[list[int]], max_new_tokens, eos_ids: lis
     cache = DynamicCache()
     cache_kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     step_ids, step_pos = ids, pos
+    # Per-step host work kept off the decode loop: the attention mask and the penalty's token history live in
+    # buffers allocated once (each step passes a view one column wider instead of a torch.cat copy), and the
+    # next input is built on the device from the argmax (a host→device copy only when a row finishes).
+    total = width + max(caps)
+    mask_buf = torch.ones(n, total, dtype=mask.dtype, device=dev)
+    mask_buf[:, :width] = mask
+    seen_buf = first.expand(n, total).contiguous()
+    seen_buf[:, :width] = seen
+    finished = torch.zeros(n, dtype=torch.bool, device=dev)
+    pad_t = torch.full((n,), pad_id, dtype=ids.dtype, device=dev)
+    first_row = first.squeeze(1)
+    cur = width
     with torch.no_grad():
         for _ in range(max(caps)):
+            mask, seen = mask_buf[:, :cur], seen_buf[:, :cur]
             logits = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, use_cache=True,
                            logits_to_keep=1, **{cache_kw: cache}).logits[:, -1, :].float()
             if repetition_penalty != 1.0:
@@ -176,22 +189,24 @@ def decode_batch(model, batch_ids: list[list[int]], max_new_tokens, eos_ids: lis
                 pick = torch.searchsorted(cdf, (u.unsqueeze(1) * cdf[:, -1:]).contiguous()).squeeze(1)
                 nxt = torch.where(samp_rows, pick.clamp(max=cdf.shape[1] - 1), nxt)
             toks = nxt.tolist()  # the one device→host copy per step
+            newly = False
             for i in range(n):
                 if done[i]:
                     continue
                 out[i].append(toks[i])
                 if toks[i] in eos:
-                    done[i] = stopped[i] = True
+                    done[i] = stopped[i] = newly = True
                 elif len(out[i]) >= caps[i]:
-                    done[i] = True
+                    done[i] = newly = True
             if all(done):
                 break
-            feed = torch.tensor([pad_id if d else x for d, x in zip(done, toks, strict=True)], device=dev)
-            finished = torch.tensor(done, device=dev)
-            seen = torch.cat([seen, torch.where(finished, first.squeeze(1), feed).unsqueeze(1)], 1)
+            if newly:
+                finished = torch.tensor(done, device=dev)
+            feed = torch.where(finished, pad_t, nxt.to(pad_t.dtype))
+            seen_buf[:, cur] = torch.where(finished, first_row, feed)
+            cur += 1
             step_ids = feed.unsqueeze(1)
             step_pos = step_pos[:, -1:] + 1
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=dev)], 1)
     return [(o, "stop" if s else "length") for o, s in zip(out, stopped, strict=True)]
 
 

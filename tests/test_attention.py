@@ -174,3 +174,22 @@ def test_varlen_long_rows_match_sdpa_gpu():
             outs.append(m(ids, **kw).logits.float())
     rel = ((outs[0] - outs[1]).norm() / outs[1].norm()).item()
     assert rel < 2e-2
+
+
+def test_decode_step_mask_reads_the_padding_mask_once():
+    """A decode step (q shorter than kv) leaves the skip decision to transformers' sdpa_mask: one host read of the
+    mask per step, not two (the old isolating_mask read bool(mask.all()) first: 2 syncs per step on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from longalign_lib.attention import isolating_mask
+
+    ones = torch.ones(2, 6, dtype=torch.long)
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        out = isolating_mask(2, 1, 6, q_offset=5, attention_mask=ones)
+    reads = sum(e.name == "aten::_local_scalar_dense" for e in p.events())
+    assert out is None and reads == 1  # unpadded decode step: no mask, SDPA without one
+    padded = ones.clone()
+    padded[0, 0] = 0
+    m = isolating_mask(2, 1, 6, q_offset=5, attention_mask=padded)
+    assert m.shape[-1] == 6 and not bool(m[0, ..., 0].any()) and bool(m[1].all())
+    assert isolating_mask(2, 6, 6, attention_mask=ones) is None  # full-length call, no padding: the backend's own path

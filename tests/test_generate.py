@@ -220,3 +220,38 @@ def test_generation_speed_bench_core_on_cpu(smol_model_and_tokenizer):
     assert res["identical_texts"] == res["compared"] == 2 and res["batches"] == 1
     assert res["one_at_a_time"]["new_tokens"] == res["batched"]["new_tokens"] > 0
     assert res["one_at_a_time"]["tokens_per_s"] > 0 and res["batched"]["tokens_per_s"] > 0
+
+
+def test_decode_batch_steps_copy_nothing_from_the_host_and_grow_no_mask(tiny):
+    """A decode step builds its next input on the device and passes a view of a preallocated mask: no
+    host→device tensor and no mask torch.cat per step (issue 23: the old loop made 2 copies and 2 cats per step)."""
+    import collections
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from longalign_lib.generate import decode_batch
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(tiny), attn_implementation="sdpa").eval()
+    prompts = [list(range(10, 40)), list(range(50, 70))]
+
+    def ops(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as p:
+            got = decode_batch(model, prompts, steps, [], 0, repetition_penalty=1.1)
+        assert [len(g) for g, _ in got] == [steps, steps]
+        return collections.Counter(e.name for e in p.events())
+
+    short, long = ops(2), ops(7)
+    assert long["aten::lift_fresh"] == short["aten::lift_fresh"]  # torch.tensor(python data): setup only
+    from transformers import DynamicCache
+
+    cache, x = DynamicCache(), torch.tensor([prompts[0]])
+    with torch.no_grad():
+        model(input_ids=x, past_key_values=cache, use_cache=True)
+        with profile(activities=[ProfilerActivity.CPU]) as p:  # one bare decode step: the model's own cats
+            model(input_ids=x[:, -1:], attention_mask=torch.ones(1, 31, dtype=torch.long), past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)
+    model_cats = sum(e.name == "aten::cat" for e in p.events())  # KV cache appends, RoPE
+    assert (long["aten::cat"] - short["aten::cat"]) / 5 == model_cats
