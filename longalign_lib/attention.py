@@ -38,7 +38,6 @@ import torch.nn.functional as F
 from .io import LongAlignError
 
 PREFIX = "longalign_"
-BACKENDS = ("varlen", "flex", "flash", "sdpa", "eager")
 
 
 # --------------------------------------------------------------------------------------------- document boundaries
@@ -309,6 +308,7 @@ def eager_attention_forward(module, query, key, value, attention_mask, dropout: 
 
 FUNCTIONS = {"varlen": varlen_attention_forward, "flex": flex_attention_forward, "flash": flash_attention_forward,
              "sdpa": sdpa_attention_forward, "eager": eager_attention_forward}
+BACKENDS = tuple(FUNCTIONS)  # the config names: varlen, flex, flash, sdpa, eager
 
 
 def isolating_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
@@ -326,18 +326,28 @@ def isolating_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int
     return mask
 
 
-def register() -> list[str]:
-    """Register every backend with transformers (idempotent); returns the registered names."""
+def register_backends(prefix: str, wrap=None) -> list[str]:
+    """Register `<prefix><backend>` for every backend in FUNCTIONS with transformers (idempotent), each with
+    `isolating_mask` as its mask function; `wrap(fn)` (optional) wraps each forward first. Returns the names.
+
+    >>> register_backends(PREFIX)[:2]
+    ['longalign_varlen', 'longalign_flex']
+    """
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     names = []
     for short, fn in FUNCTIONS.items():
-        name = PREFIX + short
-        AttentionInterface.register(name, fn)
+        name = prefix + short
+        AttentionInterface.register(name, wrap(fn) if wrap else fn)
         AttentionMaskInterface.register(name, isolating_mask)
         names.append(name)
     return names
+
+
+def register() -> list[str]:
+    """Register every backend with transformers as `longalign_<backend>` (idempotent); returns the names."""
+    return register_backends(PREFIX)
 
 
 def available(device: str) -> list[str]:

@@ -199,7 +199,8 @@ class Plan:
 
 
 # ---------------------------------------------------------------------------------------------------- validation
-def _check_cfg(cfg) -> None:
+def check_batching_config(cfg) -> None:
+    """One clear error for a batching setting outside its choices (strategy, packer, pack_mix, loss_reduction, overlong)."""
     def bad(key, value, choices):
         raise LongAlignError(f"batching.{key}={value!r}: choose one of {', '.join(choices)} (--set batching.{key}=...)")
 
@@ -645,7 +646,7 @@ def plan_epoch(lengths, n_target, cfg, epoch: int = 0, labels=None, sequence_par
     `sequence_parallel` N (train.sequence_parallel): a plan "rank" is a group of N GPUs that splits each row, so
     a row of T tokens costs each GPU T/N tokens (and 1/N of its attention); counters record the per-GPU tokens.
     """
-    _check_cfg(cfg)
+    check_batching_config(cfg)
     gc_was_on = gc.isenabled()
     gc.disable()  # millions of small lists and no cycles: the cyclic collector would only rescan them
     try:

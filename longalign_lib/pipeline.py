@@ -18,20 +18,14 @@ from pathlib import Path
 
 from .config import Config, save_config
 from .io import LongAlignError, read_json, write_json, write_text
-from .stages import STAGES, Stage, StageResult
-
-
-def _stage(name: str) -> Stage:
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise LongAlignError(f"unknown stage {name!r}; known: {', '.join(s.name for s in STAGES)}")
+from .stages import STAGES, StageResult
+from .stages import get as get_stage
 
 
 def _defaults(name: str) -> argparse.Namespace:
     """The stage's own flags at their defaults (for stages chained by `run` or called from notebooks)."""
     p = argparse.ArgumentParser()
-    stage = _stage(name)
+    stage = get_stage(name)
     if stage.add_arguments:
         stage.add_arguments(p)
     return p.parse_args([])
@@ -75,7 +69,7 @@ def fingerprint(name: str, cfg: Config, run_dir: Path, upstream: dict[str, Stage
     """What stage `name`'s result depends on, hashed: its settings, the files they name, and for each upstream
     stage it reads, that stage's fingerprint and the (size, time) of the files it wrote (from `upstream`, else from
     its marker in `run_dir`; "" for one that never finished)."""
-    stage = _stage(name)
+    stage = get_stage(name)
     tree = cfg.to_dict()
     settings = {k: _setting(tree, k) for k in stage.settings}
     ups = {}
@@ -88,7 +82,7 @@ def fingerprint(name: str, cfg: Config, run_dir: Path, upstream: dict[str, Stage
 
 def run_one(name: str, cfg: Config, run_dir: Path, args: argparse.Namespace | None = None,
             upstream: dict[str, StageResult] | None = None) -> StageResult:
-    stage = _stage(name)
+    stage = get_stage(name)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")

@@ -208,18 +208,9 @@ def register() -> list[str]:
 
     Without an `sp_group` kwarg (or with a group of one) each behaves exactly like its backend.
     """
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-
     from . import attention
 
-    names = []
-    for short, fn in attention.FUNCTIONS.items():
-        name = PREFIX + short
-        AttentionInterface.register(name, _ulysses(fn))
-        AttentionMaskInterface.register(name, attention.isolating_mask)
-        names.append(name)
-    return names
+    return attention.register_backends(PREFIX, wrap=_ulysses)
 
 
 def implementation_for(name: str) -> str:

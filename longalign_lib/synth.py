@@ -519,7 +519,7 @@ def synth_document(client, doc: Document, task_type: str = "general", scfg=None,
     return run_sync(asynth_document(client, doc, task_type, scfg or SynthConfig(), used))
 
 
-def _done_ids(*paths: Path) -> tuple[set[str], set[str]]:
+def done_ids(*paths: Path) -> tuple[set[str], set[str]]:
     """(ids already handled, questions already used) from earlier output files."""
     ids, used = set(), set()
     for p in paths:
@@ -536,11 +536,11 @@ def _done_ids(*paths: Path) -> tuple[set[str], set[str]]:
 
 
 def _start_streams(out: Path, rejects: Path, resume: bool):
-    """Fresh output streams unless resuming; returns what earlier runs already finished (see _done_ids)."""
+    """Fresh output streams unless resuming; returns what earlier runs already finished (see done_ids)."""
     if not resume:
         for p in (out, rejects):
             p.unlink(missing_ok=True)
-    return _done_ids(out, rejects)
+    return done_ids(out, rejects)
 
 
 def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, resume: bool = False,

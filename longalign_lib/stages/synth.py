@@ -15,7 +15,7 @@ from ..llm import client_from_config, make_client
 from ..llm_batch import batch_summary
 from ..models import load_tokenizer
 from ..synth import (
-    _done_ids,
+    done_ids,
     dry_run,
     import_sharegpt,
     lever_table,
@@ -120,7 +120,7 @@ def dry_run_stage(cfg, run_dir: Path, args) -> StageResult:
     docs = load_corpus(path) if path.exists() else None
     if docs is not None and s.max_docs:
         docs = docs[: s.max_docs]
-    done = _done_ids(run_dir / "long.jsonl", run_dir / "synth_rejects.jsonl")[0] \
+    done = done_ids(run_dir / "long.jsonl", run_dir / "synth_rejects.jsonl")[0] \
         if docs is not None and getattr(args, "resume", False) else set()
     plan = dry_run(_dry_run_client(s), docs, s, done, corpus_cfg=cfg.corpus)
     cached = plan["questions"]["cached"]
