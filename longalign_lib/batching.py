@@ -968,6 +968,26 @@ def collate_packed(examples: Sequence[Mapping], token_weights=None) -> dict:
     `token_weights`: {idx: w} (examples carry "idx"), a list aligned with examples, a float, or None (1.0).
     A packed micro-batch of several rows (batch_size > 1) becomes one longer row: with per-sequence attention the
     row boundaries change nothing, and `pack_mean` weights already carry them.
+
+    One packed row of two sequences, A (2 prompt + 2 answer tokens, weight 0.5) and B (1 prompt + 2 answer tokens,
+    weight 0.25; its first label is overwritten, since position 4 would otherwise predict B from A's last token):
+
+        t              0     1     2     3  |   4     5     6
+        input_ids     11    12    13    14  |  21    22    23
+        labels      -100  -100    13    14  |-100    22    23
+        position_ids   0     1     2     3  |   0     1     2
+        loss_weights   0     0   0.5   0.5  |   0  0.25  0.25
+        cu_seq_lens   [0, 4, 7]   max_seqlen 4
+
+    >>> row = collate_packed([{"idx": 0, "input_ids": [11, 12, 13, 14], "labels": [-100, -100, 13, 14]},
+    ...                       {"idx": 1, "input_ids": [21, 22, 23], "labels": [21, 22, 23]}],
+    ...                      token_weights={0: 0.5, 1: 0.25})
+    >>> row["input_ids"].tolist(), row["labels"].tolist()
+    ([[11, 12, 13, 14, 21, 22, 23]], [[-100, -100, 13, 14, -100, 22, 23]])
+    >>> row["position_ids"].tolist(), row["loss_weights"].tolist()
+    ([[0, 1, 2, 3, 0, 1, 2]], [[0.0, 0.0, 0.5, 0.5, 0.0, 0.25, 0.25]])
+    >>> row["cu_seq_lens"].tolist(), row["max_seqlen"]
+    ([0, 4, 7], 4)
     """
     import torch
 

@@ -193,3 +193,25 @@ def test_decode_step_mask_reads_the_padding_mask_once():
     m = isolating_mask(2, 1, 6, q_offset=5, attention_mask=padded)
     assert m.shape[-1] == 6 and not bool(m[0, ..., 0].any()) and bool(m[1].all())
     assert isolating_mask(2, 6, 6, attention_mask=ones) is None  # full-length call, no padding: the backend's own path
+
+
+def test_one_registration_loop_serves_both_prefixes():
+    """BACKENDS are FUNCTIONS' keys; attention and sequence_parallel register through the same helper."""
+    import doctest
+
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS as MASKS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS as FORWARDS
+
+    from longalign_lib import sequence_parallel as sp
+
+    assert attention.BACKENDS == tuple(attention.FUNCTIONS)
+    wrapped = attention.register_backends("test_wrapped_", wrap=lambda fn: (lambda *a, **k: fn(*a, **k)))
+    assert wrapped == [f"test_wrapped_{b}" for b in attention.BACKENDS]
+    assert FORWARDS["test_wrapped_sdpa"] is not attention.sdpa_attention_forward
+    assert MASKS["test_wrapped_sdpa"] is attention.isolating_mask
+    assert attention.register() == [attention.PREFIX + b for b in attention.BACKENDS]
+    assert FORWARDS["longalign_sdpa"] is attention.sdpa_attention_forward
+    assert sp.register() == [sp.PREFIX + b for b in attention.BACKENDS]
+    assert MASKS["longalign_sp_eager"] is attention.isolating_mask
+    assert FORWARDS["longalign_sp_eager"].__name__ == "ulysses_eager_attention_forward"
+    assert doctest.testmod(attention).failed == 0

@@ -471,3 +471,14 @@ def test_pack_mix_window_brings_back_mixed_steps_at_a_small_fill_cost():
         == list(range(800))
     with pytest.raises(LongAlignError, match="pack_mix"):
         plan_epoch(mix.lengths, mix.n_target, dataclasses.replace(c, pack_mix="stratified"))
+
+
+def test_collate_packed_doctest_shows_one_packed_row():
+    """The token-layout picture in collate_packed's docstring is checked by its doctest (and the module's others)."""
+    import doctest
+
+    from longalign_lib import batching
+
+    examples = doctest.DocTestFinder().find(batching.collate_packed)[0].examples
+    assert any("position_ids" in e.source for e in examples)
+    assert doctest.testmod(batching).failed == 0
