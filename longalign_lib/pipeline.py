@@ -19,13 +19,13 @@ from pathlib import Path
 from .config import Config, save_config
 from .io import LongAlignError, read_json, write_json, write_text
 from .stages import STAGES, StageResult
-from .stages import get as get_stage
+from .stages import get as get_stage  # called with this module's STAGES, so a swapped registry is honoured
 
 
 def _defaults(name: str) -> argparse.Namespace:
     """The stage's own flags at their defaults (for stages chained by `run` or called from notebooks)."""
     p = argparse.ArgumentParser()
-    stage = get_stage(name)
+    stage = get_stage(name, STAGES)
     if stage.add_arguments:
         stage.add_arguments(p)
     return p.parse_args([])
@@ -69,7 +69,7 @@ def fingerprint(name: str, cfg: Config, run_dir: Path, upstream: dict[str, Stage
     """What stage `name`'s result depends on, hashed: its settings, the files they name, and for each upstream
     stage it reads, that stage's fingerprint and the (size, time) of the files it wrote (from `upstream`, else from
     its marker in `run_dir`; "" for one that never finished)."""
-    stage = get_stage(name)
+    stage = get_stage(name, STAGES)
     tree = cfg.to_dict()
     settings = {k: _setting(tree, k) for k in stage.settings}
     ups = {}
@@ -82,7 +82,7 @@ def fingerprint(name: str, cfg: Config, run_dir: Path, upstream: dict[str, Stage
 
 def run_one(name: str, cfg: Config, run_dir: Path, args: argparse.Namespace | None = None,
             upstream: dict[str, StageResult] | None = None) -> StageResult:
-    stage = get_stage(name)
+    stage = get_stage(name, STAGES)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")

@@ -38,14 +38,15 @@ STAGES: tuple[Stage, ...] = (
           settings=("model", "eval"), reads=("train",)),
 )
 NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
-_BY_NAME = {s.name: s for s in STAGES}
 
 
-def get(name: str) -> Stage:
-    """The stage called `name`; a clear error naming the known stages otherwise."""
-    if name not in _BY_NAME:
-        raise LongAlignError(f"unknown stage {name!r}; known: {', '.join(NAMES)}")
-    return _BY_NAME[name]
+def get(name: str, among: tuple[Stage, ...] | None = None) -> Stage:
+    """The stage called `name` in `among` (default: STAGES); a clear error naming the known stages otherwise."""
+    stages = STAGES if among is None else among
+    for stage in stages:
+        if stage.name == name:
+            return stage
+    raise LongAlignError(f"unknown stage {name!r}; known: {', '.join(s.name for s in stages)}")
 
 
 __all__ = ["STAGES", "NAMES", "Stage", "StageResult", "get"]
