@@ -2,7 +2,7 @@
 
 Run as: OMP_NUM_THREADS=1 python bench/decode_overhead.py [--batch 8] [--prompt 512] [--new 32] [--profile]
 
-A tiny random model (train.tiny_model_dir: 2 layers, hidden 64, SmolLM2's 49k vocabulary) makes the compute
+A tiny random model (toy_data.tiny_model_dir: 2 layers, hidden 64, SmolLM2's 49k vocabulary) makes the compute
 negligible, so the milliseconds per new token are what Python, transformers' mask building and tensor copies
 cost per step — the part a small model on a GPU pays too (where it shows up as launch-bound decode steps).
 Prints ms per decode step for: decode_batch on `batch` rows; model.generate on the same left-padded batch;
@@ -50,11 +50,11 @@ def main(argv=None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from longalign_lib import train
+    from longalign_lib import toy_data
     from longalign_lib.generate import decode_batch
 
     torch.manual_seed(0)
-    d = train.tiny_model_dir(tempfile.mkdtemp())
+    d = toy_data.tiny_model_dir(tempfile.mkdtemp())
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(d), attn_implementation=a.attn).eval()
     model.generation_config.eos_token_id = None  # never stop early: every row decodes `new` tokens
     g = torch.Generator().manual_seed(0)

@@ -47,7 +47,7 @@ def run(shape: str, seq: int, attn: str, steps: int, warmup: int, mix: str, lige
     from train_throughput import DOC_MIXES, model_config, packed_rows
     from transformers import AutoModelForCausalLM
 
-    from longalign_lib import train
+    from longalign_lib import throughput
 
     cfg = model_config(shape, max(seq, 32768))
     torch.manual_seed(0)
@@ -58,8 +58,8 @@ def run(shape: str, seq: int, attn: str, steps: int, warmup: int, mix: str, lige
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    flops_fn = train.flops_counter(model, True, True)
-    ceiling = train.matmul_ceiling_tflops(device)
+    flops_fn = throughput.flops_counter(model, True, True)
+    ceiling = throughput.matmul_ceiling_tflops(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, betas=(0.9, 0.95), fused=cuda)
     n_docs = len(DOC_MIXES[mix])
     docs = packed_rows(steps + extra_steps, seq, mix, cfg.vocab_size, 0.1)

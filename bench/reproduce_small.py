@@ -144,7 +144,7 @@ def cmd_data(a) -> None:
 
     s = dict(TINY if a.tiny else FULL, tiny=bool(a.tiny), data_seed=a.seed)
     if a.tiny:
-        from longalign_lib.train import tiny_model_dir
+        from longalign_lib.toy_data import tiny_model_dir
 
         s["model"] = "random:" + str(tiny_model_dir(a.work / "tiny_model"))
     a.work.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ train_throughput.py's SHAPES), `sequence_parallel.attach` + `shard_batch` + `tra
 gradients reduced in fp32), non-reentrant gradient checkpointing, AdamW, clipping at 1.0. Each packed row holds
 documents of `--doc-tokens` (the last one shorter), 10 % of each is target. One short warm-up step (kernels,
 communicators), then `--steps` timed steps of the full row; rank 0 appends one JSON line to --out: tokens/s,
-model TFLOP/s (train.flops_counter: 6·N·T + causal attention per document + LM head on targets), MFU against the
+model TFLOP/s (throughput.flops_counter: 6·N·T + causal attention per document + LM head on targets), MFU against the
 bf16 matmul rate measured on this GPU × GPUs, and the peak allocated / reserved memory of every GPU.
 `--check`: a 2-layer model of the 1.5B shape in bf16 autocast, one 8k row of 4 documents (one straddles the
 split): SP=2 vs the same row on one GPU — logits, loss and gradient relative errors, and document leakage.
@@ -96,7 +96,8 @@ def run_throughput(a, rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     from longalign_lib import sequence_parallel as sp
-    from longalign_lib.train import ChunkedLossLM, flops_counter, matmul_ceiling_tflops
+    from longalign_lib.throughput import flops_counter, matmul_ceiling_tflops
+    from longalign_lib.train import ChunkedLossLM
 
     dev = a.device
     if world % a.sp:

@@ -11,7 +11,7 @@ Variants (each a fresh Python process, so peak memory and compile caches do not 
   hf-liger              transformers + Liger (RMSNorm, SwiGLU, RoPE, fused linear cross-entropy), flex_attention
 Cases: <shape>-<row>-<documents per row>, e.g. 1.5b-32k-8docs (rows from bench/train_throughput.py's `packed_rows`).
 Every variant: random-init model of the shape, fp32 master weights + bf16 autocast, fused AdamW, 10 % target
-tokens, median over the timed steps after warm-up; MFU = model FLOPs (train.flops_counter) / measured matmul
+tokens, median over the timed steps after warm-up; MFU = model FLOPs (throughput.flops_counter) / measured matmul
 ceiling, the same definition for all. Writes compare.json (rewritten after every variant), compare.log,
 profile.txt (torch.profiler top kernels of the variants run with profiling) and compare.png into --out-dir.
 `--budget-s`: stop starting variants when the next one would not finish in time (the list is in priority order).

@@ -38,9 +38,11 @@ from torch import nn
 
 from . import batching, parallel
 from .inputs import training_set
-from .io import LongAlignError, append_jsonl, data_dir, read_jsonl, write_json, write_jsonl
+from .io import LongAlignError, append_jsonl, read_jsonl, write_jsonl
 from .loss import model_loss
-from .models import apply_lora, auto_device, load_model_and_tokenizer, load_tokenizer, longalign_home, resolve
+from .models import apply_lora, auto_device, load_model_and_tokenizer, longalign_home
+from .throughput import flops_counter, matmul_ceiling_tflops
+from .toy_data import tiny_model_dir, verse_lookup_records  # noqa: F401  re-export: notebook 04 calls train.<name>
 
 LOG_NAME = "train_log.jsonl"
 
@@ -175,83 +177,6 @@ class ChunkedLossLM(nn.Module):
         extra = {"sp_group": self.sp_group} if self.sp_group is not None and self.sp_group.size > 1 else {}
         loss, _ = model_loss(self.lm, batch, self.chunk_tokens, **extra)
         return {"loss": loss}
-
-
-def flops_counter(lm, trainable_head: bool, full_ft: bool):
-    """Model FLOPs of one micro-batch (forward + backward, no recomputation), from the model's own shapes.
-
-    linear layers: 6·N·tokens (4·N when the weights are frozen, LoRA); attention: 6·L²·d per document and layer
-    (causal half of QKᵀ and PV, backward twice the forward); LM head: 6 (or 4)·V·H per target token only.
-    """
-    cfg = lm.config
-    get_text = getattr(cfg, "get_text_config", None)
-    cfg = get_text() if callable(get_text) else cfg
-    decoder = lm.get_decoder()
-    n_lin = sum(p.numel() for n, p in decoder.named_parameters() if p.dim() == 2 and "embed" not in n and "lora_" not in n)
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    d_attn = cfg.num_attention_heads * head_dim
-    layers = cfg.num_hidden_layers
-    w_head = lm.get_output_embeddings().weight
-    v_h = w_head.shape[0] * w_head.shape[1]
-    lin = 6 if full_ft else 4
-    head = 6 if trainable_head else 4
-
-    def flops(docs: list[int], n_target: int) -> float:
-        toks = sum(docs)
-        return float(lin * n_lin * toks + 6 * layers * d_attn * sum(n * n for n in docs) + head * v_h * n_target)
-
-    return flops
-
-
-def matmul_ceiling_tflops(device: str, cache_dir: Path | None = None) -> float:
-    """Measured dense matmul rate (bf16 8192³ on CUDA, fp32 1024³ on CPU), cached per device name."""
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-    else:
-        import platform
-
-        name = f"cpu-{platform.processor() or platform.machine()}-{torch.get_num_threads()}t"
-    if cache_dir is None:
-        cache_dir = longalign_home()
-    cache = Path(cache_dir) / "matmul_ceiling.json"
-    table = {}
-    if cache.exists():
-        try:
-            table = json.loads(cache.read_text())
-        except json.JSONDecodeError:
-            table = {}
-    if name in table:
-        return float(table[name])
-    if device == "cuda":
-        n, dtype, reps = 8192, torch.bfloat16, 20
-        a = torch.randn(n, n, device="cuda", dtype=dtype)
-        b = torch.randn(n, n, device="cuda", dtype=dtype)
-        for _ in range(3):
-            a @ b
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(reps):
-            a @ b
-        end.record()
-        torch.cuda.synchronize()
-        secs = start.elapsed_time(end) / 1000
-        del a, b
-    else:
-        n, reps = 1024, 5
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        a @ b
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        secs = time.perf_counter() - t0
-    tflops = 2 * n ** 3 * reps / secs / 1e12
-    table[name] = round(tflops, 2)
-    try:
-        write_json(cache, table)
-    except OSError:
-        pass
-    return tflops
 
 
 # ------------------------------------------------------------------------------------------------------ trainer
@@ -475,72 +400,6 @@ class _StepLogger(TrainerCallback):
         if t.is_world_process_zero():
             t._write_log(row)
         t._reset_step()
-
-
-# --------------------------------------------------------------------------------------------- demo training data
-def verse_lookup_records(n: int, min_tokens: int = 200, max_tokens: int = 4000, long_fraction: float = 0.5,
-                         seed: int = 0, books: tuple[str, ...] = ("kjv_genesis.txt", "kjv_ruth.txt", "kjv_esther.txt")):
-    """LongAlign-format records with a real, checkable long-context task: quote one verse of a KJV passage.
-
-    Each record: user = a run of consecutive verses ("c:v text" lines) + "Quote verse c:v exactly.";
-    assistant = that verse's text. Context sizes are drawn log-uniformly between `min_tokens` and `max_tokens`
-    (≈4 characters per token) for the long share, and 1–6 verses for the short share: a LongAlign-like mix of
-    long and short sequences for training demos and benchmarks (public-domain text shipped in data/).
-    """
-    import random
-
-    data = data_dir()
-    verses = []
-    for b in books:
-        for line in (data / b).read_text(encoding="utf-8").splitlines():
-            m = re.match(r"^(\d+:\d+) (.+)$", line.strip())
-            if m:
-                verses.append((b.removeprefix("kjv_").removesuffix(".txt").title(), m.group(1), m.group(2)))
-    rng = random.Random(seed)
-    out = []
-    for _i in range(n):
-        if rng.random() < long_fraction:
-            chars = int(4 * math.exp(rng.uniform(math.log(min_tokens), math.log(max_tokens))))
-        else:
-            chars = sum(len(v[2]) + 8 for v in verses[:rng.randint(1, 6)])
-        start = rng.randrange(len(verses))
-        window, used = [], 0
-        j = start
-        while used < chars and j < len(verses) and (not window or verses[j][0] == window[0][0]):
-            window.append(verses[j])
-            used += len(verses[j][2]) + 8
-            j += 1
-        book, ref, text = window[rng.randrange(len(window))]
-        context = "\n".join(f"{r} {t}" for _, r, t in window)
-        out.append({"messages": [
-            {"role": "user", "content": f"Here is a passage of the Book of {book} (KJV).\n\n{context}\n\n"
-                                        f"Quote verse {ref} exactly."},
-            {"role": "assistant", "content": text}], "meta": {"task": "verse_lookup", "ref": f"{book} {ref}",
-                                                                "verses": len(window)}})
-    return out
-
-
-def tiny_model_dir(out_dir: str | Path, base: str = "smollm2-135m-instruct", hidden: int = 64, layers: int = 2,
-                   heads: int = 4, kv_heads: int = 2) -> Path:
-    """A folder with a small random-init config of `base`'s architecture and `base`'s real tokenizer.
-
-    Load it as `random:<folder>`: tests and SMOKE notebooks train it in seconds on CPU.
-    """
-    from transformers import AutoConfig
-
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(base)
-    cfg = AutoConfig.from_pretrained(resolve(base))
-    cfg.hidden_size, cfg.num_hidden_layers = hidden, layers
-    cfg.num_attention_heads, cfg.num_key_value_heads = heads, kv_heads
-    cfg.intermediate_size = hidden * 2
-    if hasattr(cfg, "head_dim"):
-        cfg.head_dim = hidden // heads
-    cfg.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------- building
@@ -821,22 +680,4 @@ def packed_batch_figure(batch: dict, title: str = "One packed row: documents, po
     axes[2].set_xlabel("token index in the packed row")
     axes[0].set_title(title)
     axes[0].set_xlim(0, T)
-    return fig
-
-
-def wall_time_figure(times: dict[str, float], title: str = "Wall time for the same data (one epoch)"):
-    """Bars of training wall time per batching strategy, with the ratio to the slowest written on each bar."""
-    from . import plots
-
-    fig, ax = plots.figure(figsize=(7, 3.8))
-    names = list(times)
-    worst = max(times.values())
-    bars = ax.bar(names, [times[n] for n in names], color=[plots.PALETTE.get(n, plots.CYCLE[0]) for n in names])
-    for b, n in zip(bars, names, strict=False):
-        ax.annotate(f"{times[n]:.1f} s\n{worst / times[n]:.2f}× faster" if times[n] < worst else
-                    f"{times[n]:.1f} s", (b.get_x() + b.get_width() / 2, b.get_height()), ha="center", va="bottom",
-                    fontsize=8)
-    ax.set_ylabel("training wall time (s)")
-    ax.set_ylim(0, worst * 1.3)
-    ax.set_title(title)
     return fig

@@ -60,18 +60,18 @@ one_torch_thread_module = pytest.fixture(_single_thread, scope="module", name="o
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    """A 2-layer random model folder with SmolLM2's tokenizer (train.tiny_model_dir), one per test module."""
-    from longalign_lib import train
+    """A 2-layer random model folder with SmolLM2's tokenizer (toy_data.tiny_model_dir), one per test module."""
+    from longalign_lib import toy_data
 
-    return train.tiny_model_dir(tmp_path_factory.mktemp("tiny"))
+    return toy_data.tiny_model_dir(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
 def rows(smol_tokenizer):
     """Six verse-lookup records (half long) as tokenized rows: input_ids, labels, length, n_target."""
-    from longalign_lib import train
+    from longalign_lib import toy_data
     from longalign_lib.formatting import format_records
 
-    recs = train.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
+    recs = toy_data.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
     exs, _ = format_records(recs, smol_tokenizer, max_length=4096)
     return [e.row() for e in exs]

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from longalign_lib import train
+from longalign_lib import toy_data, train
 from longalign_lib.config import load_config
 from longalign_lib.io import read_jsonl, write_jsonl
 
@@ -56,8 +56,8 @@ def _free_port() -> int:
 def setup(tmp_path_factory):
     """A tiny random SmolLM2-shaped model and 40 verse-lookup records (a few thousand tokens), on disk as a user has them."""
     root = tmp_path_factory.mktemp("cli")
-    tiny = train.tiny_model_dir(root / "tiny")
-    write_jsonl(root / "verse.jsonl", train.verse_lookup_records(40, min_tokens=60, max_tokens=300, seed=1))
+    tiny = toy_data.tiny_model_dir(root / "tiny")
+    write_jsonl(root / "verse.jsonl", toy_data.verse_lookup_records(40, min_tokens=60, max_tokens=300, seed=1))
     return root, tiny
 
 

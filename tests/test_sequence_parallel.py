@@ -1,7 +1,7 @@
 """Ulysses sequence parallelism: a packed row split over 2 ranks (gloo, CPU) = the same row on one rank.
 
 Two spawned processes (one spawn for the module: imports dominate the time) build the same tiny random models
-(SmolLM2 architecture from train.tiny_model_dir: 4 query heads with 2 KV heads, split; and with 1 KV head,
+(SmolLM2 architecture from toy_data.tiny_model_dir: 4 query heads with 2 KV heads, split; and with 1 KV head,
 replicated) and compare, on every rank, the sequence-parallel run against the one-rank run of the same row:
 logits, the weighted loss (summed over the group), every parameter gradient (summed over the group), document
 isolation across the split, and the trainer's loss module. Failures are recorded, not raised, inside the workers
@@ -175,10 +175,10 @@ def _worker(rank: int, world: int, port: int, dirs: dict, out: str):
 def sp_results(tmp_path_factory):
     import torch.multiprocessing as mp
 
-    from longalign_lib import train
+    from longalign_lib import toy_data
 
     root = tmp_path_factory.mktemp("sp")
-    dirs = {kv: str(train.tiny_model_dir(root / f"kv{kv}", heads=4, kv_heads=kv)) for kv in (2, 1)}
+    dirs = {kv: str(toy_data.tiny_model_dir(root / f"kv{kv}", heads=4, kv_heads=kv)) for kv in (2, 1)}
     mp.spawn(_worker, args=(2, _free_port(), dirs, str(root)), nprocs=2, join=True)
     return [json.loads((root / f"rank{r}.json").read_text()) for r in range(2)]
 
@@ -253,12 +253,12 @@ def test_trainer_with_sequence_parallel_matches_one_process(smol_tokenizer, tmp_
     import textwrap
     from pathlib import Path
 
-    from longalign_lib import train
+    from longalign_lib import toy_data
     from longalign_lib.formatting import format_records
 
     root = Path(__file__).resolve().parent.parent
-    tiny = train.tiny_model_dir(tmp_path / "tiny")
-    recs = train.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
+    tiny = toy_data.tiny_model_dir(tmp_path / "tiny")
+    recs = toy_data.verse_lookup_records(6, min_tokens=60, max_tokens=300, long_fraction=0.5, seed=3)
     exs, _ = format_records(recs, smol_tokenizer, max_length=4096)
     rows = [e.row() for e in exs]
     (tmp_path / "rows.json").write_text(json.dumps(rows))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from longalign_lib import batching, train
+from longalign_lib import batching, throughput, toy_data, train
 from longalign_lib.config import load_config
 from longalign_lib.loss import reference_weighted_ce
 
@@ -123,7 +123,7 @@ def test_trains_from_the_stage2_dataset(tiny, smol_tokenizer, tmp_path):
     # a dataset built elsewhere is named by data.tokenized_dir and trained as it is
     cfg = _cfg(tiny, "train.max_steps=1", "batching.max_pack_tokens=1024", "data.max_length=1024",
                f"data.tokenized_dir={tmp_path / 'mine'}")
-    recs = train.verse_lookup_records(5, min_tokens=60, max_tokens=200, seed=5)
+    recs = toy_data.verse_lookup_records(5, min_tokens=60, max_tokens=200, seed=5)
     ds, _ = build_dataset(recs, smol_tokenizer, cfg.data, tmp_path / "mine", num_proc=1)
     res = train.train(cfg, tmp_path / "run", save_model=False)
     assert res["data"].startswith("stage-2 tokenized dataset") and str(tmp_path / "mine") in res["data"]
@@ -139,7 +139,7 @@ def test_trained_micro_batches_are_the_plans_pack_wrote(tiny, tmp_path):
     from longalign_lib.pipeline import run_one
 
     run = tmp_path / "run"
-    write_jsonl(run / "long.jsonl", train.verse_lookup_records(9, min_tokens=60, max_tokens=250, seed=7))
+    write_jsonl(run / "long.jsonl", toy_data.verse_lookup_records(9, min_tokens=60, max_tokens=250, seed=7))
     cfg = _cfg(tiny, "train.epochs=2", "batching.max_pack_tokens=600", "batching.grad_accum=2", "data.max_length=1024")
     run_one("pack", cfg, run, Namespace(synthetic_n=64))  # tokenizes long.jsonl first (the one stage-2 resolver)
     trainer, info = train.build_trainer(cfg, run, quiet=True)
@@ -184,7 +184,7 @@ def test_rope_base_scaling_and_positions(tiny):
 
 def test_flops_counter_counts_attention_quadratically(tiny):
     model, _ = _model(tiny)
-    f = train.flops_counter(model, trainable_head=True, full_ft=True)
+    f = throughput.flops_counter(model, trainable_head=True, full_ft=True)
     one, two = f([1000], 0), f([500, 500], 0)
     assert one > two  # same tokens, one long document: more attention work
     assert f([1000], 10) > f([1000], 0)
@@ -199,7 +199,7 @@ def test_two_rank_ddp_matches_one_process(tiny, rows, tmp_path):
     worker.write_text(textwrap.dedent(f"""
         import json, sys, torch
         sys.path.insert(0, {str(ROOT)!r})
-        from longalign_lib import batching, train
+        from longalign_lib import batching, throughput, toy_data, train
         from longalign_lib.config import load_config
         cfg = load_config("cpu-demo", ["model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu",
                           "train.epochs=1", "train.max_steps=1", "batching.world_size=2", "batching.grad_accum=1",
