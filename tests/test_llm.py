@@ -298,7 +298,7 @@ def test_local_batched_sampling_does_not_depend_on_batch_mates(smol_model_and_to
 
 
 def test_local_batched_too_long_prompt_fails_alone(smol_model_and_tokenizer):
-    from longalign_lib.llm import ContextTooLong
+    from longalign_lib.reply import ContextTooLong
 
     model, tok = smol_model_and_tokenizer
     c = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok, threads=1,
