@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 def synth_prompts(tok, n: int, doc_tokens: int) -> list[list[dict]]:
     """`n` question requests (synth.question_messages) over consecutive `doc_tokens`-token pieces of data/*.txt."""
-    from longalign_lib.synth import TASK_TYPES, question_messages
+    from longalign_lib.synth_parts import TASK_TYPES, question_messages
 
     ids = []
     for p in sorted((ROOT / "data").glob("*.txt")):

@@ -313,7 +313,7 @@ def test_local_batched_too_long_prompt_fails_alone(smol_model_and_tokenizer):
 def test_magpie_waves_are_decoded_in_batches(smol_model_and_tokenizer, tmp_path):
     from longalign_lib.config import SynthConfig
     from longalign_lib.io import read_jsonl
-    from longalign_lib.synth import magpie_records
+    from longalign_lib.short_data import magpie_records
 
     model, tok = smol_model_and_tokenizer
     s = SynthConfig(short_question_tokens=16, short_max_new_tokens=12, min_answer_words=3)
