@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 def synth_prompts(tok, n: int, doc_tokens: int) -> list[list[dict]]:
     """`n` question requests (synth.question_messages) over consecutive `doc_tokens`-token pieces of data/*.txt."""
-    from longalign_lib.synth import TASK_TYPES, question_messages
+    from longalign_lib.synth_parts import TASK_TYPES, question_messages
 
     ids = []
     for p in sorted((ROOT / "data").glob("*.txt")):
@@ -53,7 +53,7 @@ def _sync(model) -> None:
 def compare(model, tok, prompts: list[list[dict]], max_new_tokens: int, single_n: int, batch_size: int,
             max_batch_tokens: int, repetition_penalty: float = 1.1) -> dict:
     """Time both paths on the same prompts; returns the numbers generation_speed.json holds."""
-    from longalign_lib.llm import _LocalBackend
+    from longalign_lib.providers import _LocalBackend
 
     one = _LocalBackend("bench", model_obj=model, tokenizer=tok, repetition_penalty=repetition_penalty, batch_size=1)
     many = _LocalBackend("bench", model_obj=model, tokenizer=tok, repetition_penalty=repetition_penalty,

@@ -108,7 +108,7 @@ def clean_messages(record: dict) -> tuple[list[dict], bool]:
     msgs = record.get("messages") if isinstance(record, dict) else None
     if msgs is None and isinstance(record, dict) and "conversations" in record:
         raise RecordError("bad_schema", "field 'messages' missing (ShareGPT 'conversations' found: convert it with "
-                                        "synth.import_sharegpt)")
+                                        "short_data.import_sharegpt)")
     if not isinstance(msgs, list) or not msgs:
         raise RecordError("bad_schema", "field 'messages' must be a non-empty list of {role, content}")
     out = []

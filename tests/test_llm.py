@@ -298,7 +298,7 @@ def test_local_batched_sampling_does_not_depend_on_batch_mates(smol_model_and_to
 
 
 def test_local_batched_too_long_prompt_fails_alone(smol_model_and_tokenizer):
-    from longalign_lib.llm import ContextTooLong
+    from longalign_lib.reply import ContextTooLong
 
     model, tok = smol_model_and_tokenizer
     c = make_client("local", "smollm2-135m-instruct", cache_dir=False, model_obj=model, tokenizer=tok, threads=1,
@@ -313,7 +313,7 @@ def test_local_batched_too_long_prompt_fails_alone(smol_model_and_tokenizer):
 def test_magpie_waves_are_decoded_in_batches(smol_model_and_tokenizer, tmp_path):
     from longalign_lib.config import SynthConfig
     from longalign_lib.io import read_jsonl
-    from longalign_lib.synth import magpie_records
+    from longalign_lib.short_data import magpie_records
 
     model, tok = smol_model_and_tokenizer
     s = SynthConfig(short_question_tokens=16, short_max_new_tokens=12, min_answer_words=3)

@@ -16,14 +16,11 @@ from longalign_lib.config import SynthConfig, load_config
 from longalign_lib.corpus import Document
 from longalign_lib.formatting import clean_messages
 from longalign_lib.io import LongAlignError, read_jsonl, write_jsonl
-from longalign_lib.synth import (
+from longalign_lib.short_data import convert_sharegpt, import_sharegpt, magpie_prefix
+from longalign_lib.synth_cost import cost_table, mean_target_length
+from longalign_lib.synth_parts import (
     check_answer,
-    convert_sharegpt,
-    cost_table,
     grounding,
-    import_sharegpt,
-    magpie_prefix,
-    mean_target_length,
     parse_questions,
     pick_question,
     question_messages,
@@ -126,7 +123,7 @@ def test_pick_question_avoids_used_and_is_seeded():
     qs = parse_questions(CHATTY)
     a = pick_question(qs, random.Random(3))
     assert a == pick_question(qs, random.Random(3)) and a in qs
-    from longalign_lib.synth import norm_question
+    from longalign_lib.synth_parts import norm_question
 
     used = {norm_question(q) for q in qs[:4]}
     assert pick_question(qs, random.Random(0), used) == qs[4]
@@ -228,7 +225,7 @@ def test_import_sharegpt_json_and_jsonl(tmp_path):
 
 def test_magpie_with_the_real_model(smol_model_and_tokenizer, tmp_path):
     from longalign_lib.llm import make_client
-    from longalign_lib.synth import magpie_records
+    from longalign_lib.short_data import magpie_records
 
     model, tok = smol_model_and_tokenizer
     prefix = magpie_prefix(tok)
@@ -529,7 +526,7 @@ def test_magpie_rejects_cut_questions_and_answers(llm_server, smol_tokenizer, tm
     short_max_new_tokens are rejected as `truncated`, or regenerated with a larger cap when asked. Fails on
     a7eda25 (both were kept)."""
     from longalign_lib.llm import make_client
-    from longalign_lib.synth import magpie_records
+    from longalign_lib.short_data import magpie_records
 
     def served(body, path):
         if path == "/v1/completions":

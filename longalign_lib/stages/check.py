@@ -14,7 +14,7 @@ from ..generate import generate_reply
 from ..inputs import records_file
 from ..io import LongAlignError, bad_lines_note, load_jsonl, write_json
 from ..models import BUNDLED, convert_bundled, load_model_and_tokenizer, longalign_home, model_info
-from ..synth import repetition
+from ..synth_parts import repetition
 from .base import StageResult
 
 LOOP_REPETITION = 0.3  # share of repeated word 3-grams above which a reply counts as looping

@@ -14,19 +14,10 @@ from ..io import LongAlignError, iter_jsonl, write_json, write_jsonl
 from ..llm import client_from_config, make_client
 from ..llm_batch import batch_summary
 from ..models import load_tokenizer
-from ..synth import (
-    done_ids,
-    dry_run,
-    import_sharegpt,
-    lever_table,
-    magpie_prefix,
-    magpie_records,
-    mix_figure,
-    retry_cap,
-    synth_long,
-    synth_long_batched,
-    task_for,
-)
+from ..short_data import import_sharegpt, magpie_prefix, magpie_records
+from ..synth import mix_figure, synth_long, synth_long_batched
+from ..synth_cost import dry_run, lever_table
+from ..synth_parts import done_ids, retry_cap, task_for
 from .base import StageResult, add_resume_flag
 
 
