@@ -18,10 +18,8 @@ Predictions are appended one batch at a time, so an interrupted `longalign eval`
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from .io import LongAlignError
-from .models import load_model_and_tokenizer
 
 
 def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 64, do_sample: bool = False,
@@ -302,43 +300,3 @@ def client_generate_fn(client, max_new_tokens: int = 64, **params):
         return [r.text for r in client.chat_many(messages_list, max_new_tokens=max_new_tokens, progress=False,
                                                  **params)]
     return fn
-
-
-# ----------------------------------------------------- the model stage 5 evaluates
-def eval_model_config(cfg, run_dir: Path):
-    """Which model stage 5 evaluates, as a ModelConfig, and its label.
-
-    eval.model if set, else the model `train` saved in <run_dir>/model, else model.name. A saved model already
-    carries its RoPE scaling in its config, so it is not applied twice.
-    """
-    import dataclasses
-
-    trained = Path(run_dir) / "model"
-    name = cfg.eval.model or (str(trained) if (trained / "config.json").exists() else cfg.model.name)
-    if name == cfg.model.name:
-        return cfg.model, name
-    mc = dataclasses.replace(cfg.model, name=name, lora=False)
-    if Path(name).expanduser().is_dir():
-        mc = dataclasses.replace(mc, rope_base_factor=1.0, max_position_embeddings=None)
-    return mc, name
-
-
-def eval_model_identity(cfg, run_dir: Path) -> dict:
-    """What the evaluated model is, for reuse keys (eval, needle): its weights fingerprint
-    (provenance.model_fingerprint: a model retrained into the same folder gets a new one) and how it is loaded."""
-    from .provenance import model_fingerprint
-
-    mc, name = eval_model_config(cfg, run_dir)
-    return {"weights": model_fingerprint(name), "dtype": mc.dtype, "rope_base_factor": mc.rope_base_factor,
-            "max_position_embeddings": mc.max_position_embeddings}
-
-
-def load_eval_model(cfg, run_dir: Path):
-    """(model, tokenizer, label) for generation. The packed-training attention backends of attention.py isolate
-    documents inside one row; generation needs left padding and a KV cache instead, so the model is switched to
-    transformers' own SDPA (unless model.attn_implementation names eager or flash explicitly)."""
-    mc, name = eval_model_config(cfg, run_dir)
-    model, tok = load_model_and_tokenizer(cfg=mc)
-    if mc.attn_implementation not in ("eager", "flash", "flash_attention_2"):
-        model.set_attn_implementation("sdpa")
-    return model, tok, name

@@ -9,18 +9,24 @@ Usage:
     ds, note = inputs.training_set(cfg, run_dir)  # analyze, pack, train: the stage-2 dataset (built if missing)
     docs, note = inputs.corpus_docs(cfg, run_dir) # synth: synth.corpus_file, <run_dir>/corpus.jsonl, else built
     cases, note = inputs.load_or_build_bench(cfg, run_dir)   # eval, judge: eval.bench_file or the offline set
+    mc, label = inputs.eval_model_config(cfg, run_dir)       # eval, needle: eval.model, <run_dir>/model, model.name
+    model, tok, label = inputs.load_eval_model(cfg, run_dir) # ... loaded for generation
+    items, note = inputs.predictions(cfg, run_dir)           # judge: predictions.jsonl, else a meta-evaluation
 
 Stages 3 and 4 read the same dataset through `training_set`, so `pack` plans exactly what `train` trains.
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .benchmarks import load_benchmark, make_offline_set, save_benchmark
 from .corpus import Document, build_corpus, load_corpus, make_counter
 from .dataset import build_dataset, is_tokenized, load_tokenized, split_sample
 from .io import LongAlignError, data_dir, read_jsonl, write_jsonl
-from .models import load_tokenizer
+from .judge import meta_eval_items, read_human_scores
+from .models import load_model_and_tokenizer, load_tokenizer
+from .provenance import model_fingerprint
 
 SAMPLE_NAME = "sample_longalign.jsonl"
 
@@ -129,3 +135,69 @@ def load_or_build_bench(cfg, run_dir: Path, bench: str | None = None, tokenizer=
     save_benchmark(saved, cases)
     cases = cases[: ec.bench_limit] if ec.bench_limit else cases
     return cases, f"{saved} (offline set built from local text: no eval.bench_file given)"
+
+
+def predictions(cfg, run_dir: Path, path: str | Path | None = None, human_scores: str | Path | None = None):
+    """(items, source): the answers `judge` rates, and a sentence saying where they came from.
+
+    `path` (else <run_dir>/predictions.jsonl, written by `longalign eval`): one item per line with idx, query,
+    answer and prediction (a missing field is an error naming file:line; a cut-off last line is skipped). With no
+    `path` and no predictions.jsonl, the benchmark's rated example answers (judge.meta_eval_items): a
+    meta-evaluation. `human_scores`: a JSONL of {idx, score} whose scores are attached as `human_score`.
+    """
+    pred_path = Path(path or Path(run_dir) / "predictions.jsonl")
+    if pred_path.exists():
+        items, source = read_jsonl(pred_path, allow_partial_last_line=True), str(pred_path)
+        for k, it in enumerate(items, 1):
+            missing = [f for f in ("idx", "query", "answer", "prediction") if f not in it]
+            if missing:
+                raise LongAlignError(f"{pred_path}:{k}: missing field(s) {missing}; predictions come from `longalign eval`")
+            it["idx"] = str(it["idx"])
+    elif path:
+        raise LongAlignError(f"{pred_path}: file not found")
+    else:
+        cases, bench = load_or_build_bench(cfg, run_dir)
+        items = meta_eval_items(cases)
+        source = f"the rated example answers of {bench} (meta-evaluation: no predictions.jsonl in {run_dir})"
+    if human_scores:
+        human = read_human_scores(human_scores)
+        for it in items:
+            if it["idx"] in human:
+                it["human_score"] = human[it["idx"]]
+    return items, source
+
+
+# ----------------------------------------------------- the model stage 5 evaluates (eval, needle)
+def eval_model_config(cfg, run_dir: Path):
+    """Which model stage 5 evaluates, as a ModelConfig, and its label.
+
+    eval.model if set, else the model `train` saved in <run_dir>/model, else model.name. A saved model already
+    carries its RoPE scaling in its config, so it is not applied twice.
+    """
+    trained = Path(run_dir) / "model"
+    name = cfg.eval.model or (str(trained) if (trained / "config.json").exists() else cfg.model.name)
+    if name == cfg.model.name:
+        return cfg.model, name
+    mc = dataclasses.replace(cfg.model, name=name, lora=False)
+    if Path(name).expanduser().is_dir():
+        mc = dataclasses.replace(mc, rope_base_factor=1.0, max_position_embeddings=None)
+    return mc, name
+
+
+def eval_model_identity(cfg, run_dir: Path) -> dict:
+    """What the evaluated model is, for reuse keys (eval, needle): its weights fingerprint
+    (provenance.model_fingerprint: a model retrained into the same folder gets a new one) and how it is loaded."""
+    mc, name = eval_model_config(cfg, run_dir)
+    return {"weights": model_fingerprint(name), "dtype": mc.dtype, "rope_base_factor": mc.rope_base_factor,
+            "max_position_embeddings": mc.max_position_embeddings}
+
+
+def load_eval_model(cfg, run_dir: Path):
+    """(model, tokenizer, label) for generation. The packed-training attention backends of attention.py isolate
+    documents inside one row; generation needs left padding and a KV cache instead, so the model is switched to
+    transformers' own SDPA (unless model.attn_implementation names eager or flash explicitly)."""
+    mc, name = eval_model_config(cfg, run_dir)
+    model, tok = load_model_and_tokenizer(cfg=mc)
+    if mc.attn_implementation not in ("eager", "flash", "flash_attention_2"):
+        model.set_attn_implementation("sdpa")
+    return model, tok, name

@@ -6,6 +6,8 @@ Library:
     from longalign_lib.judge import load_template, build_judge_prompt, parse_rating, judge_items
     client = make_client("openai", "gpt-4o")                  # any llm.py backend; or a vLLM base_url
     rows = judge_items(client, [{"idx": "1", "query": q, "answer": ref, "prediction": p, "few_shots": shots}])
+    items, source = inputs.predictions(cfg, run_dir)           # a run's predictions.jsonl (what `longalign judge` reads)
+    judged = judge_predictions(cfg.eval, cfg.model, items, run_dir / "judgments.jsonl")   # keyed reuse, resumable
 
 The protocol (Bai et al., 2024, LongBench-Chat): the judge sees the question, the reference answer and several
 answers with human ratings — never the long document, so a judge with a short window can grade long-context
@@ -37,10 +39,13 @@ import dataclasses
 import math
 import random
 import re
+import time
 from pathlib import Path
 
-from .io import LongAlignError, iter_jsonl, read_jsonl
+from .io import LongAlignError, append_jsonl, iter_jsonl, read_jsonl, write_jsonl
 from .llm import Deferred, client_from_config, run_sync
+from .llm_batch import run_batched
+from .provenance import ReuseLog, changed_parts, judge_identity, reuse_key
 from .rating_probs import (  # noqa: F401
     PATTERNS,
     LocalRatingScorer,
@@ -49,7 +54,7 @@ from .rating_probs import (  # noqa: F401
     prompt_text,
     rating_matches,
 )
-from .scoring import agreement, bootstrap_ci
+from .scoring import agreement, bootstrap_ci, proxy_scores
 
 PROMPT_DIR = Path(__file__).resolve().parent / "prompts"
 FIELDS = ("question", "reference", "answer", "examples")
@@ -496,6 +501,150 @@ def _agreement_line(a: dict | None) -> str:
     return (f" If A and B are two judges of the same answers, their agreement: Spearman {f('spearman')} "
             f"(CI {a['spearman']['lo']:.2f}–{a['spearman']['hi']:.2f}), weighted κ {f('weighted_kappa')}, "
             f"Krippendorff α {f('krippendorff_alpha')}, leniency of A {f('leniency')}.")
+
+
+# ---------------------------------------------------------------- judging a run's predictions, keyed reuse
+ITEM_FIELDS = ("query", "answer", "prediction", "few_shots")  # what the judge reads of an item
+PASS_THROUGH = ("n_prompt_tokens", "n_input_tokens", "truncated", "no_doc_exact", "no_doc_prediction")
+
+
+def judge_mode(ec, proxy_only: bool = False) -> tuple[str, bool]:
+    """(mode, batch): "llm" or "proxy" from eval.judge_mode (`proxy_only`: proxy); batch when judge_mode=batch,
+    the LLM judge through the provider's Batch API (same requests, same rows)."""
+    mode = "proxy" if proxy_only else ec.judge_mode
+    if mode not in ("llm", "batch", "proxy"):
+        raise LongAlignError(f"eval.judge_mode={mode!r}: choose llm, batch or proxy")
+    batch = mode == "batch"
+    return ("llm" if batch else mode), batch
+
+
+@dataclasses.dataclass
+class Judged:
+    """What judge_predictions did: the rows (input order), the scoring used, how many rows were reused, extended
+    or judged anew (`log`, `extended`), the client's usage, and when judging began (after the client was made)."""
+    rows: list[dict]
+    scoring: str | None
+    log: ReuseLog
+    extended: int
+    client_stats: dict | None
+    started: float
+
+
+def judge_predictions(ec, model_cfg, items: list[dict], out_path: Path, mode: str = "llm", batch: bool = False,
+                      batch_dir: Path | None = None) -> Judged:
+    """Judge `items` (inputs.predictions) into the judgments file `out_path`, reusing what it already holds.
+
+    A row is reused only when its reuse key (provenance.py) is unchanged: the judge (provenance.judge_identity:
+    backend, model, base_url, a local judge's weights, scoring, template, settings) and what it read of the item
+    (ITEM_FIELDS). Edited items are judged again, alone; a row with fewer runs than eval.judge_runs gets the
+    missing runs, one with more keeps its first ones; rows of items no longer given are dropped. Rows are appended
+    as they are judged (an interrupted run resumes) and the file ends in input order. `mode` and `batch` come
+    from judge_mode; with batch, the requests go through the provider's Batch API (state under `batch_dir`).
+    """
+    out_path = Path(out_path)
+    scoring = resolve_scoring(ec) if mode == "llm" else None
+    if batch and scoring == "probs":
+        raise LongAlignError("eval.judge_mode=batch sends the judge's text requests as a batch and parses their "
+                             "[[n]] ratings: set eval.judge_scoring=parse (or auto with an API judge), or judge_mode=llm")
+    template = load_template(ec.judge_prompt_file) if mode == "llm" else None
+    judge_part = judge_identity(ec, judge_config(ec).judge_backend, mode, scoring, template)
+    keys = {it["idx"]: reuse_key(judge=judge_part, item={k: it.get(k) for k in ITEM_FIELDS}) for it in items}
+    log = ReuseLog()
+    done, groups, extended = _reusable_judgments(out_path, items, keys, ec.judge_runs if mode == "llm" else 0, log)
+    for it in items:  # the rows kept, their pass-through fields (human score, exact...) refreshed from the input
+        if it["idx"] in done:
+            done[it["idx"]] = _row(done[it["idx"]], it, mode, keys[it["idx"]])
+    resumed = out_path.exists()
+    if resumed:  # this judging's rows only (stale ones go); rows being extended stay until replaced
+        write_jsonl(out_path, [done.get(it["idx"]) or extended[it["idx"]] for it in items
+                               if it["idx"] in done or it["idx"] in extended])
+    todo = [it for g in groups.values() for it in g]
+    local = judge_config(ec).judge_backend == "local"
+    client = make_judge_client(ec, model_cfg) if mode == "llm" and todo and not (scoring == "probs" and local) else None
+    scorer = make_rating_scorer(ec, model_cfg, client) if scoring == "probs" and todo else None
+    started = time.time()
+    step = max(8, 2 * ec.judge_concurrency)
+    kw = dict(runs=ec.judge_runs, max_attempts=ec.judge_max_attempts, seed=ec.seed, temperature=ec.judge_temperature,
+              max_new_tokens=ec.judge_max_new_tokens)
+    for first, group in sorted(groups.items()):  # first = 0: new rows; > 0: rows judged with fewer runs, extended
+        if batch and client is not None:  # every run of every case in one batch; then the loop below reads the cache
+            def judge_all(group=group, first=first):
+                return judge_items(client, group, template, first_run=first, **kw)
+
+            run_batched(client, judge_all, Path(batch_dir or out_path.parent / "batches"),
+                        "judge" if not first else f"judge-runs{first + 1}+", poll_s=ec.judge_batch_poll_s)
+        for s in range(0, len(group), step):
+            chunk = group[s:s + step]
+            judged = judge_items(client, chunk, template, scorer=scorer, first_run=first, **kw) if client or scorer \
+                else [{"idx": it["idx"], "score": None} for it in chunk]
+            for it, j in zip(chunk, judged, strict=False):
+                if first:
+                    j = merge_runs(extended[it["idx"]], j)
+                row = _row(j, it, mode, keys[it["idx"]])
+                append_jsonl(out_path, row)
+                done[it["idx"]] = row
+    rows = [done[it["idx"]] for it in items]
+    if resumed and todo:  # in input order, the extended rows in place of their shorter versions
+        write_jsonl(out_path, rows)
+    return Judged(rows, scoring, log, len(extended), client.stats if client else None, started)
+
+
+def _reusable_judgments(path: Path, items: list[dict], keys: dict, runs: int, log: ReuseLog):
+    """Sort the rows of an earlier judgments.jsonl: (done {idx: row reused as it is, cut to `runs` runs},
+    groups {first run to judge: [items]}, extended {idx: row to extend with runs len(row.runs)..runs-1}).
+    Every item whose key changed (or that has no row) is in groups[0]; `log` counts and explains."""
+    old: dict[str, dict] = {}
+    if path.exists():
+        for r in read_jsonl(path, allow_partial_last_line=True):
+            old[str(r.get("idx"))] = r  # the last row of an idx wins (an extension appended after its original)
+    done, groups, extended = {}, {}, {}
+    for it in items:
+        idx, row = it["idx"], old.get(it["idx"])
+        if row is None:
+            groups.setdefault(0, []).append(it)
+            continue
+        diff = changed_parts(row.get("reuse"), keys[idx])
+        have = len(row.get("runs") or [])
+        if diff:
+            log.recompute(", ".join(diff) + (" changed" if isinstance(row.get("reuse"), dict) else ""))
+            groups.setdefault(0, []).append(it)
+        elif runs and have < runs:
+            log.recompute(f"judged with {have} run(s), judge_runs={runs}")
+            extended[idx] = row
+            groups.setdefault(have, []).append(it)
+        else:
+            log.reused += 1
+            done[idx] = merge_runs(row, None, runs) if runs and have > runs else row
+    return done, groups, extended
+
+
+def merge_runs(row: dict, new: dict | None, keep: int | None = None) -> dict:
+    """A judgment row over the runs of `row` followed by those of `new` (its extension; None: none), cut to the
+    first `keep` runs; the score (mean of the rated runs), method, failures, usage and cost are recomputed."""
+    runs = list(row.get("runs") or []) + list((new or {}).get("runs") or [])
+    runs = runs[:keep] if keep else runs
+    ratings = [r["rating"] for r in runs if r.get("rating") is not None]
+    methods = sorted({r["method"] for r in runs if r.get("rating") is not None and r.get("method")})
+    usage = {"input_tokens": 0, "output_tokens": 0}
+    for r in runs:
+        for a in r.get("attempts") or []:
+            for k in usage:
+                usage[k] += int((a.get("usage") or {}).get(k, 0) or 0)
+    return {**row, **(new or {}), "runs": runs, "score": sum(ratings) / len(ratings) if ratings else None,
+            "score_method": (methods[0] if len(methods) == 1 else "mixed") if methods else None,
+            "n_failed_runs": len(runs) - len(ratings), "failed": not ratings, "usage": usage,
+            "cost_usd": sum(a.get("cost_usd") or 0.0 for r in runs for a in r.get("attempts") or [])}
+
+
+def _row(j: dict, it: dict, mode: str, key: dict) -> dict:
+    """A judgments.jsonl row: the judge's part `j` plus what the item passes through (refreshed on reuse)."""
+    row = {**j, "task": it.get("task"), "prediction": it.get("prediction", ""), "reference": it["answer"],
+           "proxy": proxy_scores(it.get("prediction", ""), it["answer"]), "exact": it.get("exact"),
+           "human_score": it.get("human_score"), "mode": mode, **{k: it[k] for k in PASS_THROUGH if k in it},
+           "reuse": key}
+    if "n_prompt_tokens" in it and "n_input_tokens" in it:
+        row["truncated_tokens"] = max(0, int(it["n_prompt_tokens"]) - int(it["n_input_tokens"]))
+    return row
 
 
 # ---------------------------------------------------------------- inputs

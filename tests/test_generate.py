@@ -139,7 +139,7 @@ def test_truncation_is_reported_when_the_window_is_small(tmp_path):
 
 def test_evaluated_model_is_the_trained_one_when_present(tmp_path):
     from longalign_lib.config import load_config
-    from longalign_lib.generate import eval_model_config
+    from longalign_lib.inputs import eval_model_config
 
     cfg = load_config("gpu-small")  # RoPE base ×8, window 16k for training
     mc, name = eval_model_config(cfg, tmp_path)
@@ -155,7 +155,7 @@ def test_evaluated_model_is_the_trained_one_when_present(tmp_path):
 
 def test_eval_model_uses_transformers_sdpa_for_generation(tmp_path):
     from longalign_lib.config import load_config
-    from longalign_lib.generate import load_eval_model
+    from longalign_lib.inputs import load_eval_model
 
     model, tok, name = load_eval_model(load_config("cpu-demo"), tmp_path)
     assert name == "smollm2-135m-instruct" and model.config._attn_implementation == "sdpa"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from types import SimpleNamespace
 
 import pytest
 
@@ -286,6 +287,37 @@ def test_proxy_only_mode_needs_no_server(tmp_path):
     res = run_one("judge", load_config("cpu-demo", ["eval.judge_mode=proxy"]), tmp_path)
     assert res.metrics["mode"] == "proxy" and res.metrics["judge_mean"] is None
     assert 0.5 < res.metrics["proxy_token_f1"] < 1.0
+
+
+def test_library_reads_and_judges_a_runs_predictions_with_keyed_reuse(tmp_path):
+    """The judge stage's seams as library calls: inputs.predictions reads a run's predictions (+ human scores),
+    judge.judge_predictions keeps every row whose item is unchanged and judges an edited one again."""
+    from longalign_lib import inputs
+    from longalign_lib.config import load_config
+    from longalign_lib.judge import judge_mode, judge_predictions
+
+    cfg = load_config("cpu-demo")
+    preds = [{"idx": k, "query": f"Q{k}", "answer": f"answer number {k}", "prediction": f"answer {k}"} for k in range(3)]
+    (tmp_path / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in preds))
+    (tmp_path / "human.jsonl").write_text(json.dumps({"idx": 1, "score": 7}) + "\n")
+    items, source = inputs.predictions(cfg, tmp_path, human_scores=tmp_path / "human.jsonl")
+    assert source == str(tmp_path / "predictions.jsonl") and [it["idx"] for it in items] == ["0", "1", "2"]
+    assert [it.get("human_score") for it in items] == [None, 7.0, None]
+    mode, batch = judge_mode(cfg.eval, proxy_only=True)
+    out = tmp_path / "judgments.jsonl"
+    first = judge_predictions(cfg.eval, cfg.model, items, out, mode, batch)
+    assert (mode, batch, first.scoring, first.client_stats) == ("proxy", False, None, None)
+    assert (first.log.reused, first.log.recomputed) == (0, 0) and len(read_jsonl(out)) == 3
+    items[2]["prediction"] = "an edited answer"
+    again = judge_predictions(cfg.eval, cfg.model, items, out, mode, batch)
+    assert (again.log.reused, again.log.recomputed, dict(again.log.why)) == (2, 1, {"item changed": 1})
+    assert [r["prediction"] for r in read_jsonl(out)] == ["answer 0", "answer 1", "an edited answer"]
+    assert again.rows[1]["human_score"] == 7.0
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"idx": 0, "query": "Q"}) + "\n")
+    with pytest.raises(LongAlignError, match=r"bad.jsonl:1: missing field\(s\) \['answer', 'prediction'\]"):
+        inputs.predictions(cfg, tmp_path, tmp_path / "bad.jsonl")
+    with pytest.raises(LongAlignError, match="eval.judge_mode='vote'"):
+        judge_mode(SimpleNamespace(judge_mode="vote"))
 
 
 def test_needle_judge_scorer_over_http(llm_server, tmp_path):

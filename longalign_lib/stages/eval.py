@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from ..benchmarks import score_exact
-from ..generate import case_messages, eval_model_identity, generate_replies, load_eval_model
-from ..inputs import load_or_build_bench
+from ..generate import case_messages, generate_replies
+from ..inputs import eval_model_identity, load_eval_model, load_or_build_bench
 from ..io import append_jsonl, read_jsonl, write_jsonl
 from ..provenance import ReuseLog, reuse_key
 from ..scoring import bootstrap_ci
@@ -114,7 +114,7 @@ PREDICTION_SETTINGS = ("max_new_tokens", "max_input_tokens", "seed", "no_documen
 
 
 def prediction_key(cfg, run_dir: Path) -> dict:
-    """What a prediction depends on besides its case: the evaluated model (generate.eval_model_identity: weights
+    """What a prediction depends on besides its case: the evaluated model (inputs.eval_model_identity: weights
     fingerprint, dtype, RoPE settings) and the eval settings that change an answer. Parts of its reuse key."""
     return {"model": eval_model_identity(cfg, run_dir),
             "settings": {k: getattr(cfg.eval, k) for k in PREDICTION_SETTINGS}}

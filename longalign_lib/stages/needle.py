@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import plots
-from ..generate import eval_model_identity, load_eval_model, make_generate_fn, model_window
+from ..generate import make_generate_fn, model_window
+from ..inputs import eval_model_identity, load_eval_model
 from ..io import LongAlignError, write_json
 from ..judge import judge_config, load_template, needle_judge_scorer
 from ..needle import heatmap, load_haystack, run_grid
