@@ -24,6 +24,8 @@ import math
 
 import numpy as np
 
+from .scoring import bootstrap_ci
+
 LOW_MID_HIGH = (3.5, 6.5)  # bin edges: 1-3 low, 4-6 mid, 7-10 high
 RATING_LABELS = list(range(1, 11))
 
@@ -286,8 +288,6 @@ def permutation_p(d, n_perm: int = 10000, seed: int = 0) -> float:
 # ---------------------------------------------------------------- controls
 def by_bucket(values, lengths, edges, seed: int = 0) -> list[dict]:
     """Mean of `values` (with bootstrap CI) per length bucket: [0, e1), [e1, e2), ..., [e_last, ∞)."""
-    from .scoring import bootstrap_ci
-
     bounds = [0, *sorted(edges), None]
     rows = []
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
@@ -301,7 +301,7 @@ def by_bucket(values, lengths, edges, seed: int = 0) -> list[dict]:
 def agreement_figure(judge, reference, report: dict | None = None, title: str | None = None,
                      xlabel: str = "reference rating", ylabel: str = "judge rating"):
     """Judge vs reference ratings (jittered dots) with the diagonal; the text box lists ρ, κ_w and leniency."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     x, y = _clean(reference, judge)
     fig, ax = plots.figure(figsize=(4.8, 4.2))

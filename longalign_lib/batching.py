@@ -56,6 +56,7 @@ from typing import Any
 
 import numpy as np
 
+from .config import BatchConfig
 from .formatting import count_targets
 from .io import LongAlignError, dumps_line, read_json, write_json
 
@@ -767,7 +768,7 @@ def _plan_epoch(lengths, n_target, cfg, epoch, labels, sequence_parallel=1) -> P
     plan.counters["dropped_micro_batches"] = dropped
     plan.counters["oversized_steps"] = sum(1 for st in steps if sum(len(r) for r in st.ranks) > per_step)
     if sequence_parallel > 1:
-        from .sequence_parallel import tokens_per_gpu
+        from .sequence_parallel import tokens_per_gpu  # torch: only for sequence-parallel plans
 
         longest = max((mb.tokens for mb in plan.micro_batches() if mb.packs), default=0)
         plan.counters["sequence_parallel"] = sequence_parallel
@@ -860,8 +861,6 @@ def step_shares(plan: Plan, member) -> np.ndarray:
 
 
 def _cfg_doc(**kw):
-    from .config import BatchConfig
-
     return BatchConfig(**kw)
 
 
@@ -1051,7 +1050,7 @@ def collate(plan: Plan, mb: MicroBatch, dataset, token_weights, pad_id: int = 0)
 # ------------------------------------------------------------------------------------------------------- figures
 def fill_histogram_figure(plans: dict[str, Plan], title: str | None = None):
     """Histogram of per-row fill (tokens / capacity for packed rows, / longest row for padded ones)."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     fig, ax = plots.figure(figsize=(7, 3.4))
     bins = np.linspace(0, 1, 41)
@@ -1075,7 +1074,7 @@ def loss_weight_figure(step: Step, n_target=None, title: str | None = None, max_
     three reductions; sequences ordered by pack, labelled with their target-token count. Eq. 2 (`sequence`) is
     flat at 1/M; `token` follows N_i; `pack_mean` depends on who shares the pack. `source` (default: the step's,
     set by its Plan) maps items to dataset rows: the pieces of a split sequence share its 1/M and count once in M."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     ids, pack_of, nts = [], [], []
     rows = [(p, nt) for mb in step.micro_batches() for p, nt in zip(mb.packs, mb.n_target, strict=True)]

@@ -24,6 +24,7 @@ not by humans; meta["few_shot_scores"] says so.
 """
 from __future__ import annotations
 
+import argparse
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -279,8 +280,6 @@ def score_exact(case, prediction: str) -> float | None:
 
 
 def main(argv=None) -> int:
-    import argparse
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="smollm2-135m-instruct", help="tokenizer that measures context length")

@@ -31,6 +31,7 @@ import sysconfig
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
+from html import unescape
 from pathlib import Path
 
 from .io import DATA_DIR, LongAlignError, iter_jsonl
@@ -91,9 +92,7 @@ def _read(path: Path) -> str:
 def _html_to_text(html: str) -> str:
     html = re.sub(r"(?is)<(script|style).*?</\1>", " ", html)
     text = re.sub(r"(?s)<[^>]+>", " ", html)
-    import html as _h
-
-    return re.sub(r"[ \t]+", " ", _h.unescape(text))
+    return re.sub(r"[ \t]+", " ", unescape(text))
 
 
 def _files(paths: list[Path], rng: random.Random) -> list[Path]:
@@ -121,7 +120,7 @@ def src_stdlib(rng: random.Random) -> Iterator[RawDoc]:
 
 def src_pydoc_topics(rng: random.Random) -> Iterator[RawDoc]:
     try:
-        from pydoc_data.topics import topics
+        from pydoc_data.topics import topics  # optional: some Python builds omit it
     except ImportError:
         raise SourceMissing("pydoc_data is not installed with this Python") from None
     names = sorted(topics)
@@ -462,7 +461,7 @@ def _genre_of_source(name: str, ccfg) -> str:
 
 def corpus_figure(docs: list[Document]):
     """Two panels: documents per genre, and token lengths per genre (strip plot)."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     fig, (a1, a2) = plots.figure(1, 2, figsize=(10, 3.8))
     counts = Counter(d.genre for d in docs)

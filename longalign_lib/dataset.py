@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import random
 import shutil
@@ -237,8 +238,6 @@ def _tokenize_chunk(records: list) -> dict:
 
 def _tokenize_all(lines: list, tokenizer, max_length, truncation, num_proc: int, chunk: int) -> list[dict]:
     """Tokenize in chunks, in `num_proc` worker processes (in order, so the result is the same for any num_proc)."""
-    import multiprocessing as mp
-
     from tqdm import tqdm
 
     chunks = [lines[i:i + chunk] for i in range(0, len(lines), chunk)]

@@ -17,9 +17,12 @@ Predictions are appended one batch at a time, so an interrupted `longalign eval`
 """
 from __future__ import annotations
 
+import inspect
+import random
 import time
 
 from .io import LongAlignError
+from .scoring import exact_and_f1
 
 
 def generate_reply(model, tokenizer, messages: list[dict], max_new_tokens: int = 64, do_sample: bool = False,
@@ -121,9 +124,6 @@ def decode_batch(model, batch_ids: list[list[int]], max_new_tokens, eos_ids: lis
     a row's repetition penalty (transformers' batched `generate` penalises the pad id in padded rows, which
     can change when a padded row stops if pad == eos). Scalars apply to every row.
     """
-    import inspect
-    import random
-
     import torch
     from transformers import DynamicCache
 
@@ -274,8 +274,6 @@ def reference_scores(model, tok, records: list[dict], max_new_tokens: int = 64, 
     Returns {"predictions": [str], "exact": [bool], "f1": [float]} (scoring.exact_and_f1). `kw` goes to
     generate_replies (batch_size, threads, ...). Notebook 04 uses it before and after training.
     """
-    from .scoring import exact_and_f1
-
     outs = generate_replies(model, tok, [r["messages"][:1] for r in records], max_new_tokens=max_new_tokens,
                             progress=False, **kw)
     preds = [o["prediction"].strip() for o in outs]

@@ -9,6 +9,7 @@ Run the examples as: python -m pytest --doctest-modules longalign_lib/io.py
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -75,8 +76,6 @@ def _default(o):
     if hasattr(o, "tolist"):
         return o.tolist()
     if hasattr(o, "__dataclass_fields__"):
-        import dataclasses
-
         return dataclasses.asdict(o)
     if isinstance(o, Path):
         return str(o)

@@ -42,9 +42,11 @@ import re
 import time
 from pathlib import Path
 
+from .agreement import binary_report, by_bucket, markdown_table, paired_compare, reliability_report
 from .io import LongAlignError, append_jsonl, iter_jsonl, read_jsonl, write_jsonl
 from .llm import Deferred, client_from_config, run_sync
 from .llm_batch import run_batched
+from .models import load_model_and_tokenizer, load_tokenizer
 from .provenance import ReuseLog, changed_parts, judge_identity, reuse_key
 from .rating_probs import (  # noqa: F401
     PATTERNS,
@@ -344,16 +346,12 @@ def make_rating_scorer(ec, model_cfg=None, client=None):
     """The probability-weighted scorer for the configured judge: a local transformers model, or `client`'s
     OpenAI-compatible server (which must return logprobs)."""
     if judge_config(ec).judge_backend == "local":
-        from .models import load_model_and_tokenizer
-
         kw = {"dtype": model_cfg.dtype, "device": model_cfg.device} if model_cfg is not None else {}
         model, tok = load_model_and_tokenizer(ec.judge_model, **kw)
         return LocalRatingScorer(model, tok, threads=ec.local_threads, name=ec.judge_model)
     prefill = resolve_prefill(ec)
     tok = None
     if prefill == "completions":
-        from .models import load_tokenizer
-
         tok = load_tokenizer(ec.judge_tokenizer)
     return OpenAIRatingScorer(client or make_judge_client(ec, model_cfg), top_logprobs=ec.judge_top_logprobs,
                               max_new_tokens=min(ec.judge_max_new_tokens, 16), seed=ec.seed, prefill=prefill,
@@ -379,8 +377,6 @@ def reliability(rows: list[dict], n_boot: int = 1000, seed: int = 0, length_edge
     """The judge reliability section: agreement with human ratings (and the proxy's, as a baseline), separation
     of right from wrong answers on verifiable tasks, scores by input-length bucket, truncation and no-document
     controls. Keys are present only when their inputs are."""
-    from .agreement import binary_report, by_bucket, reliability_report
-
     judge = [r.get("score") for r in rows]
     proxy = [r["proxy"]["proxy_10"] for r in rows]
     out = {"score_methods": {}}
@@ -411,8 +407,6 @@ def reliability(rows: list[dict], n_boot: int = 1000, seed: int = 0, length_edge
 
 def reliability_text(rel: dict, judge_name: str, reference: str = "human ratings") -> str:
     """Markdown for the report: tables with CIs and a plain comparison with the paper's GPT-4 judge."""
-    from .agreement import markdown_table
-
     parts = []
     if rel.get("parsing") and parse_text(rel["parsing"]):
         parts.append(parse_text(rel["parsing"]))
@@ -468,8 +462,6 @@ def load_judgment_scores(path) -> dict[str, list[float]]:
 
 def compare_runs(run_a, run_b, n_boot: int = 2000, seed: int = 0) -> dict:
     """Paired comparison of two judged runs (A − B) over their shared items and judge repetitions."""
-    from .agreement import paired_compare, reliability_report
-
     a, b = load_judgment_scores(run_a), load_judgment_scores(run_b)
     res = paired_compare(a, b, n_boot=n_boot, seed=seed)
     res.update(run_a=str(run_a), run_b=str(run_b))
@@ -702,7 +694,7 @@ def summarize(rows: list[dict], seed: int = 0) -> dict:
 
 def scores_figure(rows: list[dict], title: str | None = None):
     """Per case: judge runs (dots) and their mean (bar) beside the proxy ROUGE-L mapped to 1-10 (diamond)."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     fig, ax = plots.figure(figsize=(max(6.0, 0.5 * len(rows) + 2), 4.0))
     xs = list(range(len(rows)))

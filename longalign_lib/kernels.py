@@ -45,7 +45,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .attention import packed_kwargs
 from .io import LongAlignError
+from .loss import model_loss
 
 GIB = 2 ** 30
 # model_type → Liger's public apply function. Gemma-family MLPs are GeGLU: Liger's option for them is `geglu`.
@@ -263,8 +265,6 @@ def decoder_layers(model) -> list[nn.Module]:
 def _saved_bytes(model, length: int, autocast_dtype) -> tuple[list[int], int]:
     """Bytes autograd saves inside each decoder layer for one [1, length] row (one document), and the element
     size of the hidden states entering the layers."""
-    from .attention import packed_kwargs
-
     base = _base_model(model)
     layers = decoder_layers(base)
     dev = next(base.parameters()).device
@@ -400,8 +400,6 @@ class MeasuredMemory:
 def _probe_step(model, tokens: int, chunk_tokens: int, autocast_dtype, kept: int) -> tuple[float, float]:
     """(forward + loss peak, backward peak) in bytes of one [1, tokens] step (one document, the last
     min(tokens - 1, chunk_tokens) positions are targets: a full loss chunk) with the last `kept` layers kept."""
-    from .loss import model_loss
-
     base = _base_model(model)
     layers = decoder_layers(base)
     n = len(layers)

@@ -234,7 +234,7 @@ def synthetic_longalign_sharegpt_mix(n: int = 20_000, long_share: float = 0.5, m
 
 # ----------------------------------------------------------------------------------------------- figures
 def _color(source: str, i: int) -> str:
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     return plots.PALETTE.get(source, plots.CYCLE[(i + 2) % len(plots.CYCLE)])
 
@@ -242,7 +242,7 @@ def _color(source: str, i: int) -> str:
 def length_histogram(lengths_by_source: dict, max_length: int, edges: list[int] | None = None, bins: int = 40,
                      title: str | None = None):
     """Histogram of sequence lengths per source on a log x axis, bucket edges dashed (cf. LongAlign Fig. 3, left)."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     edges = list(edges) if edges else bucket_edges(max_length)
     arrays = {s: as_lengths(v) for s, v in lengths_by_source.items() if len(v)}
@@ -268,7 +268,7 @@ def length_histogram(lengths_by_source: dict, max_length: int, edges: list[int] 
 
 def length_cdf(lengths_by_source: dict, max_length: int, edges: list[int] | None = None, title: str | None = None):
     """CDFs: per-source share of sequences ≤ x, and for the whole set the share of tokens and of attention work."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     edges = list(edges) if edges else bucket_edges(max_length)
     arrays = {s: np.sort(as_lengths(v)) for s, v in lengths_by_source.items() if len(v)}
@@ -294,7 +294,7 @@ def length_cdf(lengths_by_source: dict, max_length: int, edges: list[int] | None
 
 def bucket_share_figure(table: list[dict], title: str | None = None):
     """Grouped bars per length bucket: share of sequences, of tokens and of attention work (from bucket_table)."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     fig, ax = plots.figure()
     x = np.arange(len(table))
@@ -319,7 +319,7 @@ def bucket_share_figure(table: list[dict], title: str | None = None):
 def target_vs_length(lengths_by_source: dict, n_target_by_source: dict, title: str | None = None,
                      max_points: int = 5000, seed: int = 0):
     """Scatter of target tokens against sequence length per source (log-log); the line y = x means all trained."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     fig, ax = plots.figure()
     rng = np.random.default_rng(seed)
@@ -352,7 +352,7 @@ def save_figures(lengths_by_source: dict, n_target_by_source: dict | None, max_l
     """The four figures of this stage as PNGs in `out_dir`; returns {name: path}."""
     import matplotlib.pyplot as plt
 
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     out_dir = Path(out_dir)
     edges = list(edges) if edges else bucket_edges(max_length)

@@ -46,6 +46,7 @@ from typing import Any
 
 from .io import LongAlignError, write_json
 from .models import longalign_home
+from .provenance import model_fingerprint
 from .providers import _AnthropicBackend, _LocalBackend, _norm_params, _OpenAIBackend, _plain, _SDKBackend
 from .reply import USAGE_KEYS, ContextTooLong, Reply, empty_usage, norm_finish  # noqa: F401  (re-exported: see below)
 
@@ -200,8 +201,6 @@ class LLMClient:
         if not isinstance(self.backend, _LocalBackend):
             return None
         if getattr(self, "_weights_fp", None) is None:
-            from .provenance import model_fingerprint
-
             self._weights_fp = model_fingerprint(self.model)
         return self._weights_fp
 

@@ -22,10 +22,11 @@ examples, so the judge never sees the rating it is asked to reproduce (judge.met
 """
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
-from .benchmarks import BenchCase
+from .benchmarks import BenchCase, save_benchmark
 from .io import LongAlignError
 
 TEST_CASES = "test_cases.json"
@@ -103,10 +104,6 @@ def load_longbench_chat(folder: str | Path, limit: int | None = None) -> list[Be
 
 
 def main(argv=None) -> int:
-    import argparse
-
-    from .benchmarks import save_benchmark
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", help="the LongBench_Chat folder (test_cases.json + few_shots.json)")
     ap.add_argument("--out", required=True, help="benchmark JSONL in the cookbook's format (benchmarks.py)")

@@ -9,8 +9,10 @@ Run as: python -m longalign_lib.models [spec]   (converts/loads and prints a sum
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -89,9 +91,6 @@ def convert_bundled(name: str = "smollm2-135m-instruct", quiet: bool = False) ->
     target = longalign_home() / "models" / name
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
-    import copy
-    import shutil
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -271,7 +270,7 @@ def _resolve_attn(name: str | None, device: str) -> str | None:
     if name in ("flash_attention_2", "flex_attention"):  # transformers' own names pass through unchanged
         return name
     try:
-        from . import attention
+        from . import attention  # pulls in torch; models.py itself imports without it
     except ImportError:
         return "sdpa"
     resolver = getattr(attention, "resolve_implementation", None)

@@ -280,7 +280,7 @@ def heatmap(result: dict, title: str | None = None):
     """The standard needle figure: context length (x) × needle depth (y), green = found, red = missed."""
     import numpy as np
 
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     m = np.array(score_matrix(result), dtype=float)
     fig, ax = plots.figure(figsize=(1.2 + 1.0 * max(len(result["lengths"]), 2), 1.0 + 0.55 * max(len(result["depths"]), 2)))
@@ -313,7 +313,7 @@ def heatmap_panels(panels: dict, lengths, depths, title: str | None = None, cell
     """
     import numpy as np
 
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     names = list(panels)
     fig, axes = plots.figure(1, len(names), figsize=(1.2 + 2.9 * len(names), 3.6), squeeze=False, sharey=True)

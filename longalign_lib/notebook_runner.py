@@ -17,14 +17,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import re
 import sys
+import tempfile
 import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from .io import LongAlignError, read_json
+from .io import LongAlignError, read_json, write_text
+from .notebook_docs import is_full_page, render_markdown, render_only, write_index
 
 
 def to_ipynb(py_path: str | Path, out_dir: str | Path | None = None) -> Path:
@@ -47,10 +51,6 @@ def to_ipynb(py_path: str | Path, out_dir: str | Path | None = None) -> Path:
 def _kernel_for_this_python() -> str:
     """Register (in a private folder on JUPYTER_PATH) a kernel that runs *this* interpreter, so notebooks import
     the same longalign_lib whatever kernels the machine has; returns its name."""
-    import json
-    import os
-    import tempfile
-
     name = "longalign-runner"
     root = Path(tempfile.gettempdir()) / f"longalign-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
     spec_dir = root / "kernels" / name
@@ -87,8 +87,6 @@ def machine_device() -> str:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version()}
     for name in ("torch", "transformers"):
         try:
@@ -102,7 +100,6 @@ def stamp(ipynb: str | Path, info: dict) -> None:
     """Record how a notebook was executed in its metadata (`longalign` key); written atomically."""
     import nbformat
 
-    from .io import write_text
 
     nb = nbformat.read(ipynb, as_version=4)
     nb.metadata["longalign"] = info
@@ -155,8 +152,6 @@ def execute(py_path: str | Path, smoke: bool = True, out_dir: str | Path | None 
 
 
 def main(argv=None) -> int:
-    from .notebook_docs import is_full_page, render_markdown, render_only, write_index
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("notebooks", nargs="*", help="notebooks/*.py to execute (or, after `notebook_runner --render-only DIR`, the names to render)")
     ap.add_argument("--mode", choices=["smoke", "full"], default="smoke")

@@ -23,6 +23,7 @@ cast (the fp32 loss weights keep their exact values), outputs not cast (the fp32
 """
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import time
@@ -226,8 +227,6 @@ def rebuild_on_cpu(lm, state: dict):
 
     The tensors of `state` become the model's (no copy; a LoRA merge writes into them): pass a gathered copy.
     """
-    import copy
-
     peft_cfg = None
     base = lm
     if hasattr(lm, "peft_config"):

@@ -10,6 +10,8 @@ Each stage module builds its figures with these helpers; notebooks show them wit
 from __future__ import annotations
 
 import os
+import tempfile
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -53,8 +55,6 @@ def save(fig, path: str | os.PathLike, close: bool = False) -> Path:
     """Save `fig` as PNG atomically (temp file, then rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    import tempfile
-
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.png", dir=path.parent)
     os.close(fd)
     try:
@@ -91,8 +91,6 @@ def label_mask_figure(segments: list[tuple[str, bool]], max_chars: int = 1400, t
 
     `segments` comes from formatting.label_segments(tokenizer, example). Long prompt runs are elided.
     """
-    import textwrap
-
     fig, ax = figure(figsize=(9, 5))
     ax.axis("off")
     ax.grid(False)

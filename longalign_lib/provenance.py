@@ -26,6 +26,8 @@ import os
 from collections import Counter
 from pathlib import Path
 
+from .models import BUNDLED, resolve
+
 SMALL_FILE = 8 << 20  # files up to 8 MiB are hashed whole
 SAMPLE_BYTES = 64 << 10  # larger ones: this many bytes at each of MAX_SAMPLES evenly spaced places
 MAX_SAMPLES = 16
@@ -99,8 +101,6 @@ def model_fingerprint(spec: str) -> str:
     """The fingerprint of the model a spec names (models.load_model_and_tokenizer's specs): a bundled name is
     fingerprinted in its converted folder, a local folder or file by weights_fingerprint, a `random:` spec by
     its config; a hub id that is not on disk by its name alone (the hub revision is not checked)."""
-    from .models import BUNDLED, resolve
-
     spec = str(spec)
     rand = spec.startswith("random:")
     name = spec.removeprefix("random:")

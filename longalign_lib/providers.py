@@ -15,10 +15,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import importlib
+import inspect
 import json
 import os
 import threading
 
+from .generate import _eos_ids_of, decode_batch, plan_batches
 from .io import LongAlignError
 from .models import load_model_and_tokenizer, load_tokenizer
 from .reply import ContextTooLong, empty_usage, norm_finish
@@ -154,8 +156,6 @@ class _SDKBackend:
         SDK versions differ in which sampling fields they name (newer Anthropic SDKs drop `temperature`),
         so the signature decides, and the JSON sent is the same either way.
         """
-        import inspect
-
         named = {n for n, p in inspect.signature(method).parameters.items() if p.kind == p.KEYWORD_ONLY}
         kw = {k: v for k, v in body.items() if k in named}
         extra = {k: v for k, v in body.items() if k not in named}
@@ -553,7 +553,6 @@ class _LocalBackend:
         """
         import torch
 
-        from .generate import _eos_ids_of, decode_batch, plan_batches
 
         model, tok = self._load()
         eos = _eos_ids_of(model, tok)

@@ -26,10 +26,12 @@ prompt (a rated example, the template's "for example: [[6]]", a graded answer co
 """
 from __future__ import annotations
 
+import inspect
 import math
 import re
 
 from .io import LongAlignError
+from .llm import run_sync
 
 RATINGS = tuple(range(1, 11))
 
@@ -118,8 +120,6 @@ class LocalRatingScorer:
         self.model, self.tok, self.prefix, self.threads = model, tokenizer, prefix, int(threads or 0)
         self.name = name or getattr(tokenizer, "name_or_path", None)
         self.stats = {"forward_passes": 0, "items": 0}
-        import inspect
-
         try:
             self._params = set(inspect.signature(model.forward).parameters)
         except (TypeError, ValueError, AttributeError):
@@ -316,6 +316,4 @@ class OpenAIRatingScorer:
         return out
 
     def distribution(self, messages: list[dict]) -> dict | None:
-        from .llm import run_sync
-
         return run_sync(self.adistribution(messages))

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import attention
+from .attention import _compute_dtype
 from .io import LongAlignError
 
 PREFIX = "longalign_sp_"
@@ -172,8 +174,6 @@ def expand_kv(x: torch.Tensor, size: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------ the attention
 def _ulysses(inner):
     """Wrap one of attention.py's backends: exchange heads for tokens around the unchanged kernel call."""
-    from .attention import _compute_dtype
-
     def forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                 **kwargs):
         group = kwargs.pop("sp_group", None)
@@ -208,15 +208,11 @@ def register() -> list[str]:
 
     Without an `sp_group` kwarg (or with a group of one) each behaves exactly like its backend.
     """
-    from . import attention
-
     return attention.register_backends(PREFIX, wrap=_ulysses)
 
 
 def implementation_for(name: str) -> str:
     """Registered attention name (e.g. `longalign_varlen`) → its sequence-parallel wrapper (`longalign_sp_varlen`)."""
-    from . import attention
-
     if name.startswith(PREFIX):
         return name
     if not name.startswith(attention.PREFIX):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from .agreement import paired_compare
+from .generate import case_messages, generate_replies
 from .io import LongAlignError, iter_jsonl
 
 DEFAULT_FILE = Path(__file__).resolve().parent.parent / "data" / "short_tasks.jsonl"
@@ -58,8 +60,6 @@ def is_correct(prediction: str, answers: list[str]) -> bool:
 def evaluate_short_tasks(model, tok, items: list[dict], max_new_tokens: int = 16, seed: int = 0,
                          threads: int = 0, progress: bool = False) -> list[dict]:
     """Answer each short task greedily through the chat template; returns [{idx, prediction, correct}]."""
-    from .generate import case_messages, generate_replies
-
     outs = generate_replies(model, tok, [case_messages(it["query"]) for it in items], max_new_tokens=max_new_tokens,
                             batch_size=8, seed=seed, progress=progress, desc="short tasks", threads=threads)
     return [{"idx": it["idx"], "prediction": o["prediction"], "correct": float(is_correct(o["prediction"], it["answers"]))}
@@ -68,8 +68,6 @@ def evaluate_short_tasks(model, tok, items: list[dict], max_new_tokens: int = 16
 
 def compare_short(before: list[dict], after: list[dict], seed: int = 0) -> dict:
     """after − before on the shared items (accuracy difference), with a paired bootstrap CI and permutation p."""
-    from .agreement import paired_compare
-
     res = paired_compare({r["idx"]: r["correct"] for r in after}, {r["idx"]: r["correct"] for r in before}, seed=seed)
     res["lost"] = sorted(r["idx"] for r in before if r["correct"] and
                          not next((a["correct"] for a in after if a["idx"] == r["idx"]), 1.0))

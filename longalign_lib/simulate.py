@@ -17,6 +17,8 @@ part, ~6·layers·d·len² for causal attention); calibrate them from real step 
 """
 from __future__ import annotations
 
+import dataclasses
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -112,7 +114,7 @@ def calibrate(samples: list[tuple[float, float, float]], fit_overhead: bool = Tr
 def gantt_figure(sims: list[Simulation], title: str | None = None, max_steps: int | None = None):
     """The paper's Figure 3 as data: per device, each micro-batch as a bar and the wait for the slowest device at
     each step (synchronous all-reduce) as a red 'idle' bar; one panel per strategy, shared time axis."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     K = max(s.world_size for s in sims)
     fig, axes = plots.figure(len(sims), 1, figsize=(9, 1.0 + 0.32 * K * len(sims)), sharex=True, squeeze=False)
@@ -145,7 +147,7 @@ def gantt_figure(sims: list[Simulation], title: str | None = None, max_steps: in
 
 def idle_bar_figure(summary: dict[str, dict], title: str | None = None):
     """Total modelled time and idle share per strategy (bars)."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     names = list(summary)
     fig, ax = plots.figure(figsize=(7, 3.2))
@@ -184,8 +186,6 @@ def measure_plans(model, plans: dict, dataset, n_steps: int | None = 2, pad_id: 
     """`measure_step_times` for several plans, with the repeats INTERLEAVED: round r times every micro-batch of
     every plan once, then round r+1 begins. On a shared machine whose load drifts, the drift then hits every plan
     alike instead of whichever plan ran during a busy minute. Returns {name: measure_step_times' dict}."""
-    import time
-
     import torch
 
     from .loss import model_loss  # torch: only when timing for real
@@ -247,8 +247,6 @@ def strategy_variants(cfg) -> dict:
     """The plans compared in notebook 03 and `longalign pack`, as BatchConfig copies of `cfg`: naive (batch_size
     sequences per micro-batch), sorted (LongAlign's sort-group-shuffle, groups filling max_pack_tokens padded
     tokens), packed next-fit, packed BFD, and packed BFD with cost-balanced steps."""
-    import dataclasses
-
     r = dataclasses.replace
     return {"naive": r(cfg, strategy="naive", balance="none"),
             "sorted": r(cfg, strategy="sorted", sorted_mode="token_budget", sort_token_budget=cfg.max_pack_tokens,
@@ -261,8 +259,6 @@ def strategy_variants(cfg) -> dict:
 def compare_strategies(lengths, n_target, cfg, world_size: int | None = None, epoch: int = 0,
                        cost: CostModel | None = None) -> dict:
     """Plan and simulate every strategy variant on the same sequences: {name: (plan, Simulation)}."""
-    import dataclasses
-
     cost = cost or CostModel.from_config(cfg)
     out = {}
     for name, c in strategy_variants(cfg).items():

@@ -286,7 +286,7 @@ def mix_figure(records: list[dict], rejected: dict | None = None, planned: dict 
     """Task-type mix (planned per document vs kept records), and the rejection reasons."""
     from matplotlib.ticker import MaxNLocator
 
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     fig, (a1, a2) = plots.figure(1, 2, figsize=(10, 3.8))
     tasks = Counter(r["meta"].get("task_type", "?") for r in records)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .corpus import Document
 from .io import LongAlignError
-from .llm import Price, cost_of
+from .llm import Price, cost_of, messages_tokens, price_for
 from .synth_parts import _doc_seed, answer_messages, question_messages, task_for
 
 PLACEHOLDER_QUESTION_TOKENS = 30  # for --dry-run estimates of the answer calls
@@ -77,8 +77,6 @@ def dry_run(client, docs: list[Document] | None, scfg, done: set[str], corpus_cf
     tokens are then approximated (~4 characters per token, what API backends use anyway) and price comes from
     synth.prices; `questions.cached` is None (not checked).
     """
-    from .llm import messages_tokens, price_for
-
     qp = {"max_new_tokens": scfg.question_max_new_tokens or scfg.max_new_tokens, "temperature": scfg.temperature}
     backend = client.backend_name if client is not None else scfg.backend
     model = client.model if client is not None else scfg.model
@@ -159,7 +157,7 @@ def lever_label(mode: str, caching: bool) -> str:
 
 def cost_figure(rows: list[dict], n_docs: int):
     """Grouped bars of `cost_table` rows: per model, the cost under each lever (interactive/batch × caching)."""
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     levers = list(dict.fromkeys((r["mode"], r["caching"]) for r in rows))

@@ -24,11 +24,14 @@ What happens, per optimizer step of a stage-3 plan (batching.plan_epoch):
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import math
 import os
 import re
 import shutil
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,11 +39,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import batching, parallel
+from . import batching, parallel, sequence_parallel
 from .inputs import training_set
 from .io import LongAlignError, append_jsonl, read_jsonl, write_jsonl
+from .kernels import setup_for_training
 from .loss import model_loss
 from .models import apply_lora, auto_device, load_model_and_tokenizer, longalign_home
+from .sequence_parallel import layout, shard_batch
 from .throughput import flops_counter, matmul_ceiling_tflops
 from .toy_data import tiny_model_dir, verse_lookup_records  # noqa: F401  re-export: notebook 04 calls train.<name>
 
@@ -127,8 +132,6 @@ class PlanBatches(torch.utils.data.Dataset):
 
     def _shard(self, batch: dict, docs: list, n_tgt: int):
         """This GPU's slice of the row; the row's documents and targets are reported by the group's first GPU."""
-        from .sequence_parallel import shard_batch
-
         batch = shard_batch(batch, self.sp_rank, self.sp_size, self.pad_id)
         batch.pop("row_tokens")
         return batch, (docs if self.sp_rank == 0 else []), (n_tgt if self.sp_rank == 0 else 0)
@@ -394,7 +397,7 @@ class _StepLogger(TrainerCallback):
             row["peak_mem_gib"] = float(peak.item())
             torch.cuda.reset_peak_memory_stats()
         else:
-            import resource
+            import resource  # Unix-only module
 
             row["peak_mem_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
         if t.is_world_process_zero():
@@ -411,8 +414,6 @@ def _latest_checkpoint(ckpt_dir: Path) -> Path | None:
 
 def load_model_for_training(cfg, device: str | None = None):
     """(model, tokenizer, full_ft) with RoPE scaling, LoRA and the precision policy of the config applied."""
-    import dataclasses
-
     parallel.bind_device()  # several processes: each loads onto its own GPU
     mcfg = dataclasses.replace(cfg.model)
     dev = device or auto_device(mcfg.device)
@@ -467,8 +468,6 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
     if cfg.train.max_steps and cfg.train.max_steps > 0:
         n_steps = min(n_steps, cfg.train.max_steps)
     use_bf16 = cfg.train.bf16 and dev == "cuda"
-    from .kernels import setup_for_training
-
     # fused kernels, memory-budgeted activation checkpointing (planned for the longest micro-batch this GPU holds:
     # 1/N of a row under sequence parallelism), compile
     tokens = max(1, bcfg.batch_size) * bcfg.max_pack_tokens // sp_size
@@ -490,8 +489,6 @@ def build_trainer(cfg, run_dir: str | Path, model=None, tok=None, dataset=None, 
     )
     sp_group = None
     if sp_size > 1:
-        from . import sequence_parallel
-
         _ = args.device  # initialises torch.distributed under torchrun / accelerate launch
         sequence_parallel.attach(model)
         sp_group = sequence_parallel.init_groups(sp_size)
@@ -521,8 +518,6 @@ def _parallel_layout(cfg, bcfg, world: int, rank: int) -> tuple[int, int, int, i
     sp_size = max(1, int(getattr(cfg.train, "sequence_parallel", 1) or 1))
     if sp_size == 1:
         return 1, rank, 0, world
-    from .sequence_parallel import layout
-
     if world < sp_size:
         raise LongAlignError(f"train.sequence_parallel={sp_size} splits each row over {sp_size} processes but "
                              f"{world} run: launch with torchrun --nproc_per_node={sp_size} (or accelerate launch "
@@ -536,8 +531,6 @@ def _parallel_layout(cfg, bcfg, world: int, rank: int) -> tuple[int, int, int, i
 
 def _flatten_ranks(plan):
     """A W-rank plan run by one process: rank r's micro-batches for a step run one after another."""
-    import copy
-
     p = copy.copy(plan)
     p.steps = [batching.Step(index=s.index, ranks=[[mb for r in s.ranks for mb in r]]) for s in plan.steps]
     return p
@@ -591,8 +584,6 @@ def train(cfg, run_dir: str | Path, resume: bool = False, save_model: bool = Tru
     shutil.rmtree(tmp, ignore_errors=True)
     lm = trainer.model.lm
     if hasattr(lm, "merge_and_unload"):  # LoRA: save the merged model (stage 5 loads it like any model)
-        import copy
-
         lm = copy.deepcopy(lm).merge_and_unload()
     lm.save_pretrained(tmp, safe_serialization=True)
     if trainer.processing_class is not None:
@@ -619,8 +610,6 @@ def finish_distributed() -> None:
 
 def summarize_log(rows: list[dict]) -> dict:
     """Headline numbers of a train_log: first/last loss, median tokens/s and MFU (first step excluded: warm-up)."""
-    import statistics
-
     if not rows:
         return {}
     steady = rows[1:] or rows
@@ -640,7 +629,7 @@ def loss_figure(curves: dict[str, list[dict]], title: str = "Training loss", x: 
     x="step" or "tokens" (cumulative training tokens: compares strategies whose steps hold different amounts)."""
     import numpy as np
 
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     fig, ax = plots.figure()
     for name, rows in curves.items():
@@ -658,7 +647,7 @@ def packed_batch_figure(batch: dict, title: str = "One packed row: documents, po
     (restarting per document), and the per-token loss weight (0 on prompts; 1/(M·N_i) on answers)."""
     import numpy as np
 
-    from . import plots
+    from . import plots  # matplotlib: imported only when a figure is drawn
 
     cu = batch["cu_seq_lens"].tolist()
     pos = batch["position_ids"][0].numpy()

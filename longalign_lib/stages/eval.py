@@ -15,9 +15,11 @@ from pathlib import Path
 from ..benchmarks import score_exact
 from ..generate import case_messages, generate_replies
 from ..inputs import eval_model_identity, load_eval_model, load_or_build_bench
-from ..io import append_jsonl, read_jsonl, write_jsonl
+from ..io import append_jsonl, read_jsonl, write_json, write_jsonl
+from ..models import load_model_and_tokenizer
 from ..provenance import ReuseLog, reuse_key
 from ..scoring import bootstrap_ci
+from ..short_tasks import compare_short, evaluate_short_tasks, load_short_tasks
 from .base import StageResult
 
 
@@ -147,10 +149,6 @@ def _reusable_predictions(pred_path: Path, keys: dict, log: ReuseLog) -> dict:
 
 def _short_tasks(cfg, run_dir: Path, model, tok, model_name: str, metrics: dict) -> str:
     """The short-task regression check: the evaluated model, and the base model before training when they differ."""
-    from ..io import write_json
-    from ..models import load_model_and_tokenizer
-    from ..short_tasks import compare_short, evaluate_short_tasks, load_short_tasks
-
     ec = cfg.eval
     items = load_short_tasks(ec.short_tasks_file)
     after = evaluate_short_tasks(model, tok, items, seed=ec.seed, threads=ec.local_threads)
