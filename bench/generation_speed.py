@@ -53,10 +53,10 @@ def _sync(model) -> None:
 def compare(model, tok, prompts: list[list[dict]], max_new_tokens: int, single_n: int, batch_size: int,
             max_batch_tokens: int, repetition_penalty: float = 1.1) -> dict:
     """Time both paths on the same prompts; returns the numbers generation_speed.json holds."""
-    from longalign_lib.providers import _LocalBackend
+    from longalign_lib.providers import LocalBackend
 
-    one = _LocalBackend("bench", model_obj=model, tokenizer=tok, repetition_penalty=repetition_penalty, batch_size=1)
-    many = _LocalBackend("bench", model_obj=model, tokenizer=tok, repetition_penalty=repetition_penalty,
+    one = LocalBackend("bench", model_obj=model, tokenizer=tok, repetition_penalty=repetition_penalty, batch_size=1)
+    many = LocalBackend("bench", model_obj=model, tokenizer=tok, repetition_penalty=repetition_penalty,
                          batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     ids = [one._encode("chat", m) for m in prompts]
     params = {"max_new_tokens": max_new_tokens, "temperature": 0.0}

@@ -47,7 +47,7 @@ from typing import Any
 from .io import LongAlignError, write_json
 from .models import longalign_home
 from .provenance import model_fingerprint
-from .providers import _AnthropicBackend, _LocalBackend, _norm_params, _OpenAIBackend, _plain, _SDKBackend
+from .providers import AnthropicBackend, LocalBackend, OpenAIBackend, SDKBackend, norm_params, plain_messages
 from .reply import USAGE_KEYS, ContextTooLong, Reply, empty_usage, norm_finish  # noqa: F401  (re-exported: see below)
 
 # ContextTooLong and norm_finish live in reply.py (shared with providers.py); they stay importable from here.
@@ -170,7 +170,7 @@ class LLMClient:
         self.stats: dict[str, Any] = {"requests": 0, "cache_hits": 0, "retries": 0, **empty_usage(),
                                       "cost_usd": 0.0, "retry_reasons": {}, "batch_items": 0,
                                       "batch_failed": 0}
-        if hasattr(backend, "stats") and isinstance(backend, _SDKBackend):
+        if hasattr(backend, "stats") and isinstance(backend, SDKBackend):
             backend.stats = self.stats
         self._sem: asyncio.Semaphore | None = None
         self._depth = 0
@@ -189,16 +189,16 @@ class LLMClient:
         share replies), for a local model its weights fingerprint (a model retrained into the same folder misses),
         the request kind, messages and parameters."""
         if kind == "chat":
-            messages = _plain(messages)  # the cache_prefix marker changes the bill, not the answer
+            messages = plain_messages(messages)  # the cache_prefix marker changes the bill, not the answer
         blob = json.dumps({"backend": self.backend_name, "model": self.model, "kind": kind, "messages": messages,
-                           "params": _norm_params(params), "base_url": getattr(self.backend, "base_url", None),
+                           "params": norm_params(params), "base_url": getattr(self.backend, "base_url", None),
                            "weights": self.weights_fingerprint}, sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     @property
     def weights_fingerprint(self) -> str | None:
         """provenance.model_fingerprint of a local backend's model (computed once per client); None for APIs."""
-        if not isinstance(self.backend, _LocalBackend):
+        if not isinstance(self.backend, LocalBackend):
             return None
         if getattr(self, "_weights_fp", None) is None:
             self._weights_fp = model_fingerprint(self.model)
@@ -222,7 +222,7 @@ class LLMClient:
         """Store a reply under `key` (llm_batch folds batch results in through this)."""
         path = self._cache_path(key)
         if path is not None:
-            write_json(path, {"backend": self.backend_name, "model": reply.model, "params": _norm_params(params),
+            write_json(path, {"backend": self.backend_name, "model": reply.model, "params": norm_params(params),
                               "text": reply.text, "usage": reply.usage, "cost_usd": reply.cost_usd, "via": via,
                               "created": time.time(), "finish_reason": reply.finish_reason,
                               **({"logprobs": reply.logprobs} if reply.logprobs else {})})
@@ -283,7 +283,7 @@ class LLMClient:
         return reply
 
     async def _call(self, kind: str, payload, params: dict) -> Reply:
-        params = _norm_params(params)
+        params = norm_params(params)
         key = self.cache_key(payload, params, kind)
         hit = self._cache_get(key)
         if hit is not None:
@@ -296,10 +296,10 @@ class LLMClient:
                 hit = self._cache_get(key)  # a twin request may have finished while we waited
                 if hit is not None:
                     return self.account(hit)
-                if not isinstance(self.backend, _SDKBackend):
+                if not isinstance(self.backend, SDKBackend):
                     self.stats["requests"] += 1  # SDK backends count each HTTP attempt themselves
                 if kind == "chat":
-                    wire = payload if isinstance(self.backend, _SDKBackend) else _plain(payload)
+                    wire = payload if isinstance(self.backend, SDKBackend) else plain_messages(payload)
                     text, usage, model, meta = await self.backend.call(wire, params)
                 else:
                     text, usage, model, meta = await self.backend.complete(payload, params)
@@ -357,8 +357,8 @@ class LLMClient:
 
     # -- planning ------------------------------------------------------------------------------------------
     def count_tokens(self, messages: list[dict]) -> int:
-        if isinstance(self.backend, _LocalBackend):
-            return self.backend.count(_plain(messages))
+        if isinstance(self.backend, LocalBackend):
+            return self.backend.count(plain_messages(messages))
         return messages_tokens(messages)
 
     def estimate(self, batch: list[list[dict]], max_new_tokens: int, batch_mode: bool = False,
@@ -408,11 +408,11 @@ def make_client(backend: str, model: str, base_url: str | None = None, api_key_e
     if not model:
         raise LongAlignError(f"backend {backend!r}: set a model name")
     if backend == "openai":
-        b = _OpenAIBackend(model, base_url, api_key_env, float(timeout_s), int(max_retries), **backend_kw)
+        b = OpenAIBackend(model, base_url, api_key_env, float(timeout_s), int(max_retries), **backend_kw)
     elif backend == "anthropic":
-        b = _AnthropicBackend(model, base_url, api_key_env, float(timeout_s), int(max_retries), **backend_kw)
+        b = AnthropicBackend(model, base_url, api_key_env, float(timeout_s), int(max_retries), **backend_kw)
     else:
-        b = _LocalBackend(model, **backend_kw)
+        b = LocalBackend(model, **backend_kw)
         concurrency = max(int(concurrency), b.max_in_flight)  # a batch fills from the requests in flight
     return LLMClient(b, cache_dir=cache_dir, concurrency=concurrency, prices=prices, batch_discount=batch_discount)
 

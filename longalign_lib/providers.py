@@ -2,7 +2,7 @@
 
 Usage (through the client, which adds cache, concurrency and accounting):
     from longalign_lib.llm import make_client
-    client = make_client("anthropic", "claude-haiku-4-5")   # an LLMClient around an _AnthropicBackend
+    client = make_client("anthropic", "claude-haiku-4-5")   # an LLMClient around an AnthropicBackend
     client.backend                                         # the backend object defined here
 
 Each backend turns one logical call (chat or completion) into a `reply.Reply`-shaped result: text, usage, model,
@@ -32,14 +32,16 @@ RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504, 529}
 # ----------------------------------------------------------------------------------------------------------------
 # SDK backends: one logical call each; the SDK retries inside it
 # ----------------------------------------------------------------------------------------------------------------
-def _norm_params(params: dict) -> dict:
+def norm_params(params: dict) -> dict:
+    """Generation params as cached and sent: `max_tokens` spelled `max_new_tokens`, None dropped, keys sorted."""
     p = dict(params)
     if "max_tokens" in p and "max_new_tokens" not in p:
         p["max_new_tokens"] = p.pop("max_tokens")
     return {k: v for k, v in sorted(p.items()) if v is not None}
 
 
-def _plain(messages: list[dict]) -> list[dict]:
+def plain_messages(messages: list[dict]) -> list[dict]:
+    """Messages with only role and content (drops markers such as `cache_prefix`)."""
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -51,7 +53,7 @@ def _num(obj, *names) -> int:
     return int(obj or 0)
 
 
-class _SDKBackend:
+class SDKBackend:
     """What the OpenAI and Anthropic backends share: key lookup, the SDK client's life, error messages, counting."""
 
     name = "sdk"
@@ -182,7 +184,7 @@ def _legacy_logprobs(lp: dict) -> list[dict] | None:
             for i, t in enumerate(tokens)]
 
 
-class _OpenAIBackend(_SDKBackend):
+class OpenAIBackend(SDKBackend):
     """`openai.AsyncOpenAI`: chat completions, raw completions, files + batches (OpenAI or any compatible server)."""
 
     name, sdk_module = "openai", "openai"
@@ -195,7 +197,7 @@ class _OpenAIBackend(_SDKBackend):
         p = dict(params)
         body: dict = {"model": self.model}
         if kind == "chat":
-            body["messages"] = _plain(payload)
+            body["messages"] = plain_messages(payload)
             if "max_new_tokens" in p:
                 body[self.extra.get("max_tokens_field", "max_tokens")] = p.pop("max_new_tokens")
         else:
@@ -280,7 +282,7 @@ class _OpenAIBackend(_SDKBackend):
         return out
 
 
-class _AnthropicBackend(_SDKBackend):
+class AnthropicBackend(SDKBackend):
     """`anthropic.AsyncAnthropic`: the Messages API and Message Batches, prompt caching with `cache_control`."""
 
     name, sdk_module = "anthropic", "anthropic"
@@ -373,7 +375,7 @@ class _AnthropicBackend(_SDKBackend):
 # ----------------------------------------------------------------------------------------------------------------
 # local backend
 # ----------------------------------------------------------------------------------------------------------------
-class _LocalBackend:
+class LocalBackend:
     """transformers generation with the model's own chat template (offline default: SmolLM2-135M-Instruct).
 
     Calls run one at a time in a worker thread (a CPU/GPU model gains nothing from parallel Python threads).

@@ -24,11 +24,11 @@ from .io import LongAlignError, append_jsonl, iter_jsonl, load_jsonl
 from .llm import run_sync
 from .reply import ContextTooLong
 from .synth_parts import (
-    _doc_seed,
-    _start_streams,
-    _sum_usage,
     check_answer,
+    doc_seed,
     norm_question,
+    start_streams,
+    sum_usage,
     truncation_summary,
     uncut_reply,
 )
@@ -145,7 +145,7 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
     """
     from tqdm.auto import tqdm
 
-    done, used = _start_streams(out, rejects, resume)
+    done, used = start_streams(out, rejects, resume)
     prefix = magpie_prefix(tokenizer)
     stops = [s for s in ("<|im_end|>", "<|eot_id|>", "<|end|>", "</s>", "<end_of_turn>") if s in tokenizer.get_vocab()]
     counts: Counter = Counter()
@@ -156,7 +156,7 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
     async def draw(rid: str):
         """One Magpie item's calls: (question, question replies, answer replies, reason or None, cut step or None);
         the last reply of each list is the one used (an earlier one was cut and regenerated with a larger cap)."""
-        seed = _doc_seed(rid, scfg.seed)
+        seed = doc_seed(rid, scfg.seed)
         question, qs, ans, step = "", [], [], None
 
         def ask(cap):
@@ -220,7 +220,7 @@ def magpie_records(client, tokenizer, n: int, scfg, out: Path, rejects: Path, re
                               "meta": {"id": rid, "kind": "short", "source": "magpie", "generator": "magpie",
                                        "model": a.model or client.model, "truncation_retries": len(qs) + len(ans) - 2,
                                        "finish_reason": {"question": q.finish_reason, "answer": a.finish_reason},
-                                       "usage": {"question": _sum_usage(qs), "answer": _sum_usage(ans)}}}
+                                       "usage": {"question": sum_usage(qs), "answer": sum_usage(ans)}}}
                     try:
                         clean_messages(record)
                     except RecordError as e:

@@ -53,13 +53,11 @@ from .synth_parts import (  # noqa: F401  (also re-exported: notebook 01 and the
     LANGS,
     STOP,
     TASK_TYPES,
-    _doc_seed,
-    _start_streams,
-    _sum_usage,
     answer_messages,
     check_answer,
     complete_lines,
     content_units,
+    doc_seed,
     done_ids,
     grounding,
     norm_question,
@@ -67,6 +65,8 @@ from .synth_parts import (  # noqa: F401  (also re-exported: notebook 01 and the
     pick_question,
     question_messages,
     retry_cap,
+    start_streams,
+    sum_usage,
     task_for,
     training_user_turn,
     truncation_summary,
@@ -105,7 +105,7 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
                           answer_client=None) -> Trace:
     """Self-Instruct one document (coroutine). The result's `record` is None when a filter rejected it."""
     lang = doc.lang if doc.lang in LANGS else detect_lang(doc.text)
-    seed = _doc_seed(doc.id, scfg.seed)
+    seed = doc_seed(doc.id, scfg.seed)
     answer_client = answer_client or client
     cache = use_cache_marker(scfg)
     tr = Trace(doc.id, task_type, lang, question_messages(doc.text, task_type, lang, scfg.n_questions, cache))
@@ -120,7 +120,7 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
             tr.reason = "too_long_for_model"
             return tr
         u = tr.usage.setdefault("questions", {"input_tokens": 0, "output_tokens": 0})
-        for k, v in _sum_usage(sent).items():
+        for k, v in sum_usage(sent).items():
             u[k] = u.get(k, 0) + v
         tr.retries += len(sent) - 1
         tr.raw_questions = r.text
@@ -150,7 +150,7 @@ async def asynth_document(client, doc: Document, task_type: str, scfg, used: set
     except ContextTooLong:
         tr.reason = "too_long_for_model"
         return tr
-    tr.answer, tr.usage["answer"] = a.text.strip(), _sum_usage(sent)
+    tr.answer, tr.usage["answer"] = a.text.strip(), sum_usage(sent)
     tr.retries += len(sent) - 1
     tr.cost_usd += sum(x.cost_usd for x in sent)
     tr.cached &= all(x.cached for x in sent)
@@ -193,7 +193,7 @@ def synth_long(client, docs: list[Document], scfg, out: Path, rejects: Path, res
     """Self-Instruct every document; append each record to `out` (rejections to `rejects`) as it completes."""
     from tqdm.auto import tqdm
 
-    done, used = _start_streams(out, rejects, resume)
+    done, used = start_streams(out, rejects, resume)
     todo = [(i, d) for i, d in enumerate(docs) if d.id not in done]
     counts: Counter = Counter()
     tasks: Counter = Counter()

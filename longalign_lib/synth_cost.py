@@ -15,7 +15,7 @@ from __future__ import annotations
 from .corpus import Document
 from .io import LongAlignError
 from .llm import Price, cost_of, messages_tokens, price_for
-from .synth_parts import _doc_seed, answer_messages, question_messages, task_for
+from .synth_parts import answer_messages, doc_seed, question_messages, task_for
 
 PLACEHOLDER_QUESTION_TOKENS = 30  # for --dry-run estimates of the answer calls
 SCALE_RECORDS = 10_000  # --dry-run also prices a run of this size (the paper's LongAlign-10k)
@@ -111,7 +111,7 @@ def dry_run(client, docs: list[Document] | None, scfg, done: set[str], corpus_cf
         if client is not None:  # the seed is part of each request's cache key
             q_est = {"calls": 0, "cached": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0}
             for (_, d), msgs in zip(todo, q_batch, strict=True):
-                e = client.estimate([msgs], seed=_doc_seed(d.id, scfg.seed), **qp)
+                e = client.estimate([msgs], seed=doc_seed(d.id, scfg.seed), **qp)
                 for k in q_est:
                     q_est[k] += e[k]
         else:

@@ -8,8 +8,8 @@ Usage:
     questions = parse_questions(reply.text, n=5)               # the questions in whatever layout the model wrote
     check_answer(answer, doc_text, cfg.synth)                  # None, or why the answer is rejected
 
-Also here: the task type and seed of each item (`task_for`, `_doc_seed`), and the resumable output streams with
-their counts (`done_ids`, `_start_streams`, `truncation_summary`).
+Also here: the task type and seed of each item (`task_for`, `doc_seed`), and the resumable output streams with
+their counts (`done_ids`, `start_streams`, `truncation_summary`).
 """
 from __future__ import annotations
 
@@ -356,7 +356,8 @@ def complete_lines(text: str) -> str:
     return text[: text.rfind("\n")].rstrip() if "\n" in text else ""
 
 
-def _sum_usage(replies: list[Reply]) -> dict:
+def sum_usage(replies: list[Reply]) -> dict:
+    """Token usage of several replies added key by key."""
     out: dict = {"input_tokens": 0, "output_tokens": 0}
     for r in replies:
         for k, v in r.usage.items():
@@ -377,7 +378,8 @@ def task_for(index: int, scfg) -> str:
     return types[index % len(types)]
 
 
-def _doc_seed(doc_id: str, seed: int) -> int:
+def doc_seed(doc_id: str, seed: int) -> int:
+    """A per-document random seed: stable across runs and independent of document order."""
     return int(hashlib.sha1(f"{seed}:{doc_id}".encode()).hexdigest()[:8], 16)
 
 
@@ -400,7 +402,7 @@ def done_ids(*paths: Path) -> tuple[set[str], set[str]]:
     return ids, used
 
 
-def _start_streams(out: Path, rejects: Path, resume: bool):
+def start_streams(out: Path, rejects: Path, resume: bool):
     """Fresh output streams unless resuming; returns what earlier runs already finished (see done_ids)."""
     if not resume:
         for p in (out, rejects):
