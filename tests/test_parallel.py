@@ -19,6 +19,15 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+def _free_port() -> int:
+    """A port no other job holds now: CI runs two pytest workers, and fixed ports let two torchrun jobs meet."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _sets(tiny):
     # one optimizer step whose plan gives each of 2 ranks one packed micro-batch; lr large enough to move weights
     return [f"model.name=random:{tiny}", "train.tensorboard=false", "train.save_steps=0", "model.device=cpu",
@@ -76,7 +85,7 @@ def test_fsdp2_step_equals_single_process_accumulation(tiny, rows, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(WORKER))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29541",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                         str(worker), str(two), json.dumps(sets)], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     got = json.loads((two / "out.json").read_text())
@@ -177,7 +186,7 @@ def test_trainer_fsdp2_sharded_checkpoints_resume_and_export(tiny, rows, tmp_pat
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(TRAINER_WORKER))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29542",
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                         str(worker), str(tmp_path), json.dumps(sets)], env=env, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -215,7 +215,7 @@ def test_two_rank_ddp_matches_one_process(tiny, rows, tmp_path):
     single = subprocess.run([sys.executable, str(worker), str(tmp_path / "one")], env=env, capture_output=True,
                             text=True, timeout=300)
     assert single.returncode == 0, single.stderr[-2000:]
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                           str(worker), str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     a = json.loads((tmp_path / "one" / "out.json").read_text())
